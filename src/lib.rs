@@ -1,0 +1,2 @@
+//! turnpike: a TURN relay (RFC 8656) and STUN server (RFC 8489).
+pub mod proto;

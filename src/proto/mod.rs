@@ -1,0 +1,4 @@
+//! Sans-IO protocol logic: bytes and an `Instant` in, bytes, routing decisions and timers
+//! out. Nothing here touches a socket, a clock or a thread.
+pub mod peer_policy;
+pub mod stun;
