@@ -1,0 +1,300 @@
+//! Configuration: one TOML file (`--config`) whose every key is also a command-line flag.
+//! Flags override the file; the file overrides the built-in defaults, which run a
+//! server with no file at all.
+
+use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use serde::Deserialize;
+
+use crate::proto::auth::Credentials;
+use crate::proto::peer_policy::{Cidr, PeerPolicy};
+use crate::proto::server::ServerConfig;
+
+/// Settings as given on the command line or in the TOML file. Every field is optional
+/// here; [`Config::resolve`] applies the defaults.
+#[derive(Debug, Default, Clone, Parser, Deserialize)]
+#[command(name = "turnpike", version, about = "A high-throughput TURN relay (RFC 8656) and STUN server (RFC 8489)")]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Settings {
+    /// TOML configuration file; its keys are the long flag names (e.g. `listen = ["0.0.0.0:3478"]`).
+    #[arg(long, short = 'c')]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+
+    /// UDP transport address to listen on for clients; repeatable [default: 0.0.0.0:3478].
+    #[arg(long)]
+    pub listen: Vec<SocketAddr>,
+
+    /// IP address for relayed transport addresses; repeatable (one per family is typical)
+    /// [default: the listen IP, or the host's primary IPv4 address when listening on 0.0.0.0].
+    #[arg(long)]
+    pub relay_ip: Vec<IpAddr>,
+
+    /// Realm of the long-term credentials [default: turnpike].
+    #[arg(long)]
+    pub realm: Option<String>,
+
+    /// A static user as NAME:PASSWORD; repeatable.
+    #[arg(long = "user")]
+    #[serde(rename = "user")]
+    pub users: Vec<String>,
+
+    /// TURN REST API shared secret (coturn's static-auth-secret); repeatable, all are
+    /// accepted at once for rotation.
+    #[arg(long)]
+    pub static_auth_secret: Vec<String>,
+
+    /// Peer IP range (CIDR) to allow despite the default deny list; repeatable. Loopback
+    /// tests need `--allowed-peer-ip 127.0.0.0/8`.
+    #[arg(long)]
+    pub allowed_peer_ip: Vec<String>,
+
+    /// Peer IP range (CIDR) to deny in addition to the defaults; repeatable; beats allowed.
+    #[arg(long)]
+    pub denied_peer_ip: Vec<String>,
+
+    /// Lowest relay port [default: 49152].
+    #[arg(long)]
+    pub min_port: Option<u16>,
+
+    /// Highest relay port [default: 65535].
+    #[arg(long)]
+    pub max_port: Option<u16>,
+
+    /// Log filter: error, warn, info, debug, trace, or a tracing directive [default: info].
+    #[arg(long)]
+    pub log_level: Option<String>,
+
+    /// Accept only RFC 8656 channel numbers 0x4000-0x4FFF (default: also 0x5000-0x7FFF,
+    /// which RFC 5766 clients in the field use).
+    #[arg(long)]
+    pub strict_channel_numbers: bool,
+
+    /// Allocations one user may hold at once, 0 for no limit (486 beyond) [default: 0].
+    #[arg(long)]
+    pub user_quota: Option<usize>,
+
+    /// Allocations the server holds at once, 0 for no limit (508 beyond) [default: 0].
+    #[arg(long)]
+    pub total_quota: Option<usize>,
+
+    /// Permissions per allocation (508 beyond) [default: 256].
+    #[arg(long)]
+    pub max_permissions: Option<usize>,
+
+    /// Channel bindings per allocation (508 beyond) [default: 1024].
+    #[arg(long)]
+    pub max_channels: Option<usize>,
+
+    /// Allocation lifetime in seconds when the client asks for less [default: 600].
+    #[arg(long)]
+    pub default_lifetime: Option<u64>,
+
+    /// Longest allocation lifetime granted, in seconds [default: 3600].
+    #[arg(long)]
+    pub max_lifetime: Option<u64>,
+
+    /// Nonce validity in seconds before 438 Stale Nonce [default: 600].
+    #[arg(long)]
+    pub nonce_lifetime: Option<u64>,
+
+    /// SOFTWARE attribute to put in responses [default: none].
+    #[arg(long)]
+    pub software: Option<String>,
+
+    /// Socket receive and send buffer size in bytes for listening sockets [default: 4194304].
+    #[arg(long)]
+    pub socket_buffer: Option<usize>,
+}
+
+macro_rules! overlay {
+    ($base:ident, $top:ident; opt: $($o:ident),*; vec: $($v:ident),*; flag: $($f:ident),*) => {
+        $( if $top.$o.is_some() { $base.$o = $top.$o; } )*
+        $( if !$top.$v.is_empty() { $base.$v = $top.$v; } )*
+        $( $base.$f |= $top.$f; )*
+    };
+}
+
+impl Settings {
+    /// Reads the file named by `--config`, if any, and lays the command line over it.
+    ///
+    /// # Errors
+    /// When the file cannot be read or is not valid TOML for these keys.
+    pub fn load(cli: Settings) -> Result<Settings> {
+        let mut base = match &cli.config {
+            Some(path) => {
+                let text =
+                    std::fs::read_to_string(path).with_context(|| format!("reading config {}", path.display()))?;
+                Settings::from_toml(&text).with_context(|| format!("parsing config {}", path.display()))?
+            }
+            None => Settings::default(),
+        };
+        base.config = cli.config.clone();
+        overlay!(base, cli;
+            opt: realm, min_port, max_port, log_level, user_quota, total_quota, max_permissions, max_channels,
+                 default_lifetime, max_lifetime, nonce_lifetime, software, socket_buffer;
+            vec: listen, relay_ip, users, static_auth_secret, allowed_peer_ip, denied_peer_ip;
+            flag: strict_channel_numbers);
+        Ok(base)
+    }
+
+    /// Parses TOML text.
+    ///
+    /// # Errors
+    /// Unknown keys and wrongly typed values.
+    pub fn from_toml(text: &str) -> Result<Settings> {
+        Ok(toml::from_str(text)?)
+    }
+}
+
+/// The resolved configuration the server runs with.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Listening transport addresses.
+    pub listen: Vec<SocketAddr>,
+    /// Relay IPs.
+    pub relay_ips: Vec<IpAddr>,
+    /// Relay port range, inclusive.
+    pub ports: (u16, u16),
+    /// Log filter.
+    pub log_level: String,
+    /// Protocol settings.
+    pub server: ServerConfig,
+    /// Users and secrets.
+    pub credentials: Credentials,
+    /// Number of static users.
+    pub user_count: usize,
+    /// Number of REST API secrets.
+    pub secret_count: usize,
+    /// Peer address policy.
+    pub policy: PeerPolicy,
+    /// Listening socket buffer size in bytes.
+    pub socket_buffer: usize,
+}
+
+fn parse_cidrs(list: &[String], flag: &str) -> Result<Vec<Cidr>> {
+    list.iter()
+        .map(|s| s.parse::<Cidr>().with_context(|| format!("--{flag}: {s:?} is not an IP range in CIDR notation")))
+        .collect()
+}
+
+/// The host's primary IPv4 address: the source address the kernel picks for a route to a
+/// public address. A UDP `connect` sends nothing.
+fn primary_ipv4() -> Option<IpAddr> {
+    let s = UdpSocket::bind("0.0.0.0:0").ok()?;
+    s.connect("192.0.2.1:9").ok()?;
+    let ip = s.local_addr().ok()?.ip();
+    (!ip.is_unspecified()).then_some(ip)
+}
+
+impl Config {
+    /// Applies defaults and checks the settings.
+    ///
+    /// # Errors
+    /// Malformed users, CIDR ranges, an empty or inverted port range.
+    pub fn resolve(s: Settings) -> Result<Config> {
+        let listen = if s.listen.is_empty() { vec!["0.0.0.0:3478".parse()?] } else { s.listen };
+        let relay_ips = if !s.relay_ip.is_empty() {
+            s.relay_ip
+        } else {
+            let specific: Vec<IpAddr> = listen.iter().map(|a| a.ip()).filter(|ip| !ip.is_unspecified()).collect();
+            if specific.is_empty() {
+                vec![primary_ipv4().unwrap_or(IpAddr::from([127, 0, 0, 1]))]
+            } else {
+                specific
+            }
+        };
+        if relay_ips.iter().any(|ip| ip.is_unspecified()) {
+            bail!("--relay-ip must be a concrete address clients can reach, not 0.0.0.0 or ::");
+        }
+        let ports = (s.min_port.unwrap_or(49152), s.max_port.unwrap_or(65535));
+        if ports.0 == 0 || ports.0 > ports.1 {
+            bail!("relay port range {}-{} is empty or starts at 0", ports.0, ports.1);
+        }
+        let realm = s.realm.unwrap_or_else(|| "turnpike".into());
+        let mut users = Vec::new();
+        for u in &s.users {
+            match u.split_once(':') {
+                Some((name, pw)) if !name.is_empty() => users.push((name.to_string(), pw.to_string())),
+                _ => bail!("--user {u:?}: expected NAME:PASSWORD"),
+            }
+        }
+        let allowed = parse_cidrs(&s.allowed_peer_ip, "allowed-peer-ip")?;
+        let denied = parse_cidrs(&s.denied_peer_ip, "denied-peer-ip")?;
+        let policy = PeerPolicy::new(allowed, denied, relay_ips.clone(), listen.clone());
+        let defaults = ServerConfig::default();
+        let server = ServerConfig {
+            realm: realm.clone(),
+            default_lifetime: s.default_lifetime.map(Duration::from_secs).unwrap_or(defaults.default_lifetime),
+            max_lifetime: s.max_lifetime.map(Duration::from_secs).unwrap_or(defaults.max_lifetime),
+            nonce_lifetime: s.nonce_lifetime.map(Duration::from_secs).unwrap_or(defaults.nonce_lifetime),
+            strict_channel_numbers: s.strict_channel_numbers,
+            user_quota: s.user_quota.unwrap_or(defaults.user_quota),
+            total_quota: s.total_quota.unwrap_or(defaults.total_quota),
+            max_permissions_per_allocation: s.max_permissions.unwrap_or(defaults.max_permissions_per_allocation),
+            max_channels_per_allocation: s.max_channels.unwrap_or(defaults.max_channels_per_allocation),
+            software: s.software,
+            ..defaults
+        };
+        let user_count = users.len();
+        let secret_count = s.static_auth_secret.len();
+        let credentials = Credentials::new(users, s.static_auth_secret, &realm);
+        Ok(Config {
+            listen,
+            relay_ips,
+            ports,
+            log_level: s.log_level.unwrap_or_else(|| "info".into()),
+            server,
+            credentials,
+            user_count,
+            secret_count,
+            policy,
+            socket_buffer: s.socket_buffer.unwrap_or(4 << 20),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn example_config_parses_and_matches_defaults() {
+        let text = include_str!("../deploy/turnpike.toml");
+        let s = Settings::from_toml(text).unwrap();
+        let c = Config::resolve(s).unwrap();
+        assert_eq!(c.listen, vec!["0.0.0.0:3478".parse::<SocketAddr>().unwrap()]);
+        assert_eq!(c.ports, (49152, 65535));
+        assert_eq!(c.server.realm, "turnpike");
+        assert_eq!(c.server.max_lifetime, Duration::from_secs(3600));
+    }
+
+    #[test]
+    fn flags_override_file() {
+        let file = Settings::from_toml("realm = \"file\"\nmin-port = 50000\nuser = [\"a:b\"]").unwrap();
+        let cli = Settings::parse_from(["turnpike", "--realm", "cli", "--user", "c:d"]);
+        let mut merged = file;
+        overlay!(merged, cli; opt: realm, min_port; vec: users; flag: strict_channel_numbers);
+        assert_eq!(merged.realm.as_deref(), Some("cli"));
+        assert_eq!(merged.min_port, Some(50000));
+        assert_eq!(merged.users, vec!["c:d".to_string()]);
+    }
+
+    #[test]
+    fn bad_values_are_refused_with_clear_messages() {
+        let err = |args: &[&str]| {
+            let mut v = vec!["turnpike"];
+            v.extend_from_slice(args);
+            format!("{:#}", Config::resolve(Settings::parse_from(v)).unwrap_err())
+        };
+        assert!(err(&["--allowed-peer-ip", "10.0.0.0/33"]).contains("allowed-peer-ip"));
+        assert!(err(&["--denied-peer-ip", "nonsense"]).contains("denied-peer-ip"));
+        assert!(err(&["--user", "nopassword"]).contains("NAME:PASSWORD"));
+        assert!(err(&["--min-port", "6000", "--max-port", "5000"]).contains("port range"));
+        assert!(Settings::from_toml("no-such-key = 1").is_err());
+    }
+}

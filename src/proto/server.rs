@@ -1,0 +1,1063 @@
+//! The sans-IO TURN server (RFC 8656 over UDP) and STUN Binding server (RFC 8489).
+//!
+//! # Driving it
+//! Inputs take `now: Instant` and bytes; outputs are written into caller-owned buffers or
+//! returned as routing decisions that borrow the input, so the shell forwards payloads
+//! without copying them:
+//!
+//! - [`Server::handle_client`] for every datagram from a client on a listening socket. It
+//!   returns a [`ClientAction`]: a response in `out`, a payload to relay to a peer, an
+//!   Allocate for the shell to reserve a relayed transport address for (then
+//!   [`Server::complete_allocate`]), or a counted drop.
+//! - [`Server::handle_peer`] for every datagram arriving on a relayed transport address. It
+//!   returns a [`PeerAction`]: which client gets it and whether as ChannelData or as a Data
+//!   indication ([`Server::encode_data_indication`]).
+//! - [`Server::poll_timeout`] / [`Server::handle_timeout`] drive expiry of allocations,
+//!   permissions and channel bindings; [`Server::poll_event`] then yields the allocations
+//!   the shell must close. After any input, drain `poll_event` and re-read `poll_timeout`.
+//!
+//! ```
+//! use std::time::Instant;
+//! use turnpike::proto::{allocation::FiveTuple, auth::Credentials, peer_policy::PeerPolicy};
+//! use turnpike::proto::server::{ClientAction, Server, ServerConfig};
+//!
+//! let now = Instant::now();
+//! let config = ServerConfig::default();
+//! let creds = Credentials::new([("alice".into(), "pw".into())], vec![], &config.realm);
+//! let mut server = Server::new(config, creds, PeerPolicy::default(), [1; 32], now, 1_700_000_000);
+//! let ft = FiveTuple::udp("192.0.2.1:5000".parse().unwrap(), "192.0.2.9:3478".parse().unwrap());
+//! let mut out = Vec::new();
+//! // A datagram that is neither STUN nor ChannelData is dropped, and the reason returned.
+//! assert!(matches!(server.handle_client(now, ft, b"junk", &mut out), ClientAction::Drop(_)));
+//! ```
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, VecDeque};
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use ahash::AHashMap;
+
+use super::allocation::{Allocation, ChannelBinding, FiveTuple};
+use super::auth::{Authenticated, Credentials, NonceError, NonceIssuer};
+use super::channel_data::{self, ChannelData, MAX_CHANNEL_RFC5766, MAX_CHANNEL_STRICT, MIN_CHANNEL};
+use super::peer_policy::PeerPolicy;
+use super::stun::attribute::{encode_password_algorithms, kind, password_algorithms};
+use super::stun::integrity::{self, LongTermKey};
+use super::stun::{
+    AddressFamily, Attribute, Class, ErrorCode, Message, MessageBuilder, MessageType, Method, PasswordAlgorithm,
+    TransactionId,
+};
+
+/// UDP's IANA protocol number, the only REQUESTED-TRANSPORT accepted (RFC 8656 §7.2).
+pub const PROTOCOL_UDP: u8 = 17;
+
+/// Server settings that the protocol logic needs.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// The realm of the long-term credentials (RFC 8489 §9.2).
+    pub realm: String,
+    /// Allocation lifetime when the client asks for none or for less (RFC 8656 §3.2: 600 s).
+    pub default_lifetime: Duration,
+    /// The longest allocation lifetime granted (RFC 8656 §7.2: 3600 s recommended).
+    pub max_lifetime: Duration,
+    /// Permission lifetime (RFC 8656 §9: 300 s).
+    pub permission_lifetime: Duration,
+    /// Channel binding lifetime (RFC 8656 §12: 600 s).
+    pub channel_lifetime: Duration,
+    /// How long a nonce stays valid before 438 Stale Nonce.
+    pub nonce_lifetime: Duration,
+    /// Accept only RFC 8656 channel numbers 0x4000-0x4FFF. Off by default: RFC 5766 clients
+    /// in the field pick from 0x4000-0x7FFF.
+    pub strict_channel_numbers: bool,
+    /// Allocations one user may hold at once (486 beyond); 0 means no limit.
+    pub user_quota: usize,
+    /// Allocations the server holds at once (508 beyond); 0 means no limit.
+    pub total_quota: usize,
+    /// Permissions per allocation (508 beyond).
+    pub max_permissions_per_allocation: usize,
+    /// Channel bindings per allocation (508 beyond).
+    pub max_channels_per_allocation: usize,
+    /// SOFTWARE attribute for responses; `None` (the default) omits it.
+    pub software: Option<String>,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            realm: "turnpike".into(),
+            default_lifetime: Duration::from_secs(600),
+            max_lifetime: Duration::from_secs(3600),
+            permission_lifetime: Duration::from_secs(300),
+            channel_lifetime: Duration::from_secs(600),
+            nonce_lifetime: Duration::from_secs(600),
+            strict_channel_numbers: false,
+            user_quota: 0,
+            total_quota: 0,
+            max_permissions_per_allocation: 256,
+            max_channels_per_allocation: 1024,
+            software: None,
+        }
+    }
+}
+
+/// Why a datagram was dropped without an answer. The shell counts these.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DropReason {
+    /// Not a well-formed STUN or ChannelData message.
+    Malformed,
+    /// FINGERPRINT present and wrong.
+    BadFingerprint,
+    /// A STUN response or an indication other than Send from a client.
+    UnexpectedMessage,
+    /// ChannelData, Send indication or peer datagram for no (live) allocation.
+    NoAllocation,
+    /// ChannelData on a channel that is not bound.
+    NoChannel,
+    /// No permission for the peer's IP.
+    NoPermission,
+    /// The peer address is refused by the peer address policy.
+    PeerDenied,
+    /// A Send indication whose peer address family differs from the relayed address's.
+    FamilyMismatch,
+}
+
+/// What the shell does with a client datagram after [`Server::handle_client`].
+#[derive(Debug)]
+pub enum ClientAction<'a> {
+    /// Send the response in `out` to the 5-tuple's client, from its server address.
+    Respond,
+    /// Send `payload` (a slice of the input) from the relayed transport address to `peer`.
+    Relay {
+        /// Relayed transport address to send from.
+        relayed: SocketAddr,
+        /// Peer transport address to send to.
+        peer: SocketAddr,
+        /// The application data.
+        payload: &'a [u8],
+    },
+    /// An authenticated, valid Allocate: reserve a relayed transport address as asked and
+    /// call [`Server::complete_allocate`].
+    Allocate(AllocateRequest),
+    /// Nothing to send; count the reason.
+    Drop(DropReason),
+    /// Nothing to send (an indication that needs no answer).
+    Nothing,
+}
+
+/// An Allocate that passed every check and now needs a relayed transport address
+/// (RFC 8656 §7.2). Opaque except for what the shell needs to pick the address.
+#[derive(Debug, Clone)]
+pub struct AllocateRequest {
+    /// The client 5-tuple.
+    pub five_tuple: FiveTuple,
+    /// The address family the relayed transport address must have.
+    pub family: AddressFamily,
+    /// Whether the port must be even (EVEN-PORT, RFC 8656 §7.2).
+    pub even_port: bool,
+    /// EVEN-PORT's R bit: also reserve the next higher port and answer with a
+    /// RESERVATION-TOKEN ([`AllocateRequest::grant_reservation`]).
+    pub reserve_next: bool,
+    /// The RESERVATION-TOKEN the client presented: the relayed transport address must be
+    /// the one reserved under it ([`RelayError::BadReservationToken`] if unknown or expired).
+    pub reservation_token: Option<[u8; 8]>,
+    granted_token: Option<[u8; 8]>,
+    tid: TransactionId,
+    auth: Auth,
+    lifetime: Duration,
+    fingerprint: bool,
+    additional_family_refused: Option<AddressFamily>,
+}
+
+impl AllocateRequest {
+    /// Records the token under which the shell reserved the next port (for
+    /// [`AllocateRequest::reserve_next`]); the success response carries it.
+    pub fn grant_reservation(&mut self, token: [u8; 8]) {
+        self.granted_token = Some(token);
+    }
+}
+
+/// Why the shell could not reserve a relayed transport address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RelayError {
+    /// No relay address of the requested family is configured (440).
+    FamilyNotSupported,
+    /// No port is free (508).
+    Exhausted,
+    /// The RESERVATION-TOKEN is unknown or its reservation expired (508).
+    BadReservationToken,
+}
+
+/// Where a peer datagram goes, from [`Server::handle_peer`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeerAction {
+    /// Send to the 5-tuple's client, from its server address, framed as ChannelData on
+    /// `channel` (4-byte header, [`ChannelData::header`]) or, when `None`, as a Data
+    /// indication ([`Server::encode_data_indication`]).
+    Forward {
+        /// The client's 5-tuple.
+        five_tuple: FiveTuple,
+        /// The bound channel, if any.
+        channel: Option<u16>,
+    },
+    /// Drop and count.
+    Drop(DropReason),
+}
+
+/// Something the shell must act on, from [`Server::poll_event`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Event {
+    /// The allocation is gone (expired or deleted by Refresh with LIFETIME 0): close the
+    /// relayed transport address's socket and return its port.
+    AllocationClosed {
+        /// The client 5-tuple.
+        five_tuple: FiveTuple,
+        /// The relayed transport address to release.
+        relayed: SocketAddr,
+    },
+}
+
+/// Which MESSAGE-INTEGRITY variant protected a request; its response uses the same.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mac {
+    Sha1,
+    Sha256,
+}
+
+#[derive(Debug, Clone)]
+struct Auth {
+    username: String,
+    key: LongTermKey,
+    mac: Mac,
+}
+
+/// How to answer one request: the request's identity plus the integrity to apply.
+struct Reply<'r> {
+    method: Method,
+    tid: TransactionId,
+    fingerprint: bool,
+    auth: Option<&'r Auth>,
+}
+
+/// The sans-IO TURN server. See the module documentation for how to drive it.
+#[derive(Debug)]
+pub struct Server {
+    config: ServerConfig,
+    credentials: Credentials,
+    policy: PeerPolicy,
+    nonces: NonceIssuer,
+    epoch: Instant,
+    epoch_unix: u64,
+    allocations: AHashMap<FiveTuple, Allocation>,
+    by_relay: AHashMap<SocketAddr, FiveTuple>,
+    per_user: AHashMap<String, usize>,
+    timers: BinaryHeap<Reverse<(Instant, FiveTuple)>>,
+    events: VecDeque<Event>,
+    tid_state: u64,
+}
+
+impl Server {
+    /// A server with its settings, credentials, peer policy and a random 32-byte secret
+    /// (for nonces and indication transaction IDs). `now` and `unix_now` (seconds since
+    /// 1970) anchor the wall clock that nonces and TURN REST API usernames need; later
+    /// wall-clock times are derived from the `Instant`s passed in.
+    pub fn new(
+        config: ServerConfig,
+        credentials: Credentials,
+        policy: PeerPolicy,
+        secret: [u8; 32],
+        now: Instant,
+        unix_now: u64,
+    ) -> Self {
+        let nonces = NonceIssuer::new(secret, config.nonce_lifetime.as_secs());
+        let tid_state = u64::from_le_bytes(secret[..8].try_into().expect("8 bytes")) | 1;
+        Server {
+            config,
+            credentials,
+            policy,
+            nonces,
+            epoch: now,
+            epoch_unix: unix_now,
+            allocations: AHashMap::new(),
+            by_relay: AHashMap::new(),
+            per_user: AHashMap::new(),
+            timers: BinaryHeap::new(),
+            events: VecDeque::new(),
+            tid_state,
+        }
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &ServerConfig {
+        &self.config
+    }
+
+    /// Number of live allocations.
+    pub fn allocation_count(&self) -> usize {
+        self.allocations.len()
+    }
+
+    /// The allocation of a 5-tuple.
+    pub fn allocation(&self, five_tuple: &FiveTuple) -> Option<&Allocation> {
+        self.allocations.get(five_tuple)
+    }
+
+    /// The 5-tuple owning a relayed transport address.
+    pub fn five_tuple_for_relay(&self, relayed: &SocketAddr) -> Option<FiveTuple> {
+        self.by_relay.get(relayed).copied()
+    }
+
+    fn unix_now(&self, now: Instant) -> u64 {
+        self.epoch_unix + now.saturating_duration_since(self.epoch).as_secs()
+    }
+
+    /// Handles one datagram from a client: STUN requests and indications, and ChannelData
+    /// (RFC 8656 §12.5, demultiplexed on the first two bits).
+    ///
+    /// Responses are written to `out` (cleared first) and signalled by
+    /// [`ClientAction::Respond`]; relayed payloads borrow from `data`.
+    pub fn handle_client<'a>(
+        &mut self,
+        now: Instant,
+        five_tuple: FiveTuple,
+        data: &'a [u8],
+        out: &mut Vec<u8>,
+    ) -> ClientAction<'a> {
+        if channel_data::is_channel_data(data) {
+            return self.client_channel_data(now, five_tuple, data);
+        }
+        let msg = match Message::decode(data) {
+            Ok(m) => m,
+            Err(_) => return ClientAction::Drop(DropReason::Malformed),
+        };
+        if msg.fingerprint_offset().is_some() && integrity::verify_fingerprint(&msg).is_err() {
+            return ClientAction::Drop(DropReason::BadFingerprint);
+        }
+        match (msg.class(), msg.method()) {
+            (Class::Request, _) => self.handle_request(now, five_tuple, &msg, out),
+            (Class::Indication, Method::Send) => self.send_indication(now, five_tuple, &msg),
+            (Class::Indication, Method::Binding) => ClientAction::Nothing,
+            _ => ClientAction::Drop(DropReason::UnexpectedMessage),
+        }
+    }
+
+    fn client_channel_data<'a>(&self, now: Instant, ft: FiveTuple, data: &'a [u8]) -> ClientAction<'a> {
+        let Ok(cd) = ChannelData::decode(data) else {
+            return ClientAction::Drop(DropReason::Malformed);
+        };
+        let Some(alloc) = self.allocations.get(&ft).filter(|a| a.expires > now) else {
+            return ClientAction::Drop(DropReason::NoAllocation);
+        };
+        let Some(binding) = alloc.channel(cd.channel, now) else {
+            return ClientAction::Drop(DropReason::NoChannel);
+        };
+        if !alloc.has_permission(binding.peer.ip(), now) {
+            return ClientAction::Drop(DropReason::NoPermission);
+        }
+        ClientAction::Relay { relayed: alloc.relayed, peer: binding.peer, payload: cd.payload }
+    }
+
+    fn send_indication<'a>(&self, now: Instant, ft: FiveTuple, msg: &Message<'a>) -> ClientAction<'a> {
+        let Some(alloc) = self.allocations.get(&ft).filter(|a| a.expires > now) else {
+            return ClientAction::Drop(DropReason::NoAllocation);
+        };
+        let (Some(Ok(Attribute::XorPeerAddress(peer))), Some(Ok(Attribute::Data(payload)))) =
+            (msg.get(kind::XOR_PEER_ADDRESS), msg.get(kind::DATA))
+        else {
+            return ClientAction::Drop(DropReason::Malformed);
+        };
+        if peer.is_ipv4() != alloc.relayed.is_ipv4() {
+            return ClientAction::Drop(DropReason::FamilyMismatch);
+        }
+        if self.policy.check(peer).is_err() {
+            return ClientAction::Drop(DropReason::PeerDenied);
+        }
+        if !alloc.has_permission(peer.ip(), now) {
+            return ClientAction::Drop(DropReason::NoPermission);
+        }
+        ClientAction::Relay { relayed: alloc.relayed, peer, payload }
+    }
+
+    fn handle_request<'a>(
+        &mut self,
+        now: Instant,
+        ft: FiveTuple,
+        msg: &Message<'_>,
+        out: &mut Vec<u8>,
+    ) -> ClientAction<'a> {
+        let mut reply = Reply {
+            method: msg.method(),
+            tid: msg.transaction_id(),
+            fingerprint: msg.fingerprint_offset().is_some(),
+            auth: None,
+        };
+        match msg.method() {
+            Method::Binding => {
+                if self.unknown_attributes(msg, &reply, out) {
+                    return ClientAction::Respond;
+                }
+                self.respond(out, &reply, Class::Success, |b| {
+                    b.attribute(&Attribute::XorMappedAddress(ft.client));
+                });
+                ClientAction::Respond
+            }
+            Method::Allocate | Method::Refresh | Method::CreatePermission | Method::ChannelBind => {
+                let auth = match self.authenticate(now, ft, msg, &reply, out) {
+                    Ok(a) => a,
+                    Err(()) => return ClientAction::Respond,
+                };
+                reply.auth = Some(&auth);
+                if self.unknown_attributes(msg, &reply, out) {
+                    return ClientAction::Respond;
+                }
+                match msg.method() {
+                    Method::Allocate => self.allocate(now, ft, msg, &reply, out),
+                    Method::Refresh => self.refresh(now, ft, msg, &reply, out),
+                    Method::CreatePermission => self.create_permission(now, ft, msg, &reply, out),
+                    _ => self.channel_bind(now, ft, msg, &reply, out),
+                }
+            }
+            _ => {
+                self.error(out, &reply, ErrorCode::BAD_REQUEST);
+                ClientAction::Respond
+            }
+        }
+    }
+
+    /// Writes 420 with UNKNOWN-ATTRIBUTES when the request has unknown
+    /// comprehension-required attributes (RFC 8489 §6.3.1). Returns whether it did.
+    fn unknown_attributes(&self, msg: &Message<'_>, reply: &Reply<'_>, out: &mut Vec<u8>) -> bool {
+        let mut list = [0u8; 64];
+        let mut n = 0;
+        for k in msg.unknown_comprehension_required() {
+            if n + 2 <= list.len() {
+                list[n..n + 2].copy_from_slice(&k.to_be_bytes());
+                n += 2;
+            }
+        }
+        if n == 0 {
+            return false;
+        }
+        self.respond(out, reply, Class::Error, |b| {
+            error_code(b, ErrorCode::UNKNOWN_ATTRIBUTE);
+            b.attribute(&Attribute::UnknownAttributes(&list[..n]));
+        });
+        true
+    }
+
+    /// Writes a response of `class` for `reply`: `fill` adds the body, then SOFTWARE,
+    /// integrity (when authenticated) and FINGERPRINT (when the request had one).
+    fn respond(&self, out: &mut Vec<u8>, reply: &Reply<'_>, class: Class, fill: impl FnOnce(&mut MessageBuilder)) {
+        let mut b = MessageBuilder::new(out, MessageType::new(reply.method, class), reply.tid);
+        fill(&mut b);
+        if let Some(sw) = &self.config.software {
+            b.attribute(&Attribute::Software(sw));
+        }
+        if let Some(auth) = reply.auth {
+            match auth.mac {
+                Mac::Sha1 => b.message_integrity(auth.key.as_bytes()),
+                Mac::Sha256 => b.message_integrity_sha256(auth.key.as_bytes()),
+            };
+        }
+        if reply.fingerprint {
+            b.fingerprint();
+        }
+    }
+
+    fn error(&self, out: &mut Vec<u8>, reply: &Reply<'_>, code: ErrorCode) {
+        self.respond(out, reply, Class::Error, |b| error_code(b, code));
+    }
+
+    /// 401 or 438 with REALM, a fresh NONCE and PASSWORD-ALGORITHMS (RFC 8489 §9.2.4).
+    fn challenge(&self, now: Instant, ft: FiveTuple, reply: &Reply<'_>, code: ErrorCode, out: &mut Vec<u8>) {
+        let nonce = self.nonces.issue(self.unix_now(now), ft.client.ip());
+        let mut algs = Vec::with_capacity(8);
+        encode_password_algorithms(&[PasswordAlgorithm::Md5, PasswordAlgorithm::Sha256], &mut algs);
+        let unauthenticated = Reply { auth: None, ..*reply };
+        self.respond(out, &unauthenticated, Class::Error, |b| {
+            error_code(b, code);
+            b.attribute(&Attribute::Realm(&self.config.realm));
+            b.attribute(&Attribute::Nonce(&nonce));
+            b.attribute(&Attribute::PasswordAlgorithms(password_algorithms(&algs).expect("valid list")));
+        });
+    }
+
+    /// Long-term credential check (RFC 8489 §9.2.4). On failure the error response is in
+    /// `out`.
+    fn authenticate(
+        &self,
+        now: Instant,
+        ft: FiveTuple,
+        msg: &Message<'_>,
+        reply: &Reply<'_>,
+        out: &mut Vec<u8>,
+    ) -> Result<Auth, ()> {
+        let mac = if msg.integrity_sha256_offset().is_some() {
+            Mac::Sha256
+        } else if msg.integrity_offset().is_some() {
+            Mac::Sha1
+        } else {
+            self.challenge(now, ft, reply, ErrorCode::UNAUTHENTICATED, out);
+            return Err(());
+        };
+        let bad_request = |out: &mut Vec<u8>| {
+            self.error(out, reply, ErrorCode::BAD_REQUEST);
+            Err(())
+        };
+        let realm = match msg.get(kind::REALM) {
+            Some(Ok(Attribute::Realm(r))) => r,
+            _ => return bad_request(out),
+        };
+        let nonce = match msg.get(kind::NONCE) {
+            Some(Ok(Attribute::Nonce(n))) => n,
+            _ => return bad_request(out),
+        };
+        let username = match (msg.get(kind::USERNAME), msg.get(kind::USERHASH)) {
+            (Some(Ok(Attribute::Username(u))), _) => Some(u),
+            (None, Some(Ok(Attribute::Userhash(h)))) => self.credentials.username_for_hash(h),
+            _ => return bad_request(out),
+        };
+        match self.nonces.check(nonce, self.unix_now(now), ft.client.ip()) {
+            Ok(()) => {}
+            Err(NonceError::Expired | NonceError::Invalid) => {
+                self.challenge(now, ft, reply, ErrorCode::STALE_NONCE, out);
+                return Err(());
+            }
+        }
+        // PASSWORD-ALGORITHM must come with PASSWORD-ALGORITHMS repeating our offer
+        // (downgrade protection, RFC 8489 §9.2.4 bullet 5); neither means MD5.
+        let algorithm = match (msg.get(kind::PASSWORD_ALGORITHM), msg.get(kind::PASSWORD_ALGORITHMS)) {
+            (None, None) => PasswordAlgorithm::Md5,
+            (Some(Ok(Attribute::PasswordAlgorithm { algorithm, .. })), Some(Ok(Attribute::PasswordAlgorithms(list)))) => {
+                let offered = [PasswordAlgorithm::Md5.to_u16(), PasswordAlgorithm::Sha256.to_u16()];
+                if !list.iter().map(|(a, _)| a).eq(offered.iter().copied()) {
+                    return bad_request(out);
+                }
+                match PasswordAlgorithm::from_u16(algorithm) {
+                    Some(a) => a,
+                    None => return bad_request(out),
+                }
+            }
+            _ => return bad_request(out),
+        };
+        if realm != self.config.realm {
+            self.challenge(now, ft, reply, ErrorCode::UNAUTHENTICATED, out);
+            return Err(());
+        }
+        let found = username.and_then(|user| {
+            self.credentials
+                .candidate_keys(user, realm, algorithm, self.unix_now(now))
+                .into_iter()
+                .find(|key| match mac {
+                    Mac::Sha1 => integrity::verify_message_integrity(msg, key.as_bytes()).is_ok(),
+                    Mac::Sha256 => integrity::verify_message_integrity_sha256(msg, key.as_bytes()).is_ok(),
+                })
+                .map(|key| Authenticated { username: user.to_string(), key })
+        });
+        match found {
+            Some(a) => Ok(Auth { username: a.username, key: a.key, mac }),
+            None => {
+                self.challenge(now, ft, reply, ErrorCode::UNAUTHENTICATED, out);
+                Err(())
+            }
+        }
+    }
+
+    /// The granted lifetime for a requested one (RFC 8656 §7.2 and §8): the request capped
+    /// at the maximum, and never below the default; 0 stays 0 for Refresh.
+    fn granted_lifetime(&self, requested: Option<u32>) -> Duration {
+        match requested {
+            None => self.config.default_lifetime,
+            Some(0) => Duration::ZERO,
+            Some(s) => Duration::from_secs(s as u64)
+                .min(self.config.max_lifetime)
+                .max(self.config.default_lifetime.min(self.config.max_lifetime)),
+        }
+    }
+
+    fn allocate<'a>(
+        &mut self,
+        now: Instant,
+        ft: FiveTuple,
+        msg: &Message<'_>,
+        reply: &Reply<'_>,
+        out: &mut Vec<u8>,
+    ) -> ClientAction<'a> {
+        let auth = reply.auth.expect("authenticated");
+        if let Some(alloc) = self.allocations.get(&ft) {
+            if alloc.allocate_tid == reply.tid && alloc.username == auth.username {
+                // A retransmission of the Allocate that created it: same answer (RFC 8656 §7.2).
+                let (relayed, remaining) = (alloc.relayed, alloc.expires.saturating_duration_since(now));
+                self.allocate_success(out, reply, ft, relayed, remaining, None, None);
+            } else {
+                self.error(out, reply, ErrorCode::ALLOCATION_MISMATCH);
+            }
+            return ClientAction::Respond;
+        }
+        let mut err = |code| {
+            self.error(out, reply, code);
+            ClientAction::Respond
+        };
+        match msg.get(kind::REQUESTED_TRANSPORT) {
+            Some(Ok(Attribute::RequestedTransport(PROTOCOL_UDP))) => {}
+            Some(Ok(Attribute::RequestedTransport(_))) => return err(ErrorCode::UNSUPPORTED_TRANSPORT),
+            _ => return err(ErrorCode::BAD_REQUEST),
+        }
+        let (even_port, reserve_next) = match msg.get(kind::EVEN_PORT) {
+            None => (false, false),
+            Some(Ok(Attribute::EvenPort(r))) => (true, r),
+            Some(_) => return err(ErrorCode::BAD_REQUEST),
+        };
+        let requested_family = match msg.get(kind::REQUESTED_ADDRESS_FAMILY) {
+            None => None,
+            Some(Ok(Attribute::RequestedAddressFamily(f))) => Some(f),
+            Some(_) => return err(ErrorCode::BAD_REQUEST),
+        };
+        let additional = match msg.get(kind::ADDITIONAL_ADDRESS_FAMILY) {
+            None => None,
+            Some(Ok(Attribute::AdditionalAddressFamily(AddressFamily::V6))) => Some(AddressFamily::V6),
+            Some(_) => return err(ErrorCode::BAD_REQUEST),
+        };
+        if additional.is_some() && requested_family.is_some() {
+            return err(ErrorCode::BAD_REQUEST);
+        }
+        let reservation_token = match msg.get(kind::RESERVATION_TOKEN) {
+            None => None,
+            Some(Ok(Attribute::ReservationToken(t))) => Some(t),
+            Some(_) => return err(ErrorCode::BAD_REQUEST),
+        };
+        // RFC 8656 §7.2: RESERVATION-TOKEN excludes EVEN-PORT and the family attributes.
+        if reservation_token.is_some() && (even_port || requested_family.is_some() || additional.is_some()) {
+            return err(ErrorCode::BAD_REQUEST);
+        }
+        if msg.raw(kind::DONT_FRAGMENT).is_some() {
+            // Not supported: answered as an unknown comprehension-required attribute
+            // (RFC 8656 §7.2), so the client can retry without it.
+            self.respond(out, reply, Class::Error, |b| {
+                error_code(b, ErrorCode::UNKNOWN_ATTRIBUTE);
+                b.attribute(&Attribute::UnknownAttributes(&kind::DONT_FRAGMENT.to_be_bytes()));
+            });
+            return ClientAction::Respond;
+        }
+        if let Err(code) = self.check_quota(&auth.username) {
+            return err(code);
+        }
+        let requested = match msg.get(kind::LIFETIME) {
+            None => None,
+            Some(Ok(Attribute::Lifetime(s))) => Some(s),
+            Some(_) => return err(ErrorCode::BAD_REQUEST),
+        };
+        let lifetime = match self.granted_lifetime(requested) {
+            Duration::ZERO => self.config.default_lifetime,
+            l => l,
+        };
+        ClientAction::Allocate(AllocateRequest {
+            five_tuple: ft,
+            family: requested_family.unwrap_or(AddressFamily::V4),
+            even_port,
+            reserve_next,
+            reservation_token,
+            granted_token: None,
+            tid: reply.tid,
+            auth: auth.clone(),
+            lifetime,
+            fingerprint: reply.fingerprint,
+            additional_family_refused: additional,
+        })
+    }
+
+    fn check_quota(&self, username: &str) -> Result<(), ErrorCode> {
+        let user = self.per_user.get(username).copied().unwrap_or(0);
+        if self.config.user_quota != 0 && user >= self.config.user_quota {
+            return Err(ErrorCode::ALLOCATION_QUOTA_REACHED);
+        }
+        if self.config.total_quota != 0 && self.allocations.len() >= self.config.total_quota {
+            return Err(ErrorCode::INSUFFICIENT_CAPACITY);
+        }
+        Ok(())
+    }
+
+    fn allocate_success(
+        &self,
+        out: &mut Vec<u8>,
+        reply: &Reply<'_>,
+        ft: FiveTuple,
+        relayed: SocketAddr,
+        lifetime: Duration,
+        refused_family: Option<AddressFamily>,
+        token: Option<[u8; 8]>,
+    ) {
+        self.respond(out, reply, Class::Success, |b| {
+            b.attribute(&Attribute::XorRelayedAddress(relayed));
+            b.attribute(&Attribute::Lifetime(lifetime.as_secs() as u32));
+            b.attribute(&Attribute::XorMappedAddress(ft.client));
+            if let Some(t) = token {
+                b.attribute(&Attribute::ReservationToken(t));
+            }
+            if let Some(family) = refused_family {
+                b.attribute(&Attribute::AddressErrorCode {
+                    family,
+                    code: ErrorCode::ADDRESS_FAMILY_NOT_SUPPORTED,
+                    reason: ErrorCode::ADDRESS_FAMILY_NOT_SUPPORTED.reason(),
+                });
+            }
+        });
+    }
+
+    /// Finishes an Allocate once the shell has reserved a relayed transport address (or
+    /// failed to: 440 or 508). Writes the response to `out` (always send it).
+    ///
+    /// Returns a relayed transport address the shell must release again, when the
+    /// allocation could not take it (a retransmitted Allocate that raced, or a quota
+    /// reached meanwhile).
+    pub fn complete_allocate(
+        &mut self,
+        now: Instant,
+        request: AllocateRequest,
+        result: Result<SocketAddr, RelayError>,
+        out: &mut Vec<u8>,
+    ) -> Option<SocketAddr> {
+        let ft = request.five_tuple;
+        let reply = Reply {
+            method: Method::Allocate,
+            tid: request.tid,
+            fingerprint: request.fingerprint,
+            auth: Some(&request.auth),
+        };
+        let relayed = match result {
+            Ok(a) => a,
+            Err(RelayError::FamilyNotSupported) => {
+                self.error(out, &reply, ErrorCode::ADDRESS_FAMILY_NOT_SUPPORTED);
+                return None;
+            }
+            Err(RelayError::Exhausted | RelayError::BadReservationToken) => {
+                self.error(out, &reply, ErrorCode::INSUFFICIENT_CAPACITY);
+                return None;
+            }
+        };
+        if let Some(existing) = self.allocations.get(&ft) {
+            if existing.allocate_tid == request.tid {
+                let (r, remaining) = (existing.relayed, existing.expires.saturating_duration_since(now));
+                self.allocate_success(out, &reply, ft, r, remaining, request.additional_family_refused, None);
+            } else {
+                self.error(out, &reply, ErrorCode::ALLOCATION_MISMATCH);
+            }
+            return Some(relayed);
+        }
+        if let Err(code) = self.check_quota(&request.auth.username) {
+            self.error(out, &reply, code);
+            return Some(relayed);
+        }
+        let expires = now + request.lifetime;
+        self.allocate_success(
+            out,
+            &reply,
+            ft,
+            relayed,
+            request.lifetime,
+            request.additional_family_refused,
+            request.granted_token,
+        );
+        *self.per_user.entry(request.auth.username.clone()).or_insert(0) += 1;
+        self.by_relay.insert(relayed, ft);
+        self.allocations.insert(
+            ft,
+            Allocation {
+                five_tuple: ft,
+                relayed,
+                username: request.auth.username,
+                key: request.auth.key,
+                allocate_tid: request.tid,
+                expires,
+                permissions: AHashMap::new(),
+                channels: AHashMap::new(),
+                channel_by_peer: AHashMap::new(),
+                timer: expires,
+            },
+        );
+        self.timers.push(Reverse((expires, ft)));
+        None
+    }
+
+    /// The allocation for a request that needs one: 437 if none, 441 if another user's.
+    fn owned_allocation(&mut self, ft: FiveTuple, reply: &Reply<'_>, out: &mut Vec<u8>) -> Option<&mut Allocation> {
+        let user = &reply.auth.expect("authenticated").username;
+        match self.allocations.get(&ft) {
+            None => {
+                self.error(out, reply, ErrorCode::ALLOCATION_MISMATCH);
+                None
+            }
+            Some(a) if &a.username != user => {
+                self.error(out, reply, ErrorCode::WRONG_CREDENTIALS);
+                None
+            }
+            Some(_) => self.allocations.get_mut(&ft),
+        }
+    }
+
+    fn refresh<'a>(
+        &mut self,
+        now: Instant,
+        ft: FiveTuple,
+        msg: &Message<'_>,
+        reply: &Reply<'_>,
+        out: &mut Vec<u8>,
+    ) -> ClientAction<'a> {
+        let requested = match msg.get(kind::LIFETIME) {
+            None => None,
+            Some(Ok(Attribute::Lifetime(s))) => Some(s),
+            Some(_) => {
+                self.error(out, reply, ErrorCode::BAD_REQUEST);
+                return ClientAction::Respond;
+            }
+        };
+        let family = match msg.get(kind::REQUESTED_ADDRESS_FAMILY) {
+            None => None,
+            Some(Ok(Attribute::RequestedAddressFamily(f))) => Some(f),
+            Some(_) => {
+                self.error(out, reply, ErrorCode::BAD_REQUEST);
+                return ClientAction::Respond;
+            }
+        };
+        let lifetime = self.granted_lifetime(requested);
+        let Some(alloc) = self.owned_allocation(ft, reply, out) else {
+            return ClientAction::Respond;
+        };
+        if family.is_some_and(|f| f != AddressFamily::of(&alloc.relayed.ip())) {
+            self.error(out, reply, ErrorCode::PEER_ADDRESS_FAMILY_MISMATCH);
+            return ClientAction::Respond;
+        }
+        if lifetime.is_zero() {
+            self.remove_allocation(ft);
+        } else {
+            alloc.expires = now + lifetime;
+            self.reschedule(ft);
+        }
+        self.respond(out, reply, Class::Success, |b| {
+            b.attribute(&Attribute::Lifetime(lifetime.as_secs() as u32));
+        });
+        ClientAction::Respond
+    }
+
+    /// Checks a peer address for CreatePermission and ChannelBind: 443 on a family
+    /// mismatch with the relayed address, 403 when the policy refuses it.
+    fn check_peer(&self, relayed: SocketAddr, peer: SocketAddr) -> Result<(), ErrorCode> {
+        if peer.is_ipv4() != relayed.is_ipv4() {
+            return Err(ErrorCode::PEER_ADDRESS_FAMILY_MISMATCH);
+        }
+        self.policy.check(peer).map_err(|_| ErrorCode::FORBIDDEN)
+    }
+
+    fn create_permission<'a>(
+        &mut self,
+        now: Instant,
+        ft: FiveTuple,
+        msg: &Message<'_>,
+        reply: &Reply<'_>,
+        out: &mut Vec<u8>,
+    ) -> ClientAction<'a> {
+        let Some(alloc) = self.owned_allocation(ft, reply, out) else {
+            return ClientAction::Respond;
+        };
+        let relayed = alloc.relayed;
+        let tid = msg.transaction_id();
+        let mut peers: Vec<IpAddr> = Vec::new();
+        let mut failure = None;
+        for raw in msg.attributes().filter(|a| a.kind == kind::XOR_PEER_ADDRESS) {
+            match Attribute::decode(raw.kind, raw.value, &tid) {
+                Ok(Attribute::XorPeerAddress(peer)) => {
+                    // Ports do not matter for permissions (RFC 8656 §9); check with the
+                    // given port, or a neutral one when the client sent 0.
+                    let probe = if peer.port() == 0 { SocketAddr::new(peer.ip(), 9) } else { peer };
+                    if let Err(code) = self.check_peer(relayed, probe) {
+                        failure.get_or_insert(code);
+                    }
+                    peers.push(peer.ip());
+                }
+                _ => {
+                    failure = Some(ErrorCode::BAD_REQUEST);
+                }
+            }
+        }
+        if peers.is_empty() {
+            failure = Some(ErrorCode::BAD_REQUEST);
+        }
+        if let Some(code) = failure {
+            self.error(out, reply, code);
+            return ClientAction::Respond;
+        }
+        let max = self.config.max_permissions_per_allocation;
+        let lifetime = self.config.permission_lifetime;
+        let alloc = self.allocations.get_mut(&ft).expect("checked above");
+        alloc.purge(now);
+        let new = peers.iter().filter(|ip| !alloc.permissions.contains_key(ip)).count();
+        if alloc.permissions.len() + new > max {
+            self.error(out, reply, ErrorCode::INSUFFICIENT_CAPACITY);
+            return ClientAction::Respond;
+        }
+        for ip in peers {
+            alloc.permissions.insert(ip, now + lifetime);
+        }
+        self.reschedule(ft);
+        self.respond(out, reply, Class::Success, |_| {});
+        ClientAction::Respond
+    }
+
+    fn channel_bind<'a>(
+        &mut self,
+        now: Instant,
+        ft: FiveTuple,
+        msg: &Message<'_>,
+        reply: &Reply<'_>,
+        out: &mut Vec<u8>,
+    ) -> ClientAction<'a> {
+        let max_channel = if self.config.strict_channel_numbers { MAX_CHANNEL_STRICT } else { MAX_CHANNEL_RFC5766 };
+        let (channel, peer) = match (msg.get(kind::CHANNEL_NUMBER), msg.get(kind::XOR_PEER_ADDRESS)) {
+            (Some(Ok(Attribute::ChannelNumber(c))), Some(Ok(Attribute::XorPeerAddress(p))))
+                if (MIN_CHANNEL..=max_channel).contains(&c) =>
+            {
+                (c, p)
+            }
+            _ => {
+                self.error(out, reply, ErrorCode::BAD_REQUEST);
+                return ClientAction::Respond;
+            }
+        };
+        let Some(alloc) = self.owned_allocation(ft, reply, out) else {
+            return ClientAction::Respond;
+        };
+        let relayed = alloc.relayed;
+        if let Err(code) = self.check_peer(relayed, peer) {
+            self.error(out, reply, code);
+            return ClientAction::Respond;
+        }
+        let (max_ch, max_perm) = (self.config.max_channels_per_allocation, self.config.max_permissions_per_allocation);
+        let (ch_life, perm_life) = (self.config.channel_lifetime, self.config.permission_lifetime);
+        let alloc = self.allocations.get_mut(&ft).expect("checked above");
+        alloc.purge(now);
+        // RFC 8656 §11.2: the number must not be bound to another peer, nor the peer to
+        // another number.
+        let conflict = alloc.channels.get(&channel).is_some_and(|b| b.peer != peer)
+            || alloc.channel_by_peer.get(&peer).is_some_and(|&c| c != channel);
+        let over = (!alloc.channels.contains_key(&channel) && alloc.channels.len() >= max_ch)
+            || (!alloc.permissions.contains_key(&peer.ip()) && alloc.permissions.len() >= max_perm);
+        let code = if conflict {
+            Some(ErrorCode::BAD_REQUEST)
+        } else if over {
+            Some(ErrorCode::INSUFFICIENT_CAPACITY)
+        } else {
+            alloc.channels.insert(channel, ChannelBinding { peer, expires: now + ch_life });
+            alloc.channel_by_peer.insert(peer, channel);
+            alloc.permissions.insert(peer.ip(), now + perm_life);
+            None
+        };
+        match code {
+            Some(code) => self.error(out, reply, code),
+            None => {
+                self.reschedule(ft);
+                self.respond(out, reply, Class::Success, |_| {});
+            }
+        }
+        ClientAction::Respond
+    }
+
+    /// Handles a datagram from `peer` arriving on the relayed transport address `relayed`
+    /// (RFC 8656 §11.3): checks the peer policy and the permission, then says which client
+    /// gets it and how it is framed.
+    pub fn handle_peer(&self, now: Instant, relayed: SocketAddr, peer: SocketAddr) -> PeerAction {
+        let Some(ft) = self.by_relay.get(&relayed) else {
+            return PeerAction::Drop(DropReason::NoAllocation);
+        };
+        let Some(alloc) = self.allocations.get(ft).filter(|a| a.expires > now) else {
+            return PeerAction::Drop(DropReason::NoAllocation);
+        };
+        if self.policy.check(peer).is_err() {
+            return PeerAction::Drop(DropReason::PeerDenied);
+        }
+        if !alloc.has_permission(peer.ip(), now) {
+            return PeerAction::Drop(DropReason::NoPermission);
+        }
+        PeerAction::Forward { five_tuple: *ft, channel: alloc.channel_for_peer(peer, now) }
+    }
+
+    /// Writes a Data indication carrying `payload` from `peer` into `out` (RFC 8656 §11.3),
+    /// with a fresh transaction ID.
+    pub fn encode_data_indication(&mut self, peer: SocketAddr, payload: &[u8], out: &mut Vec<u8>) {
+        let tid = self.next_tid();
+        let mut b = MessageBuilder::new(out, MessageType::new(Method::Data, Class::Indication), tid);
+        b.attribute(&Attribute::XorPeerAddress(peer));
+        b.attribute(&Attribute::Data(payload));
+    }
+
+    fn next_tid(&mut self) -> TransactionId {
+        // xorshift64*: indication transaction IDs need only be unique, not secret.
+        let mut x = self.tid_state;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.tid_state = x;
+        let v = x.wrapping_mul(0x2545_F491_4F6C_DD1D);
+        let mut tid = [0u8; 12];
+        tid[..8].copy_from_slice(&v.to_le_bytes());
+        tid[8..].copy_from_slice(&(x as u32).to_le_bytes());
+        TransactionId(tid)
+    }
+
+    fn reschedule(&mut self, ft: FiveTuple) {
+        if let Some(alloc) = self.allocations.get_mut(&ft) {
+            let t = alloc.next_deadline();
+            if t != alloc.timer {
+                alloc.timer = t;
+                self.timers.push(Reverse((t, ft)));
+            }
+        }
+    }
+
+    fn remove_allocation(&mut self, ft: FiveTuple) {
+        if let Some(alloc) = self.allocations.remove(&ft) {
+            self.by_relay.remove(&alloc.relayed);
+            if let Some(n) = self.per_user.get_mut(&alloc.username) {
+                *n -= 1;
+                if *n == 0 {
+                    self.per_user.remove(&alloc.username);
+                }
+            }
+            self.events.push_back(Event::AllocationClosed { five_tuple: ft, relayed: alloc.relayed });
+        }
+    }
+
+    /// The next instant at which [`Server::handle_timeout`] has work, if any.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.timers.peek().map(|Reverse((t, _))| *t)
+    }
+
+    /// Expires allocations, permissions and channel bindings due at `now`.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        while let Some(&Reverse((t, ft))) = self.timers.peek() {
+            if t > now {
+                break;
+            }
+            self.timers.pop();
+            let Some(alloc) = self.allocations.get_mut(&ft) else { continue };
+            if alloc.timer != t {
+                continue; // superseded by a later schedule
+            }
+            if alloc.expires <= now {
+                self.remove_allocation(ft);
+            } else {
+                alloc.purge(now);
+                alloc.timer = now; // force a new entry
+                self.reschedule(ft);
+            }
+        }
+    }
+
+    /// The next event for the shell, if any.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+}
+
+fn error_code(b: &mut MessageBuilder, code: ErrorCode) {
+    b.attribute(&Attribute::ErrorCode { code, reason: code.reason() });
+}
