@@ -170,10 +170,22 @@ pub struct Config {
     pub user_count: usize,
     /// Number of REST API secrets.
     pub secret_count: usize,
-    /// Peer address policy.
-    pub policy: PeerPolicy,
+    /// Operator-allowed peer ranges (`--allowed-peer-ip`).
+    pub allowed_peers: Vec<Cidr>,
+    /// Operator-denied peer ranges (`--denied-peer-ip`).
+    pub denied_peers: Vec<Cidr>,
     /// Listening socket buffer size in bytes.
     pub socket_buffer: usize,
+}
+
+impl Config {
+    /// The peer address policy for a server whose listening sockets are bound to
+    /// `listeners` (the bound addresses, so that port 0 resolves to the real port).
+    pub fn peer_policy(&self, listeners: &[SocketAddr]) -> PeerPolicy {
+        let mut own_ips = self.relay_ips.clone();
+        own_ips.extend(listeners.iter().map(|a| a.ip()));
+        PeerPolicy::new(self.allowed_peers.clone(), self.denied_peers.clone(), own_ips, listeners.to_vec())
+    }
 }
 
 fn parse_cidrs(list: &[String], flag: &str) -> Result<Vec<Cidr>> {
@@ -225,7 +237,6 @@ impl Config {
         }
         let allowed = parse_cidrs(&s.allowed_peer_ip, "allowed-peer-ip")?;
         let denied = parse_cidrs(&s.denied_peer_ip, "denied-peer-ip")?;
-        let policy = PeerPolicy::new(allowed, denied, relay_ips.clone(), listen.clone());
         let defaults = ServerConfig::default();
         let server = ServerConfig {
             realm: realm.clone(),
@@ -252,7 +263,8 @@ impl Config {
             credentials,
             user_count,
             secret_count,
-            policy,
+            allowed_peers: allowed,
+            denied_peers: denied,
             socket_buffer: s.socket_buffer.unwrap_or(4 << 20),
         })
     }

@@ -4,7 +4,11 @@ use anyhow::Result;
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
 use turnpike::config::{Config, Settings};
+use turnpike::dataplane::Runtime;
 
 fn main() -> Result<()> {
     let settings = Settings::load(Settings::parse())?;
@@ -12,26 +16,34 @@ fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_new(&config.log_level).unwrap_or_else(|_| EnvFilter::new("info")))
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let listen: Vec<String> = config.listen.iter().map(|a| a.to_string()).collect();
+    let (user_count, secret_count) = (config.user_count, config.secret_count);
+    let (realm, ports) = (config.server.realm.clone(), config.ports);
+    let mut runtime = Runtime::new(config.clone())?;
+    let listen: Vec<String> = runtime.listen_addrs().iter().map(|a| a.to_string()).collect();
     let relays: Vec<String> = config.relay_ips.iter().map(|a| a.to_string()).collect();
     tracing::info!(
         "turnpike {} listening on udp {} (relay {} ports {}-{}), realm {:?}",
         env!("CARGO_PKG_VERSION"),
         listen.join(", "),
         relays.join(", "),
-        config.ports.0,
-        config.ports.1,
-        config.server.realm
+        ports.0,
+        ports.1,
+        realm
     );
-    if config.user_count == 0 && config.secret_count == 0 {
+    if user_count == 0 && secret_count == 0 {
         tracing::info!(
             "no credentials configured: STUN Binding works, TURN Allocate needs --user NAME:PASSWORD or --static-auth-secret SECRET"
         );
     } else {
-        tracing::info!("{} static user(s), {} REST API secret(s)", config.user_count, config.secret_count);
+        tracing::info!("{user_count} static user(s), {secret_count} REST API secret(s)");
     }
-    let stats = turnpike::dataplane::run(config)?;
+    let shutdown = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGINT, shutdown.clone())?;
+    signal_hook::flag::register(signal_hook::consts::SIGTERM, shutdown.clone())?;
+    runtime.run(&shutdown)?;
+    let stats = runtime.stats();
     tracing::info!(
         client_rx = stats.client_rx,
         peer_rx = stats.peer_rx,

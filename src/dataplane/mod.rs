@@ -10,7 +10,6 @@ use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
@@ -121,7 +120,9 @@ impl Runtime {
             .enumerate()
             .map(|(i, &ip)| RelayIps { ip, pool: PortPool::new(config.ports.0, config.ports.1, seed ^ i as u64) })
             .collect();
-        let server = Server::new(config.server, config.credentials, config.policy, secret, Instant::now(), unix);
+        let bound: Vec<SocketAddr> = listeners.iter().map(|(_, a)| *a).collect();
+        let policy = config.peer_policy(&bound);
+        let server = Server::new(config.server, config.credentials, policy, secret, Instant::now(), unix);
         Ok(Runtime {
             poll,
             next_token: listeners.len(),
@@ -384,17 +385,4 @@ fn send(socket: &UdpSocket, data: &[u8], to: SocketAddr, errors: &mut u64) {
     if socket.send_to(data, to).is_err() {
         *errors += 1;
     }
-}
-
-/// Runs a server for `config` until SIGINT or SIGTERM.
-///
-/// # Errors
-/// When sockets cannot be bound or signal handlers installed.
-pub fn run(config: Config) -> Result<Stats> {
-    let shutdown = Arc::new(AtomicBool::new(false));
-    signal_hook::flag::register(signal_hook::consts::SIGINT, shutdown.clone())?;
-    signal_hook::flag::register(signal_hook::consts::SIGTERM, shutdown.clone())?;
-    let mut rt = Runtime::new(config)?;
-    rt.run(&shutdown)?;
-    Ok(rt.stats().clone())
 }

@@ -201,6 +201,22 @@ fn truncation_at_every_offset_is_a_clean_error() {
     }
 }
 
+/// Regression: a MESSAGE-INTEGRITY shorter than 20 bytes at the end of a message made
+/// verification slice past the end (found by the server proptest).
+#[test]
+fn short_message_integrity_is_a_mismatch_not_a_panic() {
+    let mut out = Vec::new();
+    let mut b = MessageBuilder::new(&mut out, MessageType::new(Method::Allocate, Class::Request), TransactionId([2; 12]));
+    b.raw_attribute(kind::MESSAGE_INTEGRITY, &[0; 4]);
+    let m = Message::decode(&out).unwrap();
+    assert_eq!(integrity::verify_message_integrity(&m, b"key"), Err(IntegrityError::Mismatch));
+    let mut out = Vec::new();
+    let mut b = MessageBuilder::new(&mut out, MessageType::new(Method::Allocate, Class::Request), TransactionId([2; 12]));
+    b.raw_attribute(kind::FINGERPRINT, &[0; 2]);
+    let m = Message::decode(&out).unwrap();
+    assert_eq!(integrity::verify_fingerprint(&m), Err(IntegrityError::Mismatch));
+}
+
 #[test]
 fn padding_content_is_ignored() {
     // RFC 5769 2.1 pads with spaces; zero them and the attributes still decode.

@@ -144,6 +144,9 @@ pub fn fingerprint(buf: &[u8], attr_offset: usize) -> u32 {
 pub fn verify_message_integrity(msg: &Message<'_>, key: &[u8]) -> Result<(), IntegrityError> {
     let off = msg.integrity_offset().ok_or(IntegrityError::Missing)?;
     let buf = msg.as_bytes();
+    if u16::from_be_bytes([buf[off + 2], buf[off + 3]]) != 20 {
+        return Err(IntegrityError::Mismatch);
+    }
     let mut mac = <Hmac<Sha1> as Mac>::new_from_slice(key).expect("HMAC takes any key length");
     covered(buf, off, 20, |b| mac.update(b));
     mac.verify_slice(&buf[off + 4..off + 24]).map_err(|_| IntegrityError::Mismatch)

@@ -1,0 +1,18 @@
+//! Integration tests: the real `turnpike` binary on loopback, driven by independent
+//! clients (coturn's turnutils_uclient, aioice) and by a client on turnpike's own codec.
+//! One test binary with `#[path]` modules, so it links once.
+
+#[path = "it/harness.rs"]
+mod harness;
+
+#[path = "it/client.rs"]
+mod client;
+
+#[path = "it/real_clients.rs"]
+mod real_clients;
+
+#[path = "it/own_client.rs"]
+mod own_client;
+
+#[path = "it/cli.rs"]
+mod cli;

@@ -1,0 +1,119 @@
+//! Starts the real `turnpike` binary on loopback and stops it on drop.
+
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, UdpSocket};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::thread;
+use std::time::Duration;
+
+/// A running turnpike process.
+pub struct Server {
+    child: Child,
+    /// The listening address it bound.
+    pub addr: SocketAddr,
+    log: mpsc::Receiver<String>,
+}
+
+pub const USER: &str = "alice";
+pub const PASSWORD: &str = "wonderland";
+pub const SECRET: &str = "rest-secret";
+
+impl Server {
+    /// Starts turnpike on 127.0.0.1 with an ephemeral port, relaying on 127.0.0.1 and
+    /// allowing loopback peers, plus `extra` flags.
+    pub fn start(extra: &[&str]) -> Server {
+        let mut args: Vec<String> = vec![
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+            "--relay-ip".into(),
+            "127.0.0.1".into(),
+            "--allowed-peer-ip".into(),
+            "127.0.0.0/8".into(),
+            "--user".into(),
+            format!("{USER}:{PASSWORD}"),
+            "--static-auth-secret".into(),
+            SECRET.into(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        Self::start_with(&args)
+    }
+
+    /// Starts turnpike with exactly `args`, waiting for its "listening on udp" line.
+    pub fn start_with(args: &[String]) -> Server {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_turnpike"))
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn turnpike");
+        let stderr = child.stderr.take().expect("stderr");
+        let (tx, rx) = mpsc::channel();
+        thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut addr = None;
+        while addr.is_none() {
+            let line = rx.recv_timeout(Duration::from_secs(10)).expect("turnpike did not start");
+            if let Some(rest) = line.split("listening on udp ").nth(1) {
+                let first = rest.split([' ', ',']).next().unwrap();
+                addr = Some(first.parse().expect("listen address"));
+            }
+        }
+        Server { child, addr: addr.unwrap(), log: rx }
+    }
+
+    /// Waits up to `timeout` for a log line containing `needle`; returns it.
+    pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> Option<String> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.log.recv_timeout(left) {
+                Ok(line) if line.contains(needle) => return Some(line),
+                Ok(_) => continue,
+                Err(_) => return None,
+            }
+        }
+    }
+
+    /// Sends SIGTERM and waits for the exit; returns the remaining log.
+    pub fn stop(mut self) -> Vec<String> {
+        let pid = self.child.id() as i32;
+        let _ = Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+        let status = self.child.wait().expect("wait");
+        assert!(status.success(), "turnpike exited with {status}");
+        let mut lines = Vec::new();
+        while let Ok(l) = self.log.recv_timeout(Duration::from_secs(2)) {
+            lines.push(l);
+        }
+        lines
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A UDP port that was free a moment ago on 127.0.0.1.
+pub fn free_udp_port() -> u16 {
+    UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Whether a program is on PATH; tests that need it fail loudly when it is missing (the
+/// README test command installs it).
+pub fn require(program: &str) {
+    let found = Command::new("sh")
+        .args(["-c", &format!("command -v {program}")])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    assert!(found, "{program} is not installed: run the README test command (scripts/test.sh) which installs it");
+}
