@@ -17,7 +17,11 @@ use crate::proto::server::ServerConfig;
 /// Settings as given on the command line or in the TOML file. Every field is optional
 /// here; [`Config::resolve`] applies the defaults.
 #[derive(Debug, Default, Clone, Parser, Deserialize)]
-#[command(name = "turnpike", version, about = "A high-throughput TURN relay (RFC 8656) and STUN server (RFC 8489)")]
+#[command(
+    name = "turnpike",
+    version,
+    about = "A high-throughput TURN relay (RFC 8656) and STUN server (RFC 8489)"
+)]
 #[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
 pub struct Settings {
     /// TOML configuration file; its keys are the long flag names (e.g. `listen = ["0.0.0.0:3478"]`).
@@ -184,13 +188,21 @@ impl Config {
     pub fn peer_policy(&self, listeners: &[SocketAddr]) -> PeerPolicy {
         let mut own_ips = self.relay_ips.clone();
         own_ips.extend(listeners.iter().map(|a| a.ip()));
-        PeerPolicy::new(self.allowed_peers.clone(), self.denied_peers.clone(), own_ips, listeners.to_vec())
+        PeerPolicy::new(
+            self.allowed_peers.clone(),
+            self.denied_peers.clone(),
+            own_ips,
+            listeners.to_vec(),
+        )
     }
 }
 
 fn parse_cidrs(list: &[String], flag: &str) -> Result<Vec<Cidr>> {
     list.iter()
-        .map(|s| s.parse::<Cidr>().with_context(|| format!("--{flag}: {s:?} is not an IP range in CIDR notation")))
+        .map(|s| {
+            s.parse::<Cidr>()
+                .with_context(|| format!("--{flag}: {s:?} is not an IP range in CIDR notation"))
+        })
         .collect()
 }
 
@@ -209,11 +221,19 @@ impl Config {
     /// # Errors
     /// Malformed users, CIDR ranges, an empty or inverted port range.
     pub fn resolve(s: Settings) -> Result<Config> {
-        let listen = if s.listen.is_empty() { vec!["0.0.0.0:3478".parse()?] } else { s.listen };
+        let listen = if s.listen.is_empty() {
+            vec!["0.0.0.0:3478".parse()?]
+        } else {
+            s.listen
+        };
         let relay_ips = if !s.relay_ip.is_empty() {
             s.relay_ip
         } else {
-            let specific: Vec<IpAddr> = listen.iter().map(|a| a.ip()).filter(|ip| !ip.is_unspecified()).collect();
+            let specific: Vec<IpAddr> = listen
+                .iter()
+                .map(|a| a.ip())
+                .filter(|ip| !ip.is_unspecified())
+                .collect();
             if specific.is_empty() {
                 vec![primary_ipv4().unwrap_or(IpAddr::from([127, 0, 0, 1]))]
             } else {
@@ -240,9 +260,15 @@ impl Config {
         let defaults = ServerConfig::default();
         let server = ServerConfig {
             realm: realm.clone(),
-            default_lifetime: s.default_lifetime.map(Duration::from_secs).unwrap_or(defaults.default_lifetime),
+            default_lifetime: s
+                .default_lifetime
+                .map(Duration::from_secs)
+                .unwrap_or(defaults.default_lifetime),
             max_lifetime: s.max_lifetime.map(Duration::from_secs).unwrap_or(defaults.max_lifetime),
-            nonce_lifetime: s.nonce_lifetime.map(Duration::from_secs).unwrap_or(defaults.nonce_lifetime),
+            nonce_lifetime: s
+                .nonce_lifetime
+                .map(Duration::from_secs)
+                .unwrap_or(defaults.nonce_lifetime),
             strict_channel_numbers: s.strict_channel_numbers,
             user_quota: s.user_quota.unwrap_or(defaults.user_quota),
             total_quota: s.total_quota.unwrap_or(defaults.total_quota),

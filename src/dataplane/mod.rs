@@ -112,13 +112,19 @@ impl Runtime {
         }
         let mut secret = [0u8; 32];
         getrandom::getrandom(&mut secret).map_err(|e| anyhow::anyhow!("reading random bytes: {e}"))?;
-        let unix = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        let unix = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
         let seed = u64::from_le_bytes(secret[8..16].try_into().expect("8 bytes"));
         let relay_ips = config
             .relay_ips
             .iter()
             .enumerate()
-            .map(|(i, &ip)| RelayIps { ip, pool: PortPool::new(config.ports.0, config.ports.1, seed ^ i as u64) })
+            .map(|(i, &ip)| RelayIps {
+                ip,
+                pool: PortPool::new(config.ports.0, config.ports.1, seed ^ i as u64),
+            })
             .collect();
         let bound: Vec<SocketAddr> = listeners.iter().map(|(_, a)| *a).collect();
         let policy = config.peer_policy(&bound);
@@ -304,7 +310,10 @@ impl Runtime {
 
     /// Binds the relay socket reserved under `token` (RESERVATION-TOKEN, RFC 8656 §7.2).
     fn open_reserved(&mut self, token: [u8; 8]) -> Result<SocketAddr, RelayError> {
-        let addr = self.reservations.remove(&token).ok_or(RelayError::BadReservationToken)?;
+        let addr = self
+            .reservations
+            .remove(&token)
+            .ok_or(RelayError::BadReservationToken)?;
         self.bind_relay(addr).inspect_err(|_| self.release_port(addr))
     }
 
@@ -334,7 +343,9 @@ impl Runtime {
         self.next_relay_ip = (self.next_relay_ip + 1) % self.relay_ips.len();
         for i in candidates {
             for _ in 0..BIND_TRIES {
-                let Some(port) = self.relay_ips[i].pool.take(even, pair, BIND_TRIES) else { break };
+                let Some(port) = self.relay_ips[i].pool.take(even, pair, BIND_TRIES) else {
+                    break;
+                };
                 let addr = SocketAddr::new(self.relay_ips[i].ip, port);
                 match self.bind_relay(addr) {
                     Ok(addr) => return Ok(addr),

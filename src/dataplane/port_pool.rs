@@ -27,7 +27,12 @@ impl PortPool {
             ports.swap(i, (x % (i as u64 + 1)) as usize);
         }
         let free = vec![true; ports.len()];
-        PortPool { min, queue: ports.into(), free, in_use: 0 }
+        PortPool {
+            min,
+            queue: ports.into(),
+            free,
+            in_use: 0,
+        }
     }
 
     fn slot(&self, port: u16) -> Option<usize> {

@@ -53,7 +53,11 @@ impl Credentials {
     pub fn new(users: impl IntoIterator<Item = (String, String)>, secrets: Vec<String>, realm: &str) -> Self {
         let users: HashMap<String, String> = users.into_iter().collect();
         let userhashes = users.keys().map(|u| (userhash(u, realm), u.clone())).collect();
-        Credentials { users, userhashes, secrets }
+        Credentials {
+            users,
+            userhashes,
+            secrets,
+        }
     }
 
     /// Whether no user and no secret is configured (every Allocate then fails with 401).
@@ -89,8 +93,8 @@ impl Credentials {
     }
 }
 
-/// The expiry (unix seconds) of a TURN REST API username: "<expiry>:<name>" as coturn's
-/// use-auth-secret writes it, "<name>:<expiry>", or a bare "<expiry>". `None` when no
+/// The expiry (unix seconds) of a TURN REST API username: `EXPIRY:NAME` as coturn's
+/// use-auth-secret writes it, `NAME:EXPIRY`, or a bare `EXPIRY`. `None` when no
 /// field is a number.
 pub fn rest_api_expiry(username: &str) -> Option<u64> {
     let first = username.split(':').next()?;
@@ -126,7 +130,9 @@ pub struct NonceIssuer {
 
 impl std::fmt::Debug for NonceIssuer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("NonceIssuer").field("lifetime_secs", &self.lifetime_secs).finish()
+        f.debug_struct("NonceIssuer")
+            .field("lifetime_secs", &self.lifetime_secs)
+            .finish()
     }
 }
 
@@ -235,12 +241,18 @@ mod tests {
         assert_eq!(n.check(&nonce, 1_000, ip), Ok(()));
         assert_eq!(n.check(&nonce, 1_599, ip), Ok(()));
         assert_eq!(n.check(&nonce, 1_600, ip), Err(NonceError::Expired));
-        assert_eq!(n.check(&nonce, 1_000, "192.0.2.2".parse().unwrap()), Err(NonceError::Invalid));
+        assert_eq!(
+            n.check(&nonce, 1_000, "192.0.2.2".parse().unwrap()),
+            Err(NonceError::Invalid)
+        );
         let other = NonceIssuer::new([8; 32], 600);
         assert_eq!(other.check(&nonce, 1_000, ip), Err(NonceError::Invalid));
         let mut tampered = nonce.clone().into_bytes();
         tampered[20] = if tampered[20] == b'0' { b'1' } else { b'0' };
-        assert_eq!(n.check(std::str::from_utf8(&tampered).unwrap(), 1_000, ip), Err(NonceError::Invalid));
+        assert_eq!(
+            n.check(std::str::from_utf8(&tampered).unwrap(), 1_000, ip),
+            Err(NonceError::Invalid)
+        );
         assert_eq!(n.check("garbage", 1_000, ip), Err(NonceError::Invalid));
         assert_eq!(n.check(&"x".repeat(NONCE_LEN), 1_000, ip), Err(NonceError::Invalid));
     }
@@ -249,7 +261,10 @@ mod tests {
     fn rest_api_password_matches_coturn_scheme() {
         // base64(HMAC-SHA1("north", "1700000000:alice")), computed independently with
         // `printf %s 1700000000:alice | openssl dgst -sha1 -hmac north -binary | base64`.
-        assert_eq!(rest_api_password("north", "1700000000:alice"), "Cd/49soE35ICqcJF/bCTn8Z4OyE=");
+        assert_eq!(
+            rest_api_password("north", "1700000000:alice"),
+            "Cd/49soE35ICqcJF/bCTn8Z4OyE="
+        );
         assert_eq!(rest_api_expiry("1700000000:alice"), Some(1_700_000_000));
         assert_eq!(rest_api_expiry("alice:1700000000"), Some(1_700_000_000));
         assert_eq!(rest_api_expiry("1700000000"), Some(1_700_000_000));
@@ -264,9 +279,17 @@ mod tests {
             "realm",
         );
         assert_eq!(c.candidate_keys("alice", "realm", PasswordAlgorithm::Md5, 0).len(), 1);
-        assert_eq!(c.candidate_keys("2000:bob", "realm", PasswordAlgorithm::Md5, 1_000).len(), 2);
-        assert!(c.candidate_keys("2000:bob", "realm", PasswordAlgorithm::Md5, 2_000).is_empty());
-        assert!(c.candidate_keys("mallory", "realm", PasswordAlgorithm::Md5, 0).is_empty());
+        assert_eq!(
+            c.candidate_keys("2000:bob", "realm", PasswordAlgorithm::Md5, 1_000)
+                .len(),
+            2
+        );
+        assert!(c
+            .candidate_keys("2000:bob", "realm", PasswordAlgorithm::Md5, 2_000)
+            .is_empty());
+        assert!(c
+            .candidate_keys("mallory", "realm", PasswordAlgorithm::Md5, 0)
+            .is_empty());
         assert_eq!(c.username_for_hash(&userhash("alice", "realm")), Some("alice"));
     }
 }

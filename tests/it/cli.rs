@@ -14,13 +14,19 @@ fn no_arguments_answers_binding_on_3478() {
     let server = Server::start_with(&[]);
     assert_eq!(server.addr, "0.0.0.0:3478".parse().unwrap());
     assert!(
-        server.wait_for_log("--user NAME:PASSWORD", Duration::from_secs(5)).is_some(),
+        server
+            .wait_for_log("--user NAME:PASSWORD", Duration::from_secs(5))
+            .is_some(),
         "the banner says how to add a user"
     );
     let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
     sock.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
     let mut out = Vec::new();
-    MessageBuilder::new(&mut out, MessageType::new(Method::Binding, Class::Request), TransactionId([5; 12]));
+    MessageBuilder::new(
+        &mut out,
+        MessageType::new(Method::Binding, Class::Request),
+        TransactionId([5; 12]),
+    );
     sock.send_to(&out, "127.0.0.1:3478").unwrap();
     let mut buf = [0u8; 512];
     let (n, _) = sock.recv_from(&mut buf).expect("Binding response");

@@ -103,7 +103,10 @@ impl Client {
                 b.attribute(&Attribute::Realm(realm));
                 b.attribute(&Attribute::Nonce(nonce));
                 if self.algorithm == PasswordAlgorithm::Sha256 {
-                    b.attribute(&Attribute::PasswordAlgorithm { algorithm: 2, params: &[] });
+                    b.attribute(&Attribute::PasswordAlgorithm {
+                        algorithm: 2,
+                        params: &[],
+                    });
                     b.raw_attribute(kind::PASSWORD_ALGORITHMS, &self.offered);
                     b.message_integrity_sha256(key.as_bytes());
                 } else {
@@ -179,7 +182,10 @@ impl Client {
     }
 
     pub fn channel_bind(&mut self, channel: u16, peer: SocketAddr) -> Response {
-        self.request(Method::ChannelBind, &[Attribute::ChannelNumber(channel), Attribute::XorPeerAddress(peer)])
+        self.request(
+            Method::ChannelBind,
+            &[Attribute::ChannelNumber(channel), Attribute::XorPeerAddress(peer)],
+        )
     }
 
     pub fn send_channel_data(&self, channel: u16, payload: &[u8]) {

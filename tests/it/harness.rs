@@ -59,13 +59,19 @@ impl Server {
         });
         let mut addr = None;
         while addr.is_none() {
-            let line = rx.recv_timeout(Duration::from_secs(10)).expect("turnpike did not start");
+            let line = rx
+                .recv_timeout(Duration::from_secs(10))
+                .expect("turnpike did not start");
             if let Some(rest) = line.split("listening on udp ").nth(1) {
                 let first = rest.split([' ', ',']).next().unwrap();
                 addr = Some(first.parse().expect("listen address"));
             }
         }
-        Server { child, addr: addr.unwrap(), log: rx }
+        Server {
+            child,
+            addr: addr.unwrap(),
+            log: rx,
+        }
     }
 
     /// Waits up to `timeout` for a log line containing `needle`; returns it.
@@ -115,5 +121,8 @@ pub fn require(program: &str) {
         .output()
         .map(|o| o.status.success())
         .unwrap_or(false);
-    assert!(found, "{program} is not installed: run the README test command (scripts/test.sh) which installs it");
+    assert!(
+        found,
+        "{program} is not installed: run the README test command (scripts/test.sh) which installs it"
+    );
 }

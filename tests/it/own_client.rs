@@ -39,11 +39,17 @@ fn relay_round_trip(algorithm: PasswordAlgorithm) {
         assert_eq!(data, payload.as_bytes());
     }
     // Refresh with LIFETIME 0 deletes; ChannelData is then dropped.
-    let r = c.request(turnpike::proto::stun::Method::Refresh, &[turnpike::proto::stun::Attribute::Lifetime(0)]);
+    let r = c.request(
+        turnpike::proto::stun::Method::Refresh,
+        &[turnpike::proto::stun::Attribute::Lifetime(0)],
+    );
     assert_eq!(r.class(), Class::Success);
     c.send_channel_data(0x4001, b"after delete");
     peer.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
-    assert!(peer.recv_from(&mut buf).is_err(), "no relaying after the allocation is deleted");
+    assert!(
+        peer.recv_from(&mut buf).is_err(),
+        "no relaying after the allocation is deleted"
+    );
 }
 
 #[test]
@@ -60,17 +66,36 @@ fn md5_message_integrity_allocates_and_relays() {
 fn rest_api_credentials_with_rotated_secrets() {
     use turnpike::proto::auth::rest_api_password;
     let server = Server::start(&["--static-auth-secret", "next-secret"]);
-    let expiry = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() + 3600;
+    let expiry = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 3600;
     let user = format!("{expiry}:carol");
     for secret in [crate::harness::SECRET, "next-secret"] {
-        let mut c = Client::new(server.addr, &user, &rest_api_password(secret, &user), PasswordAlgorithm::Md5);
+        let mut c = Client::new(
+            server.addr,
+            &user,
+            &rest_api_password(secret, &user),
+            PasswordAlgorithm::Md5,
+        );
         let resp = c.allocate();
         assert_eq!(resp.class(), Class::Success, "secret {secret}: {:?}", resp.error_code());
     }
-    let mut bad = Client::new(server.addr, &user, &rest_api_password("wrong", &user), PasswordAlgorithm::Md5);
+    let mut bad = Client::new(
+        server.addr,
+        &user,
+        &rest_api_password("wrong", &user),
+        PasswordAlgorithm::Md5,
+    );
     assert_eq!(bad.allocate().error_code(), Some(401));
     let expired = format!("{}:carol", expiry - 7200);
-    let mut old = Client::new(server.addr, &expired, &rest_api_password(crate::harness::SECRET, &expired), PasswordAlgorithm::Md5);
+    let mut old = Client::new(
+        server.addr,
+        &expired,
+        &rest_api_password(crate::harness::SECRET, &expired),
+        PasswordAlgorithm::Md5,
+    );
     assert_eq!(old.allocate().error_code(), Some(401));
 }
 
@@ -79,22 +104,54 @@ fn rest_api_credentials_with_rotated_secrets() {
 /// tried on an IPv6 relay when the host has ::1).
 #[test]
 fn peer_policy_refuses_internal_spellings_with_403() {
-    let args: Vec<String> = ["--listen", "127.0.0.1:0", "--relay-ip", "127.0.0.1", "--user", "alice:wonderland"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+    let args: Vec<String> = [
+        "--listen",
+        "127.0.0.1:0",
+        "--relay-ip",
+        "127.0.0.1",
+        "--user",
+        "alice:wonderland",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
     let server = Server::start_with(&args);
     let mut c = Client::new(server.addr, USER, PASSWORD, PasswordAlgorithm::Md5);
     assert_eq!(c.allocate().class(), Class::Success);
-    for peer in ["127.0.0.1:5000", "0.0.0.0:5000", "169.254.169.254:80", "10.0.0.1:5000", "192.168.1.1:5000", "172.16.0.1:53", "100.64.0.1:1", "224.0.0.1:5000", "255.255.255.255:5000"] {
+    for peer in [
+        "127.0.0.1:5000",
+        "0.0.0.0:5000",
+        "169.254.169.254:80",
+        "10.0.0.1:5000",
+        "192.168.1.1:5000",
+        "172.16.0.1:53",
+        "100.64.0.1:1",
+        "224.0.0.1:5000",
+        "255.255.255.255:5000",
+    ] {
         let p: SocketAddr = peer.parse().unwrap();
-        assert_eq!(c.create_permission(p).error_code(), Some(403), "CreatePermission {peer}");
+        assert_eq!(
+            c.create_permission(p).error_code(),
+            Some(403),
+            "CreatePermission {peer}"
+        );
         assert_eq!(c.channel_bind(0x4000, p).error_code(), Some(403), "ChannelBind {peer}");
     }
     // An IPv6 spelling on an IPv4 allocation is a family mismatch (443), never a success.
-    for peer in ["[::ffff:127.0.0.1]:5000", "[::127.0.0.1]:5000", "[64:ff9b::7f00:1]:5000", "[2002:7f00:1::1]:5000", "[fe80::1]:5000", "[fd00::1]:5000"] {
+    for peer in [
+        "[::ffff:127.0.0.1]:5000",
+        "[::127.0.0.1]:5000",
+        "[64:ff9b::7f00:1]:5000",
+        "[2002:7f00:1::1]:5000",
+        "[fe80::1]:5000",
+        "[fd00::1]:5000",
+    ] {
         let p: SocketAddr = peer.parse().unwrap();
-        assert_eq!(c.create_permission(p).error_code(), Some(443), "CreatePermission {peer}");
+        assert_eq!(
+            c.create_permission(p).error_code(),
+            Some(443),
+            "CreatePermission {peer}"
+        );
     }
     // The server's own listening address is refused even when loopback is allowed.
     drop(c);
@@ -102,7 +159,10 @@ fn peer_policy_refuses_internal_spellings_with_403() {
     let mut c2 = Client::new(server2.addr, USER, PASSWORD, PasswordAlgorithm::Md5);
     assert_eq!(c2.allocate().class(), Class::Success);
     assert_eq!(c2.channel_bind(0x4000, server2.addr).error_code(), Some(403));
-    assert_eq!(c2.create_permission("127.0.0.1:5000".parse().unwrap()).class(), Class::Success);
+    assert_eq!(
+        c2.create_permission("127.0.0.1:5000".parse().unwrap()).class(),
+        Class::Success
+    );
 }
 
 /// IPv6 relay: the IPv4-in-IPv6 spellings are canonicalised and refused (needs ::1).
@@ -141,6 +201,10 @@ fn peer_policy_ipv6_spellings_on_ipv6_relay() {
         "[ff02::1]:5000",
     ] {
         let p: SocketAddr = peer.parse().unwrap();
-        assert_eq!(c.create_permission(p).error_code(), Some(403), "CreatePermission {peer}");
+        assert_eq!(
+            c.create_permission(p).error_code(),
+            Some(403),
+            "CreatePermission {peer}"
+        );
     }
 }

@@ -38,7 +38,13 @@ struct UclientReport {
 }
 
 fn parse_uclient(output: &str) -> UclientReport {
-    let mut r = UclientReport { sent: 0, received: 0, lost: u64::MAX, rtt_line: String::new(), output: output.into() };
+    let mut r = UclientReport {
+        sent: 0,
+        received: 0,
+        lost: u64::MAX,
+        rtt_line: String::new(),
+        output: output.into(),
+    };
     for line in output.lines() {
         if let Some(rest) = line.split("tot_send_msgs=").nth(1) {
             if !line.contains("msz=") {
@@ -64,14 +70,35 @@ fn uclient(mode: &[&str], credentials: &[&str]) -> UclientReport {
     let (_peer, peer_port) = start_peer();
     let port = server.addr.port().to_string();
     let peer_port = peer_port.to_string();
-    let mut args = vec!["-e", "127.0.0.1", "-r", &peer_port, "-p", &port, "-m", "10", "-n", "50", "-l", "120"];
+    let mut args = vec![
+        "-e",
+        "127.0.0.1",
+        "-r",
+        &peer_port,
+        "-p",
+        &port,
+        "-m",
+        "10",
+        "-n",
+        "50",
+        "-l",
+        "120",
+    ];
     args.extend_from_slice(mode);
     args.extend_from_slice(credentials);
     args.push("127.0.0.1");
-    let out = Command::new("timeout").arg("90").arg("turnutils_uclient").args(&args).output().expect("run uclient");
+    let out = Command::new("timeout")
+        .arg("90")
+        .arg("turnutils_uclient")
+        .args(&args)
+        .output()
+        .expect("run uclient");
     let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     let report = parse_uclient(&text);
-    eprintln!("uclient {mode:?}: sent {} received {} lost {} | {}", report.sent, report.received, report.lost, report.rtt_line);
+    eprintln!(
+        "uclient {mode:?}: sent {} received {} lost {} | {}",
+        report.sent, report.received, report.lost, report.rtt_line
+    );
     let stats = server.stop();
     eprintln!("turnpike: {}", stats.last().cloned().unwrap_or_default());
     report
@@ -107,7 +134,11 @@ fn uclient_rest_api_secret() {
 #[test]
 fn uclient_wrong_password_is_refused() {
     let r = uclient(&["-c"], &["-u", USER, "-w", "not-the-password"]);
-    assert_eq!(r.received, 0, "nothing may be relayed with a wrong password: {}", r.output);
+    assert_eq!(
+        r.received, 0,
+        "nothing may be relayed with a wrong password: {}",
+        r.output
+    );
 }
 
 #[test]
@@ -116,12 +147,24 @@ fn aioice_send_data_and_channel() {
     let server = Server::start(&[]);
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/clients/aioice_turn.py");
     let out = Command::new("timeout")
-        .args(["60", "python3", script, "127.0.0.1", &server.addr.port().to_string(), USER, PASSWORD, "50"])
+        .args([
+            "60",
+            "python3",
+            script,
+            "127.0.0.1",
+            &server.addr.port().to_string(),
+            USER,
+            PASSWORD,
+            "50",
+        ])
         .output()
         .expect("run python3");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     eprintln!("aioice: {stdout}");
-    assert!(out.status.success(), "aioice client failed:\nstdout: {stdout}\nstderr: {stderr}");
+    assert!(
+        out.status.success(),
+        "aioice client failed:\nstdout: {stdout}\nstderr: {stderr}"
+    );
     assert!(stdout.contains("\"via_data_indication\": 50") || stdout.contains("\"via_data_indication\": 5"));
 }

@@ -556,7 +556,10 @@ impl<'a> Attribute<'a> {
                 if v.len() != 4 + plen {
                     return Err(bad_len);
                 }
-                Attribute::PasswordAlgorithm { algorithm: u16::from_be_bytes([v[0], v[1]]), params: &v[4..] }
+                Attribute::PasswordAlgorithm {
+                    algorithm: u16::from_be_bytes([v[0], v[1]]),
+                    params: &v[4..],
+                }
             }
             UNKNOWN_ATTRIBUTES => {
                 if v.len() % 2 != 0 {
@@ -712,7 +715,11 @@ impl<'a> Attribute<'a> {
             Attribute::RequestedTransport(p) => out.extend_from_slice(&[p, 0, 0, 0]),
             Attribute::DontFragment | Attribute::UseCandidate => {}
             Attribute::ReservationToken(t) => out.extend_from_slice(&t),
-            Attribute::Icmp { icmp_type, icmp_code, data } => {
+            Attribute::Icmp {
+                icmp_type,
+                icmp_code,
+                data,
+            } => {
                 out.extend_from_slice(&[0, 0, icmp_type, icmp_code]);
                 out.extend_from_slice(&data.to_be_bytes());
             }

@@ -40,7 +40,10 @@ fn rfc5769_2_1_request() {
     assert_eq!(m.class(), Class::Request);
     assert_eq!(get(&m, kind::SOFTWARE), Attribute::Software("STUN test client"));
     assert_eq!(get(&m, kind::PRIORITY), Attribute::Priority(0x6e0001ff));
-    assert_eq!(get(&m, kind::ICE_CONTROLLED), Attribute::IceControlled(0x932ff9b151263b36));
+    assert_eq!(
+        get(&m, kind::ICE_CONTROLLED),
+        Attribute::IceControlled(0x932ff9b151263b36)
+    );
     assert_eq!(get(&m, kind::USERNAME), Attribute::Username("evtj:h6vY"));
     integrity::verify_message_integrity(&m, SHORT_TERM_PASSWORD).unwrap();
     integrity::verify_fingerprint(&m).unwrap();
@@ -99,17 +102,32 @@ fn rfc8489_b1_sha256() {
     assert_eq!(buf.len(), 164);
     let m = Message::decode(&buf).unwrap();
     let uh = integrity::userhash(MATRIX_USER, "example.org");
-    assert_eq!(uh.to_vec(), unhex("4a3cf38fef6992bda952c6780417da0f24819415569e60b205c46e41407f1704"));
+    assert_eq!(
+        uh.to_vec(),
+        unhex("4a3cf38fef6992bda952c6780417da0f24819415569e60b205c46e41407f1704")
+    );
     assert_eq!(get(&m, kind::USERHASH), Attribute::Userhash(&uh));
-    assert_eq!(get(&m, kind::NONCE), Attribute::Nonce("obMatJos2AAACf//499k954d6OL34oL9FSTvy64sA"));
-    assert_eq!(get(&m, kind::PASSWORD_ALGORITHM), Attribute::PasswordAlgorithm { algorithm: 2, params: &[] });
+    assert_eq!(
+        get(&m, kind::NONCE),
+        Attribute::Nonce("obMatJos2AAACf//499k954d6OL34oL9FSTvy64sA")
+    );
+    assert_eq!(
+        get(&m, kind::PASSWORD_ALGORITHM),
+        Attribute::PasswordAlgorithm {
+            algorithm: 2,
+            params: &[]
+        }
+    );
     let key = LongTermKey::derive(PasswordAlgorithm::Sha256, MATRIX_USER, "example.org", "TheMatrIX");
     assert_eq!(
         key.as_bytes(),
         unhex("dd295a613b9058c3c23d6dc7165bda072304d989c9d0af3a8c7e184b4f9bb4a1")
     );
     integrity::verify_message_integrity_sha256(&m, key.as_bytes()).unwrap();
-    assert_eq!(integrity::verify_message_integrity(&m, key.as_bytes()), Err(IntegrityError::Missing));
+    assert_eq!(
+        integrity::verify_message_integrity(&m, key.as_bytes()),
+        Err(IntegrityError::Missing)
+    );
 }
 
 /// Flipping any byte the MAC covers (everything before the MESSAGE-INTEGRITY value except
@@ -127,12 +145,12 @@ fn flipping_a_covered_byte_breaks_integrity() {
         for i in (0..off + 24).filter(|i| !(2..4).contains(i)) {
             let mut buf = orig.clone();
             buf[i] ^= 0x01;
-            match Message::decode(&buf) {
-                Ok(m) => assert!(
+            // A flip that breaks the framing is rejected by decode, which is fine too.
+            if let Ok(m) = Message::decode(&buf) {
+                assert!(
                     integrity::verify_message_integrity(&m, &key).is_err(),
                     "flip at {i} went unnoticed"
-                ),
-                Err(_) => {} // the flip broke the framing: rejected as well
+                );
             }
         }
     }
@@ -146,7 +164,10 @@ fn flipping_a_byte_breaks_sha256_integrity() {
         let mut buf = orig.clone();
         buf[i] ^= 0x80;
         if let Ok(m) = Message::decode(&buf) {
-            assert!(integrity::verify_message_integrity_sha256(&m, key.as_bytes()).is_err(), "flip at {i}");
+            assert!(
+                integrity::verify_message_integrity_sha256(&m, key.as_bytes()).is_err(),
+                "flip at {i}"
+            );
         }
     }
 }
@@ -177,7 +198,10 @@ fn attribute_after_integrity_is_ignored() {
     let m = Message::decode(&buf).unwrap();
     let key = unhex("e8ca7ad59d5eb0518e312911d2dab2a9");
     integrity::verify_message_integrity(&m, &key).unwrap();
-    assert!(m.get(kind::SOFTWARE).is_none(), "attribute after MI must not be visible");
+    assert!(
+        m.get(kind::SOFTWARE).is_none(),
+        "attribute after MI must not be visible"
+    );
 }
 
 #[test]
@@ -206,12 +230,23 @@ fn truncation_at_every_offset_is_a_clean_error() {
 #[test]
 fn short_message_integrity_is_a_mismatch_not_a_panic() {
     let mut out = Vec::new();
-    let mut b = MessageBuilder::new(&mut out, MessageType::new(Method::Allocate, Class::Request), TransactionId([2; 12]));
+    let mut b = MessageBuilder::new(
+        &mut out,
+        MessageType::new(Method::Allocate, Class::Request),
+        TransactionId([2; 12]),
+    );
     b.raw_attribute(kind::MESSAGE_INTEGRITY, &[0; 4]);
     let m = Message::decode(&out).unwrap();
-    assert_eq!(integrity::verify_message_integrity(&m, b"key"), Err(IntegrityError::Mismatch));
+    assert_eq!(
+        integrity::verify_message_integrity(&m, b"key"),
+        Err(IntegrityError::Mismatch)
+    );
     let mut out = Vec::new();
-    let mut b = MessageBuilder::new(&mut out, MessageType::new(Method::Allocate, Class::Request), TransactionId([2; 12]));
+    let mut b = MessageBuilder::new(
+        &mut out,
+        MessageType::new(Method::Allocate, Class::Request),
+        TransactionId([2; 12]),
+    );
     b.raw_attribute(kind::FINGERPRINT, &[0; 2]);
     let m = Message::decode(&out).unwrap();
     assert_eq!(integrity::verify_fingerprint(&m), Err(IntegrityError::Mismatch));
@@ -250,7 +285,11 @@ fn builder_reproduces_rfc5769_2_2() {
 fn builder_sha256_integrity_verifies() {
     let key = LongTermKey::derive(PasswordAlgorithm::Sha256, "alice", "turnpike", "secret");
     let mut out = Vec::new();
-    let mut b = MessageBuilder::new(&mut out, MessageType::new(Method::Allocate, Class::Request), TransactionId([3; 12]));
+    let mut b = MessageBuilder::new(
+        &mut out,
+        MessageType::new(Method::Allocate, Class::Request),
+        TransactionId([3; 12]),
+    );
     b.attribute(&Attribute::RequestedTransport(17));
     b.message_integrity_sha256(key.as_bytes());
     b.fingerprint();
@@ -267,7 +306,11 @@ fn builder_sha256_integrity_verifies() {
 #[test]
 fn rejects_attributes_after_fingerprint() {
     let mut out = Vec::new();
-    let mut b = MessageBuilder::new(&mut out, MessageType::new(Method::Binding, Class::Request), TransactionId([1; 12]));
+    let mut b = MessageBuilder::new(
+        &mut out,
+        MessageType::new(Method::Binding, Class::Request),
+        TransactionId([1; 12]),
+    );
     b.fingerprint();
     b.attribute(&Attribute::Software("x"));
     assert_eq!(Message::decode(&out).unwrap_err(), DecodeError::BadAttributeOrder);
@@ -276,7 +319,11 @@ fn rejects_attributes_after_fingerprint() {
 #[test]
 fn unknown_comprehension_required_are_reported() {
     let mut out = Vec::new();
-    let mut b = MessageBuilder::new(&mut out, MessageType::new(Method::Allocate, Class::Request), TransactionId([1; 12]));
+    let mut b = MessageBuilder::new(
+        &mut out,
+        MessageType::new(Method::Allocate, Class::Request),
+        TransactionId([1; 12]),
+    );
     b.raw_attribute(0x7777, b"abc");
     b.raw_attribute(0xC001, b"optional");
     b.attribute(&Attribute::Lifetime(5));
@@ -331,21 +378,23 @@ fn arb_owned() -> impl Strategy<Value = Owned> {
         arb_family(),
         arb_code(),
     )
-        .prop_map(|(variant, addr, text, bytes, hash, mi, (n32, n64, n16, n8, flag), family, code)| Owned {
-            variant,
-            addr,
-            text,
-            bytes,
-            hash,
-            mi,
-            n32,
-            n64,
-            n16,
-            n8,
-            flag,
-            family,
-            code,
-        })
+        .prop_map(
+            |(variant, addr, text, bytes, hash, mi, (n32, n64, n16, n8, flag), family, code)| Owned {
+                variant,
+                addr,
+                text,
+                bytes,
+                hash,
+                mi,
+                n32,
+                n64,
+                n16,
+                n8,
+                flag,
+                family,
+                code,
+            },
+        )
 }
 
 fn build<'a>(o: &'a Owned, pa_buf: &'a mut Vec<u8>) -> Attribute<'a> {
@@ -363,11 +412,17 @@ fn build<'a>(o: &'a Owned, pa_buf: &'a mut Vec<u8>) -> Attribute<'a> {
         3 => Attribute::Userhash(&o.hash),
         4 => Attribute::MessageIntegritySha256(&o.hash),
         5 => Attribute::Fingerprint(o.n32),
-        6 => Attribute::ErrorCode { code: o.code, reason: &o.text },
+        6 => Attribute::ErrorCode {
+            code: o.code,
+            reason: &o.text,
+        },
         7 => Attribute::Realm(&o.text),
         8 => Attribute::Nonce(&o.text),
         9 => Attribute::PasswordAlgorithms(password_algorithms(pa_buf).unwrap()),
-        10 => Attribute::PasswordAlgorithm { algorithm: o.n16, params: &o.bytes },
+        10 => Attribute::PasswordAlgorithm {
+            algorithm: o.n16,
+            params: &o.bytes,
+        },
         11 => Attribute::UnknownAttributes(&o.bytes[..o.bytes.len() / 2 * 2]),
         12 => Attribute::Software(&o.text),
         13 => Attribute::AlternateServer(o.addr),
@@ -383,8 +438,16 @@ fn build<'a>(o: &'a Owned, pa_buf: &'a mut Vec<u8>) -> Attribute<'a> {
         23 => Attribute::DontFragment,
         24 => Attribute::ReservationToken(o.n64.to_be_bytes()),
         25 => Attribute::AdditionalAddressFamily(o.family),
-        26 => Attribute::AddressErrorCode { family: o.family, code: o.code, reason: &o.text },
-        27 => Attribute::Icmp { icmp_type: o.n8, icmp_code: o.n16 as u8, data: o.n32 },
+        26 => Attribute::AddressErrorCode {
+            family: o.family,
+            code: o.code,
+            reason: &o.text,
+        },
+        27 => Attribute::Icmp {
+            icmp_type: o.n8,
+            icmp_code: o.n16 as u8,
+            data: o.n32,
+        },
         28 => Attribute::Priority(o.n32),
         29 => Attribute::UseCandidate,
         30 => Attribute::IceControlled(o.n64),
@@ -394,7 +457,10 @@ fn build<'a>(o: &'a Owned, pa_buf: &'a mut Vec<u8>) -> Attribute<'a> {
         34 => Attribute::OtherAddress(o.addr),
         35 => Attribute::ConnectionId(o.n32),
         36 => Attribute::MessageIntegrity(&o.mi),
-        _ => Attribute::Unknown { kind: 0xC000 | (o.n16 & 0x3FFF), value: &o.bytes },
+        _ => Attribute::Unknown {
+            kind: 0xC000 | (o.n16 & 0x3FFF),
+            value: &o.bytes,
+        },
     }
 }
 

@@ -91,7 +91,8 @@ impl<'b> MessageBuilder<'b> {
     /// Appends MESSAGE-INTEGRITY-SHA256: HMAC-SHA256 (32 bytes) keyed with `key` (RFC 8489 §14.6).
     pub fn message_integrity_sha256(&mut self, key: &[u8]) -> &mut Self {
         let start = self.out.len();
-        self.out.extend_from_slice(&kind::MESSAGE_INTEGRITY_SHA256.to_be_bytes());
+        self.out
+            .extend_from_slice(&kind::MESSAGE_INTEGRITY_SHA256.to_be_bytes());
         self.out.extend_from_slice(&32u16.to_be_bytes());
         let mac = integrity::hmac_sha256(key, self.out, start);
         self.out.extend_from_slice(&mac);

@@ -149,7 +149,8 @@ pub fn verify_message_integrity(msg: &Message<'_>, key: &[u8]) -> Result<(), Int
     }
     let mut mac = <Hmac<Sha1> as Mac>::new_from_slice(key).expect("HMAC takes any key length");
     covered(buf, off, 20, |b| mac.update(b));
-    mac.verify_slice(&buf[off + 4..off + 24]).map_err(|_| IntegrityError::Mismatch)
+    mac.verify_slice(&buf[off + 4..off + 24])
+        .map_err(|_| IntegrityError::Mismatch)
 }
 
 /// Verifies MESSAGE-INTEGRITY-SHA256 with `key`, in constant time; a value truncated to
@@ -166,7 +167,8 @@ pub fn verify_message_integrity_sha256(msg: &Message<'_>, key: &[u8]) -> Result<
     }
     let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(key).expect("HMAC takes any key length");
     covered(buf, off, len, |b| mac.update(b));
-    mac.verify_truncated_left(&buf[off + 4..off + 4 + len]).map_err(|_| IntegrityError::Mismatch)
+    mac.verify_truncated_left(&buf[off + 4..off + 4 + len])
+        .map_err(|_| IntegrityError::Mismatch)
 }
 
 /// Verifies FINGERPRINT.

@@ -231,7 +231,11 @@ impl<'a> Iterator for Attributes<'a> {
                 self.after_integrity_sha256 = true;
             }
             if visible {
-                return Some(RawAttribute { kind: k, value, offset: off });
+                return Some(RawAttribute {
+                    kind: k,
+                    value,
+                    offset: off,
+                });
             }
         }
         None

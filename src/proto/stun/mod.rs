@@ -146,7 +146,10 @@ impl MessageType {
             2 => Class::Success,
             _ => Class::Error,
         };
-        Some(MessageType { method: Method::from_number(m), class })
+        Some(MessageType {
+            method: Method::from_number(m),
+            class,
+        })
     }
 }
 
