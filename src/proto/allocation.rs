@@ -30,7 +30,11 @@ pub struct FiveTuple {
 impl FiveTuple {
     /// A UDP 5-tuple.
     pub fn udp(client: SocketAddr, server: SocketAddr) -> Self {
-        FiveTuple { client, server, transport: Transport::Udp }
+        FiveTuple {
+            client,
+            server,
+            transport: Transport::Udp,
+        }
     }
 }
 

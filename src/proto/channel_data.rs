@@ -77,7 +77,10 @@ impl<'a> ChannelData<'a> {
         if buf.len() - end > 3 {
             return Err(ChannelDataError::TrailingBytes);
         }
-        Ok(ChannelData { channel, payload: &buf[HEADER_LEN..end] })
+        Ok(ChannelData {
+            channel,
+            payload: &buf[HEADER_LEN..end],
+        })
     }
 
     /// The 4-byte header for `payload_len` bytes on `channel`.
@@ -109,9 +112,18 @@ mod tests {
         assert_eq!(ChannelData::decode(&padded).unwrap().payload, &[1, 2, 3]);
         let too_much = [0x40, 0x01, 0x00, 0x00, 0, 0, 0, 0];
         assert_eq!(ChannelData::decode(&too_much), Err(ChannelDataError::TrailingBytes));
-        assert_eq!(ChannelData::decode(&[0x40, 0x01, 0x00, 0x04, 1]), Err(ChannelDataError::Truncated));
-        assert_eq!(ChannelData::decode(&[0x80, 0x01, 0x00, 0x00]), Err(ChannelDataError::BadChannel));
-        assert_eq!(ChannelData::decode(&[0x40, 0x01, 0x00]), Err(ChannelDataError::Truncated));
+        assert_eq!(
+            ChannelData::decode(&[0x40, 0x01, 0x00, 0x04, 1]),
+            Err(ChannelDataError::Truncated)
+        );
+        assert_eq!(
+            ChannelData::decode(&[0x80, 0x01, 0x00, 0x00]),
+            Err(ChannelDataError::BadChannel)
+        );
+        assert_eq!(
+            ChannelData::decode(&[0x40, 0x01, 0x00]),
+            Err(ChannelDataError::Truncated)
+        );
         assert!(is_channel_data(&[0x7f]) && !is_channel_data(&[0x00]) && !is_channel_data(&[0x80]));
     }
 

@@ -58,9 +58,7 @@ const fn v4_net(a: u8, b: u8, c: u8, d: u8, prefix_len: u8) -> Cidr {
 /// Const constructor for the built-in tables; the caller guarantees a valid, masked input.
 const fn v6_net(s: [u16; 8], prefix_len: u8) -> Cidr {
     Cidr {
-        addr: IpAddr::V6(Ipv6Addr::new(
-            s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7],
-        )),
+        addr: IpAddr::V6(Ipv6Addr::new(s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7])),
         prefix_len,
     }
 }
@@ -119,12 +117,8 @@ impl Cidr {
     /// `::ffff:10.0.0.1` is not inside `10.0.0.0/8` (use [`canonicalize`] first if wanted).
     pub fn contains(&self, ip: IpAddr) -> bool {
         match (self.addr, ip) {
-            (IpAddr::V4(net), IpAddr::V4(ip)) => {
-                ip.to_bits() & mask_v4(self.prefix_len) == net.to_bits()
-            }
-            (IpAddr::V6(net), IpAddr::V6(ip)) => {
-                ip.to_bits() & mask_v6(self.prefix_len) == net.to_bits()
-            }
+            (IpAddr::V4(net), IpAddr::V4(ip)) => ip.to_bits() & mask_v4(self.prefix_len) == net.to_bits(),
+            (IpAddr::V6(net), IpAddr::V6(ip)) => ip.to_bits() & mask_v6(self.prefix_len) == net.to_bits(),
             _ => false,
         }
     }
@@ -151,9 +145,9 @@ impl FromStr for Cidr {
             Some((a, p)) => (a, Some(p)),
             None => (s, None),
         };
-        let addr: IpAddr = addr_str.parse().map_err(|_| CidrError::InvalidAddress {
-            input: s.to_owned(),
-        })?;
+        let addr: IpAddr = addr_str
+            .parse()
+            .map_err(|_| CidrError::InvalidAddress { input: s.to_owned() })?;
         let max: u8 = if addr.is_ipv4() { 32 } else { 128 };
         let prefix_len = match prefix_str {
             None => max,
@@ -163,14 +157,12 @@ impl FromStr for Cidr {
                     && p.bytes().all(|b| b.is_ascii_digit())
                     && !(p.len() > 1 && p.starts_with('0'));
                 if !well_formed {
-                    return Err(CidrError::InvalidPrefix {
-                        input: s.to_owned(),
-                    });
+                    return Err(CidrError::InvalidPrefix { input: s.to_owned() });
                 }
                 // At most three ASCII digits: always fits in u32.
-                let n: u32 = p.parse().map_err(|_| CidrError::InvalidPrefix {
-                    input: s.to_owned(),
-                })?;
+                let n: u32 = p
+                    .parse()
+                    .map_err(|_| CidrError::InvalidPrefix { input: s.to_owned() })?;
                 if n > u32::from(max) {
                     return Err(CidrError::PrefixTooLong {
                         input: s.to_owned(),
@@ -227,14 +219,9 @@ impl fmt::Display for CidrError {
                 f,
                 "invalid CIDR {input:?}: prefix length must be a decimal number without leading zeros"
             ),
-            CidrError::PrefixTooLong {
-                input,
-                prefix_len,
-                max,
-            } => write!(
-                f,
-                "invalid CIDR {input:?}: prefix length {prefix_len} exceeds {max}"
-            ),
+            CidrError::PrefixTooLong { input, prefix_len, max } => {
+                write!(f, "invalid CIDR {input:?}: prefix length {prefix_len} exceeds {max}")
+            }
         }
     }
 }
@@ -324,14 +311,10 @@ pub enum PeerDenied {
 impl fmt::Display for PeerDenied {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
-            PeerDenied::SpecialPurpose => {
-                "peer address is in a special-purpose range denied by default"
-            }
+            PeerDenied::SpecialPurpose => "peer address is in a special-purpose range denied by default",
             PeerDenied::OwnAddress => "peer address is one of the server's own addresses",
             PeerDenied::OperatorDenied => "peer address is in an operator-denied range",
-            PeerDenied::OwnListener => {
-                "peer transport address is one of the server's own listeners"
-            }
+            PeerDenied::OwnListener => "peer transport address is one of the server's own listeners",
         })
     }
 }
@@ -592,8 +575,7 @@ impl PeerPolicy {
     /// Whether the peer is one of our own IPs (canonical IPv4 or original IPv6).
     #[inline]
     fn is_own(&self, f: PeerForms) -> bool {
-        f.v4.is_some_and(|v4| self.own_v4.contains(&v4))
-            || f.v6.is_some_and(|v6| self.own_v6.contains(&v6))
+        f.v4.is_some_and(|v4| self.own_v4.contains(&v4)) || f.v6.is_some_and(|v6| self.own_v6.contains(&v6))
     }
 
     /// The [`PeerDenied::OwnListener`] check.
@@ -726,10 +708,7 @@ mod tests {
             .map(|c| c.to_string())
             .collect();
         assert_eq!(got, EXPECTED_DEFAULTS);
-        for (c, s) in PeerPolicy::default_denied_ranges()
-            .iter()
-            .zip(EXPECTED_DEFAULTS)
-        {
+        for (c, s) in PeerPolicy::default_denied_ranges().iter().zip(EXPECTED_DEFAULTS) {
             // Built-in entries are already masked, i.e. equal to the parsed form.
             assert_eq!(*c, cidr(s));
         }
@@ -780,11 +759,7 @@ mod tests {
             "::ffff:169.254.169.254",
             "::ffff:255.255.255.255",
         ] {
-            assert_eq!(
-                check(&p, s),
-                Err(PeerDenied::SpecialPurpose),
-                "{s} must be refused"
-            );
+            assert_eq!(check(&p, s), Err(PeerDenied::SpecialPurpose), "{s} must be refused");
         }
     }
 
@@ -922,13 +897,7 @@ mod tests {
     #[test]
     fn public_addresses_allowed() {
         let p = PeerPolicy::default();
-        for s in [
-            "8.8.8.8",
-            "1.1.1.1",
-            "2606:4700::1111",
-            "::ffff:8.8.8.8",
-            "::8.8.8.8",
-        ] {
+        for s in ["8.8.8.8", "1.1.1.1", "2606:4700::1111", "::ffff:8.8.8.8", "::8.8.8.8"] {
             assert_eq!(check(&p, s), Ok(()), "{s} must be allowed");
         }
     }
@@ -982,40 +951,21 @@ mod tests {
         let p = PeerPolicy::new(vec![cidr("64:ff9b::/96")], vec![], vec![], vec![]);
         assert_eq!(check(&p, "64:ff9b::808:808"), Ok(()));
         // Operator-denied still beats it, matched on the canonical form too.
-        let p = PeerPolicy::new(
-            vec![cidr("64:ff9b::/96")],
-            vec![cidr("127.0.0.0/8")],
-            vec![],
-            vec![],
-        );
-        assert_eq!(
-            check(&p, "64:ff9b::7f00:1"),
-            Err(PeerDenied::OperatorDenied)
-        );
+        let p = PeerPolicy::new(vec![cidr("64:ff9b::/96")], vec![cidr("127.0.0.0/8")], vec![], vec![]);
+        assert_eq!(check(&p, "64:ff9b::7f00:1"), Err(PeerDenied::OperatorDenied));
     }
 
     #[test]
     fn operator_denied_beats_allowed() {
-        let p = PeerPolicy::new(
-            vec![cidr("0.0.0.0/0")],
-            vec![cidr("8.8.8.0/24")],
-            vec![],
-            vec![],
-        );
+        let p = PeerPolicy::new(vec![cidr("0.0.0.0/0")], vec![cidr("8.8.8.0/24")], vec![], vec![]);
         assert_eq!(check(&p, "8.8.8.8"), Err(PeerDenied::OperatorDenied));
         assert_eq!(check(&p, "::ffff:8.8.8.8"), Err(PeerDenied::OperatorDenied));
-        assert_eq!(
-            check(&p, "2002:808:808::1"),
-            Err(PeerDenied::OperatorDenied)
-        );
+        assert_eq!(check(&p, "2002:808:808::1"), Err(PeerDenied::OperatorDenied));
         assert_eq!(check(&p, "8.8.4.4"), Ok(()));
         assert_eq!(check(&p, "10.0.0.1"), Ok(()));
         // Default policy plus a denied public range.
         let p = PeerPolicy::new(vec![], vec![cidr("2606:4700::/32")], vec![], vec![]);
-        assert_eq!(
-            check(&p, "2606:4700::1111"),
-            Err(PeerDenied::OperatorDenied)
-        );
+        assert_eq!(check(&p, "2606:4700::1111"), Err(PeerDenied::OperatorDenied));
         assert_eq!(check(&p, "2606:4800::1"), Ok(()));
     }
 
@@ -1041,17 +991,9 @@ mod tests {
 
     #[test]
     fn own_listener() {
-        let p = PeerPolicy::new(
-            vec![cidr("127.0.0.0/8")],
-            vec![],
-            vec![],
-            vec![sa("127.0.0.1", 3478)],
-        );
+        let p = PeerPolicy::new(vec![cidr("127.0.0.0/8")], vec![], vec![], vec![sa("127.0.0.1", 3478)]);
         assert_eq!(p.check(sa("127.0.0.1", 3478)), Err(PeerDenied::OwnListener));
-        assert_eq!(
-            p.check(sa("::ffff:127.0.0.1", 3478)),
-            Err(PeerDenied::OwnListener)
-        );
+        assert_eq!(p.check(sa("::ffff:127.0.0.1", 3478)), Err(PeerDenied::OwnListener));
         assert_eq!(p.check(sa("127.0.0.1", 3479)), Ok(()));
         assert_eq!(p.check(sa("127.0.0.2", 3478)), Ok(()));
 
@@ -1065,14 +1007,8 @@ mod tests {
         assert_eq!(p.check(sa("0.0.0.0", 3478)), Err(PeerDenied::OwnListener));
         assert_eq!(p.check(sa("::1", 3478)), Err(PeerDenied::OwnListener));
         assert_eq!(p.check(sa("::", 3478)), Err(PeerDenied::OwnListener));
-        assert_eq!(
-            p.check(sa("198.51.100.9", 3478)),
-            Err(PeerDenied::OwnListener)
-        );
-        assert_eq!(
-            p.check(sa("::ffff:127.0.0.5", 3478)),
-            Err(PeerDenied::OwnListener)
-        );
+        assert_eq!(p.check(sa("198.51.100.9", 3478)), Err(PeerDenied::OwnListener));
+        assert_eq!(p.check(sa("::ffff:127.0.0.5", 3478)), Err(PeerDenied::OwnListener));
         assert_eq!(p.check(sa("127.0.0.5", 3479)), Ok(()));
         assert_eq!(p.check(sa("8.8.8.8", 3478)), Ok(()));
         assert_eq!(p.check(sa("198.51.100.9", 3479)), Ok(()));
@@ -1084,10 +1020,7 @@ mod tests {
 
         // Specific IPv6 listener.
         let p = PeerPolicy::new(vec![], vec![], vec![], vec![sa("2606:4700::1", 3478)]);
-        assert_eq!(
-            p.check(sa("2606:4700::1", 3478)),
-            Err(PeerDenied::OwnListener)
-        );
+        assert_eq!(p.check(sa("2606:4700::1", 3478)), Err(PeerDenied::OwnListener));
         assert_eq!(p.check(sa("2606:4700::1", 3479)), Ok(()));
     }
 
@@ -1124,10 +1057,7 @@ mod tests {
         assert_eq!(cidr("10.1.2.3/8"), cidr("10.0.0.0/8"));
         assert_eq!(cidr("fe80::1234/10").addr(), ip("fe80::"));
         assert_eq!(cidr("1.2.3.4/0").addr(), ip("0.0.0.0"));
-        assert_eq!(
-            Cidr::new(ip("192.168.77.1"), 16).unwrap().to_string(),
-            "192.168.0.0/16"
-        );
+        assert_eq!(Cidr::new(ip("192.168.77.1"), 16).unwrap().to_string(), "192.168.0.0/16");
         assert_eq!(cidr("1.2.3.0/24").addr(), ip("1.2.3.0"));
     }
 
@@ -1183,10 +1113,7 @@ mod tests {
         ));
         assert!(matches!(
             "::/999".parse::<Cidr>(),
-            Err(CidrError::PrefixTooLong {
-                prefix_len: 999,
-                ..
-            })
+            Err(CidrError::PrefixTooLong { prefix_len: 999, .. })
         ));
         assert_eq!(
             "1.2.3.4/33".parse::<Cidr>().unwrap_err().to_string(),

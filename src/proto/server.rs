@@ -231,6 +231,14 @@ struct Auth {
     mac: Mac,
 }
 
+/// What an Allocate success response reports (RFC 8656 §7.2).
+struct Grant {
+    relayed: SocketAddr,
+    lifetime: Duration,
+    refused_family: Option<AddressFamily>,
+    token: Option<[u8; 8]>,
+}
+
 /// How to answer one request: the request's identity plus the integrity to apply.
 struct Reply<'r> {
     method: Method,
@@ -354,7 +362,11 @@ impl Server {
         if !alloc.has_permission(binding.peer.ip(), now) {
             return ClientAction::Drop(DropReason::NoPermission);
         }
-        ClientAction::Relay { relayed: alloc.relayed, peer: binding.peer, payload: cd.payload }
+        ClientAction::Relay {
+            relayed: alloc.relayed,
+            peer: binding.peer,
+            payload: cd.payload,
+        }
     }
 
     fn send_indication<'a>(&self, now: Instant, ft: FiveTuple, msg: &Message<'a>) -> ClientAction<'a> {
@@ -375,7 +387,11 @@ impl Server {
         if !alloc.has_permission(peer.ip(), now) {
             return ClientAction::Drop(DropReason::NoPermission);
         }
-        ClientAction::Relay { relayed: alloc.relayed, peer, payload }
+        ClientAction::Relay {
+            relayed: alloc.relayed,
+            peer,
+            payload,
+        }
     }
 
     fn handle_request<'a>(
@@ -402,6 +418,11 @@ impl Server {
                 ClientAction::Respond
             }
             Method::Allocate | Method::Refresh | Method::CreatePermission | Method::ChannelBind => {
+                // An expired allocation is gone even before `handle_timeout` has run, as for
+                // Send, ChannelData and peer data: no Refresh may revive it (RFC 8656 §8).
+                if self.allocations.get(&ft).is_some_and(|a| a.expires <= now) {
+                    self.remove_allocation(ft);
+                }
                 let auth = match self.authenticate(now, ft, msg, &reply, out) {
                     Ok(a) => a,
                     Err(()) => return ClientAction::Respond,
@@ -478,7 +499,9 @@ impl Server {
             error_code(b, code);
             b.attribute(&Attribute::Realm(&self.config.realm));
             b.attribute(&Attribute::Nonce(&nonce));
-            b.attribute(&Attribute::PasswordAlgorithms(password_algorithms(&algs).expect("valid list")));
+            b.attribute(&Attribute::PasswordAlgorithms(
+                password_algorithms(&algs).expect("valid list"),
+            ));
         });
     }
 
@@ -504,6 +527,16 @@ impl Server {
             self.error(out, reply, ErrorCode::BAD_REQUEST);
             Err(())
         };
+        // A MESSAGE-INTEGRITY that is not 20 bytes is malformed (RFC 8489 §14.5); refusing
+        // it here keeps `verify_message_integrity` from slicing past the end of the message.
+        if mac == Mac::Sha1
+            && !matches!(
+                msg.get(kind::MESSAGE_INTEGRITY),
+                Some(Ok(Attribute::MessageIntegrity(_)))
+            )
+        {
+            return bad_request(out);
+        }
         let realm = match msg.get(kind::REALM) {
             Some(Ok(Attribute::Realm(r))) => r,
             _ => return bad_request(out),
@@ -528,7 +561,10 @@ impl Server {
         // (downgrade protection, RFC 8489 §9.2.4 bullet 5); neither means MD5.
         let algorithm = match (msg.get(kind::PASSWORD_ALGORITHM), msg.get(kind::PASSWORD_ALGORITHMS)) {
             (None, None) => PasswordAlgorithm::Md5,
-            (Some(Ok(Attribute::PasswordAlgorithm { algorithm, .. })), Some(Ok(Attribute::PasswordAlgorithms(list)))) => {
+            (
+                Some(Ok(Attribute::PasswordAlgorithm { algorithm, .. })),
+                Some(Ok(Attribute::PasswordAlgorithms(list))),
+            ) => {
                 let offered = [PasswordAlgorithm::Md5.to_u16(), PasswordAlgorithm::Sha256.to_u16()];
                 if !list.iter().map(|(a, _)| a).eq(offered.iter().copied()) {
                     return bad_request(out);
@@ -552,10 +588,17 @@ impl Server {
                     Mac::Sha1 => integrity::verify_message_integrity(msg, key.as_bytes()).is_ok(),
                     Mac::Sha256 => integrity::verify_message_integrity_sha256(msg, key.as_bytes()).is_ok(),
                 })
-                .map(|key| Authenticated { username: user.to_string(), key })
+                .map(|key| Authenticated {
+                    username: user.to_string(),
+                    key,
+                })
         });
         match found {
-            Some(a) => Ok(Auth { username: a.username, key: a.key, mac }),
+            Some(a) => Ok(Auth {
+                username: a.username,
+                key: a.key,
+                mac,
+            }),
             None => {
                 self.challenge(now, ft, reply, ErrorCode::UNAUTHENTICATED, out);
                 Err(())
@@ -588,7 +631,13 @@ impl Server {
             if alloc.allocate_tid == reply.tid && alloc.username == auth.username {
                 // A retransmission of the Allocate that created it: same answer (RFC 8656 §7.2).
                 let (relayed, remaining) = (alloc.relayed, alloc.expires.saturating_duration_since(now));
-                self.allocate_success(out, reply, ft, relayed, remaining, None, None);
+                let grant = Grant {
+                    relayed,
+                    lifetime: remaining,
+                    refused_family: None,
+                    token: None,
+                };
+                self.allocate_success(out, reply, ft, grant);
             } else {
                 self.error(out, reply, ErrorCode::ALLOCATION_MISMATCH);
             }
@@ -677,24 +726,15 @@ impl Server {
         Ok(())
     }
 
-    fn allocate_success(
-        &self,
-        out: &mut Vec<u8>,
-        reply: &Reply<'_>,
-        ft: FiveTuple,
-        relayed: SocketAddr,
-        lifetime: Duration,
-        refused_family: Option<AddressFamily>,
-        token: Option<[u8; 8]>,
-    ) {
+    fn allocate_success(&self, out: &mut Vec<u8>, reply: &Reply<'_>, ft: FiveTuple, grant: Grant) {
         self.respond(out, reply, Class::Success, |b| {
-            b.attribute(&Attribute::XorRelayedAddress(relayed));
-            b.attribute(&Attribute::Lifetime(lifetime.as_secs() as u32));
+            b.attribute(&Attribute::XorRelayedAddress(grant.relayed));
+            b.attribute(&Attribute::Lifetime(grant.lifetime.as_secs() as u32));
             b.attribute(&Attribute::XorMappedAddress(ft.client));
-            if let Some(t) = token {
+            if let Some(t) = grant.token {
                 b.attribute(&Attribute::ReservationToken(t));
             }
-            if let Some(family) = refused_family {
+            if let Some(family) = grant.refused_family {
                 b.attribute(&Attribute::AddressErrorCode {
                     family,
                     code: ErrorCode::ADDRESS_FAMILY_NOT_SUPPORTED,
@@ -738,7 +778,13 @@ impl Server {
         if let Some(existing) = self.allocations.get(&ft) {
             if existing.allocate_tid == request.tid {
                 let (r, remaining) = (existing.relayed, existing.expires.saturating_duration_since(now));
-                self.allocate_success(out, &reply, ft, r, remaining, request.additional_family_refused, None);
+                let grant = Grant {
+                    relayed: r,
+                    lifetime: remaining,
+                    refused_family: request.additional_family_refused,
+                    token: None,
+                };
+                self.allocate_success(out, &reply, ft, grant);
             } else {
                 self.error(out, &reply, ErrorCode::ALLOCATION_MISMATCH);
             }
@@ -749,15 +795,13 @@ impl Server {
             return Some(relayed);
         }
         let expires = now + request.lifetime;
-        self.allocate_success(
-            out,
-            &reply,
-            ft,
+        let grant = Grant {
             relayed,
-            request.lifetime,
-            request.additional_family_refused,
-            request.granted_token,
-        );
+            lifetime: request.lifetime,
+            refused_family: request.additional_family_refused,
+            token: request.granted_token,
+        };
+        self.allocate_success(out, &reply, ft, grant);
         *self.per_user.entry(request.auth.username.clone()).or_insert(0) += 1;
         self.by_relay.insert(relayed, ft);
         self.allocations.insert(
@@ -868,7 +912,11 @@ impl Server {
                 Ok(Attribute::XorPeerAddress(peer)) => {
                     // Ports do not matter for permissions (RFC 8656 §9); check with the
                     // given port, or a neutral one when the client sent 0.
-                    let probe = if peer.port() == 0 { SocketAddr::new(peer.ip(), 9) } else { peer };
+                    let probe = if peer.port() == 0 {
+                        SocketAddr::new(peer.ip(), 9)
+                    } else {
+                        peer
+                    };
                     if let Err(code) = self.check_peer(relayed, probe) {
                         failure.get_or_insert(code);
                     }
@@ -911,7 +959,11 @@ impl Server {
         reply: &Reply<'_>,
         out: &mut Vec<u8>,
     ) -> ClientAction<'a> {
-        let max_channel = if self.config.strict_channel_numbers { MAX_CHANNEL_STRICT } else { MAX_CHANNEL_RFC5766 };
+        let max_channel = if self.config.strict_channel_numbers {
+            MAX_CHANNEL_STRICT
+        } else {
+            MAX_CHANNEL_RFC5766
+        };
         let (channel, peer) = match (msg.get(kind::CHANNEL_NUMBER), msg.get(kind::XOR_PEER_ADDRESS)) {
             (Some(Ok(Attribute::ChannelNumber(c))), Some(Ok(Attribute::XorPeerAddress(p))))
                 if (MIN_CHANNEL..=max_channel).contains(&c) =>
@@ -931,7 +983,10 @@ impl Server {
             self.error(out, reply, code);
             return ClientAction::Respond;
         }
-        let (max_ch, max_perm) = (self.config.max_channels_per_allocation, self.config.max_permissions_per_allocation);
+        let (max_ch, max_perm) = (
+            self.config.max_channels_per_allocation,
+            self.config.max_permissions_per_allocation,
+        );
         let (ch_life, perm_life) = (self.config.channel_lifetime, self.config.permission_lifetime);
         let alloc = self.allocations.get_mut(&ft).expect("checked above");
         alloc.purge(now);
@@ -946,7 +1001,13 @@ impl Server {
         } else if over {
             Some(ErrorCode::INSUFFICIENT_CAPACITY)
         } else {
-            alloc.channels.insert(channel, ChannelBinding { peer, expires: now + ch_life });
+            alloc.channels.insert(
+                channel,
+                ChannelBinding {
+                    peer,
+                    expires: now + ch_life,
+                },
+            );
             alloc.channel_by_peer.insert(peer, channel);
             alloc.permissions.insert(peer.ip(), now + perm_life);
             None
@@ -977,7 +1038,10 @@ impl Server {
         if !alloc.has_permission(peer.ip(), now) {
             return PeerAction::Drop(DropReason::NoPermission);
         }
-        PeerAction::Forward { five_tuple: *ft, channel: alloc.channel_for_peer(peer, now) }
+        PeerAction::Forward {
+            five_tuple: *ft,
+            channel: alloc.channel_for_peer(peer, now),
+        }
     }
 
     /// Writes a Data indication carrying `payload` from `peer` into `out` (RFC 8656 §11.3),
@@ -1022,7 +1086,10 @@ impl Server {
                     self.per_user.remove(&alloc.username);
                 }
             }
-            self.events.push_back(Event::AllocationClosed { five_tuple: ft, relayed: alloc.relayed });
+            self.events.push_back(Event::AllocationClosed {
+                five_tuple: ft,
+                relayed: alloc.relayed,
+            });
         }
     }
 
@@ -1038,7 +1105,9 @@ impl Server {
                 break;
             }
             self.timers.pop();
-            let Some(alloc) = self.allocations.get_mut(&ft) else { continue };
+            let Some(alloc) = self.allocations.get_mut(&ft) else {
+                continue;
+            };
             if alloc.timer != t {
                 continue; // superseded by a later schedule
             }
@@ -1059,5 +1128,12 @@ impl Server {
 }
 
 fn error_code(b: &mut MessageBuilder, code: ErrorCode) {
-    b.attribute(&Attribute::ErrorCode { code, reason: code.reason() });
+    b.attribute(&Attribute::ErrorCode {
+        code,
+        reason: code.reason(),
+    });
 }
+
+#[cfg(test)]
+#[path = "server_tests.rs"]
+mod tests;

@@ -1,0 +1,2584 @@
+//! Unit tests for the sans-IO TURN server, driven the way the shell drives it: bytes and a
+//! virtual `Instant` in, actions and bytes out. Nothing sleeps; time is `t0 + n seconds`.
+//!
+//! A small test client encodes real requests (with the 401 -> credentials flow, MD5 or
+//! SHA-256 long-term keys, MESSAGE-INTEGRITY or MESSAGE-INTEGRITY-SHA256, FINGERPRINT) and
+//! checks the integrity of every authenticated response with the same key.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use proptest::prelude::*;
+
+use super::{AllocateRequest, ClientAction, DropReason, Event, PeerAction, RelayError, Server, ServerConfig};
+use crate::proto::allocation::FiveTuple;
+use crate::proto::auth::{self, Credentials, NONCE_COOKIE};
+use crate::proto::channel_data::ChannelData;
+use crate::proto::peer_policy::PeerPolicy;
+use crate::proto::stun::attribute::{kind, password_algorithms};
+use crate::proto::stun::integrity::{self, IntegrityError, LongTermKey};
+use crate::proto::stun::{
+    AddressFamily, Attribute, Class, Message, MessageBuilder, MessageType, Method, PasswordAlgorithm, TransactionId,
+};
+
+const REALM: &str = "turnpike";
+const UNIX_NOW: u64 = 1_700_000_000;
+const SECRET: [u8; 32] = [7; 32];
+const SERVER_ADDR: &str = "192.0.2.9:3478";
+
+/// Public peers, allowed by `PeerPolicy::default()`.
+const P1: &str = "8.8.8.8:4000";
+const P2: &str = "1.1.1.1:5000";
+const P3: &str = "9.9.9.9:6000";
+
+fn sa(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+fn five_tuple(client: &str) -> FiveTuple {
+    FiveTuple::udp(sa(client), sa(SERVER_ADDR))
+}
+
+/// A made-up relayed transport address (192.0.2.0/24 is refused as a peer, fine as a relay).
+fn relay(n: u16) -> SocketAddr {
+    SocketAddr::new("192.0.2.200".parse().unwrap(), 50_000 + n)
+}
+
+fn fresh_tid() -> TransactionId {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let mut t = [0xA5u8; 12];
+    t[4..].copy_from_slice(&n.to_be_bytes());
+    TransactionId(t)
+}
+
+/// Encodes one STUN message.
+fn build(method: Method, class: Class, tid: TransactionId, fill: impl FnOnce(&mut MessageBuilder<'_>)) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut b = MessageBuilder::new(&mut out, MessageType::new(method, class), tid);
+    fill(&mut b);
+    out
+}
+
+fn algorithms_value(algs: &[u16]) -> Vec<u8> {
+    let mut v = Vec::new();
+    for a in algs {
+        v.extend_from_slice(&a.to_be_bytes());
+        v.extend_from_slice(&[0, 0]);
+    }
+    v
+}
+
+fn send_indication(peer: SocketAddr, payload: &[u8]) -> Vec<u8> {
+    build(Method::Send, Class::Indication, fresh_tid(), |b| {
+        b.attribute(&Attribute::XorPeerAddress(peer));
+        b.attribute(&Attribute::Data(payload));
+    })
+}
+
+fn channel_data(channel: u16, payload: &[u8]) -> Vec<u8> {
+    let mut v = Vec::new();
+    ChannelData { channel, payload }.encode(&mut v);
+    v
+}
+
+fn decode(resp: &[u8]) -> Message<'_> {
+    Message::decode(resp).expect("the response decodes")
+}
+
+fn get<'a>(m: &Message<'a>, k: u16) -> Attribute<'a> {
+    m.get(k)
+        .unwrap_or_else(|| panic!("attribute 0x{k:04x} present"))
+        .expect("attribute valid")
+}
+
+fn err_code(resp: &[u8]) -> Option<u16> {
+    match decode(resp).get(kind::ERROR_CODE) {
+        None => None,
+        Some(Ok(Attribute::ErrorCode { code, .. })) => Some(code.0),
+        Some(other) => panic!("bad ERROR-CODE {other:?}"),
+    }
+}
+
+#[track_caller]
+fn assert_success(resp: &[u8], method: Method) {
+    let m = decode(resp);
+    assert_eq!(
+        (m.method(), m.class(), err_code(resp)),
+        (method, Class::Success, None),
+        "expected a {method:?} success"
+    );
+}
+
+#[track_caller]
+fn assert_error(resp: &[u8], method: Method, code: u16) {
+    let m = decode(resp);
+    assert_eq!(
+        (m.method(), m.class(), err_code(resp)),
+        (method, Class::Error, Some(code))
+    );
+}
+
+fn nonce_of(resp: &[u8]) -> String {
+    match get(&decode(resp), kind::NONCE) {
+        Attribute::Nonce(n) => n.to_string(),
+        a => panic!("{a:?}"),
+    }
+}
+
+fn lifetime_of(resp: &[u8]) -> u32 {
+    match get(&decode(resp), kind::LIFETIME) {
+        Attribute::Lifetime(s) => s,
+        a => panic!("{a:?}"),
+    }
+}
+
+fn relayed_of(resp: &[u8]) -> SocketAddr {
+    match get(&decode(resp), kind::XOR_RELAYED_ADDRESS) {
+        Attribute::XorRelayedAddress(a) => a,
+        a => panic!("{a:?}"),
+    }
+}
+
+fn unknown_attributes_of(resp: &[u8]) -> Vec<u16> {
+    match get(&decode(resp), kind::UNKNOWN_ATTRIBUTES) {
+        Attribute::UnknownAttributes(v) => v.chunks(2).map(|c| u16::from_be_bytes([c[0], c[1]])).collect(),
+        a => panic!("{a:?}"),
+    }
+}
+
+fn has(resp: &[u8], k: u16) -> bool {
+    decode(resp).raw(k).is_some()
+}
+
+/// A client datagram's outcome, owned (the server's actions borrow the input).
+#[derive(Debug)]
+enum Outcome {
+    Respond(Vec<u8>),
+    Allocate(AllocateRequest),
+    Relay {
+        relayed: SocketAddr,
+        peer: SocketAddr,
+        payload: Vec<u8>,
+    },
+    Drop(DropReason),
+    Nothing,
+}
+
+impl Outcome {
+    #[track_caller]
+    fn response(self) -> Vec<u8> {
+        match self {
+            Outcome::Respond(r) => r,
+            other => panic!("expected a response, got {other:?}"),
+        }
+    }
+
+    #[track_caller]
+    fn allocate(self) -> AllocateRequest {
+        match self {
+            Outcome::Allocate(r) => r,
+            Outcome::Respond(r) => {
+                panic!("expected Allocate, got response with {:?}", err_code(&r))
+            }
+            other => panic!("expected Allocate, got {other:?}"),
+        }
+    }
+}
+
+/// The test client: one 5-tuple, one set of long-term credentials.
+#[derive(Debug, Clone)]
+struct Client {
+    ft: FiveTuple,
+    username: String,
+    password: String,
+    realm: String,
+    /// The algorithm the key is derived with.
+    key_alg: PasswordAlgorithm,
+    /// MESSAGE-INTEGRITY-SHA256 instead of MESSAGE-INTEGRITY.
+    mi_sha256: bool,
+    /// PASSWORD-ALGORITHM to send, if any.
+    password_algorithm: Option<u16>,
+    /// PASSWORD-ALGORITHMS to send, if any.
+    password_algorithms: Option<Vec<u16>>,
+    send_username: bool,
+    send_realm: bool,
+    send_nonce: bool,
+    fingerprint: bool,
+    nonce: Option<String>,
+}
+
+impl Client {
+    fn new(client: &str, username: &str, password: &str) -> Self {
+        Client {
+            ft: five_tuple(client),
+            username: username.into(),
+            password: password.into(),
+            realm: REALM.into(),
+            key_alg: PasswordAlgorithm::Md5,
+            mi_sha256: false,
+            password_algorithm: None,
+            password_algorithms: None,
+            send_username: true,
+            send_realm: true,
+            send_nonce: true,
+            fingerprint: true,
+            nonce: None,
+        }
+    }
+
+    fn alice() -> Self {
+        Client::new("203.0.113.10:40000", "alice", "alice-pw")
+    }
+
+    fn bob() -> Self {
+        Client::new("203.0.113.20:40000", "bob", "bob-pw")
+    }
+
+    /// SHA-256 key, MESSAGE-INTEGRITY-SHA256, PASSWORD-ALGORITHM 2 and the offered list.
+    fn sha256(mut self) -> Self {
+        self.key_alg = PasswordAlgorithm::Sha256;
+        self.mi_sha256 = true;
+        self.password_algorithm = Some(2);
+        self.password_algorithms = Some(vec![1, 2]);
+        self
+    }
+
+    fn key(&self) -> LongTermKey {
+        LongTermKey::derive(self.key_alg, &self.username, &self.realm, &self.password)
+    }
+
+    fn unauthenticated(&self, method: Method, tid: TransactionId, attrs: &[Attribute<'_>]) -> Vec<u8> {
+        build(method, Class::Request, tid, |b| {
+            for a in attrs {
+                b.attribute(a);
+            }
+            if self.fingerprint {
+                b.fingerprint();
+            }
+        })
+    }
+
+    fn authenticated(&self, method: Method, tid: TransactionId, attrs: &[Attribute<'_>]) -> Vec<u8> {
+        let nonce = self.nonce.clone().expect("the client has a nonce");
+        let key = self.key();
+        let algs = self.password_algorithms.as_deref().map(algorithms_value);
+        build(method, Class::Request, tid, |b| {
+            if self.send_username {
+                b.attribute(&Attribute::Username(&self.username));
+            }
+            if self.send_realm {
+                b.attribute(&Attribute::Realm(&self.realm));
+            }
+            if self.send_nonce {
+                b.attribute(&Attribute::Nonce(&nonce));
+            }
+            if let Some(v) = &algs {
+                b.attribute(&Attribute::PasswordAlgorithms(
+                    password_algorithms(v).expect("valid list"),
+                ));
+            }
+            if let Some(a) = self.password_algorithm {
+                b.attribute(&Attribute::PasswordAlgorithm {
+                    algorithm: a,
+                    params: &[],
+                });
+            }
+            for a in attrs {
+                b.attribute(a);
+            }
+            if self.mi_sha256 {
+                b.message_integrity_sha256(key.as_bytes());
+            } else {
+                b.message_integrity(key.as_bytes());
+            }
+            if self.fingerprint {
+                b.fingerprint();
+            }
+        })
+    }
+
+    /// Checks an authenticated response: the integrity variant the request used, verified
+    /// with the client's key, and a valid FINGERPRINT when the request had one.
+    #[track_caller]
+    fn verify(&self, resp: &[u8]) {
+        let m = decode(resp);
+        let key = self.key();
+        if self.mi_sha256 {
+            assert_eq!(integrity::verify_message_integrity_sha256(&m, key.as_bytes()), Ok(()));
+            assert_eq!(
+                m.integrity_offset(),
+                None,
+                "no MESSAGE-INTEGRITY next to MESSAGE-INTEGRITY-SHA256"
+            );
+        } else {
+            assert_eq!(integrity::verify_message_integrity(&m, key.as_bytes()), Ok(()));
+            assert_eq!(
+                m.integrity_sha256_offset(),
+                None,
+                "no MESSAGE-INTEGRITY-SHA256 for a SHA-1 request"
+            );
+        }
+        if self.fingerprint {
+            assert_eq!(integrity::verify_fingerprint(&m), Ok(()));
+        }
+    }
+}
+
+struct Harness {
+    server: Server,
+    t0: Instant,
+}
+
+fn default_credentials() -> Credentials {
+    Credentials::new(
+        [
+            ("alice".to_string(), "alice-pw".to_string()),
+            ("bob".to_string(), "bob-pw".to_string()),
+        ],
+        vec![],
+        REALM,
+    )
+}
+
+impl Harness {
+    fn new() -> Self {
+        Harness::with(ServerConfig::default(), PeerPolicy::default())
+    }
+
+    fn with_config(config: ServerConfig) -> Self {
+        Harness::with(config, PeerPolicy::default())
+    }
+
+    fn with(config: ServerConfig, policy: PeerPolicy) -> Self {
+        Harness::build(config, default_credentials(), policy, SECRET)
+    }
+
+    fn build(config: ServerConfig, credentials: Credentials, policy: PeerPolicy, secret: [u8; 32]) -> Self {
+        let t0 = Instant::now();
+        Harness {
+            server: Server::new(config, credentials, policy, secret, t0, UNIX_NOW),
+            t0,
+        }
+    }
+
+    fn at(&self, secs: u64) -> Instant {
+        self.t0 + Duration::from_secs(secs)
+    }
+
+    fn send(&mut self, now: Instant, ft: FiveTuple, data: &[u8]) -> Outcome {
+        let mut out = vec![0xEE; 7]; // the server must clear it
+        match self.server.handle_client(now, ft, data, &mut out) {
+            ClientAction::Respond => Outcome::Respond(out),
+            ClientAction::Allocate(r) => Outcome::Allocate(r),
+            ClientAction::Relay { relayed, peer, payload } => Outcome::Relay {
+                relayed,
+                peer,
+                payload: payload.to_vec(),
+            },
+            ClientAction::Drop(r) => Outcome::Drop(r),
+            ClientAction::Nothing => Outcome::Nothing,
+        }
+    }
+
+    /// Sends the request without credentials and expects the 401 challenge; stores the nonce.
+    fn challenge(&mut self, now: Instant, c: &mut Client) -> Vec<u8> {
+        let tid = fresh_tid();
+        let resp = self
+            .send(now, c.ft, &c.unauthenticated(Method::Allocate, tid, &[]))
+            .response();
+        assert_error(&resp, Method::Allocate, 401);
+        assert_eq!(decode(&resp).transaction_id(), tid);
+        c.nonce = Some(nonce_of(&resp));
+        resp
+    }
+
+    /// An authenticated request, after the 401 round trip if the client has no nonce yet
+    /// and retried once on 438. Responses that carry integrity are verified.
+    fn request(
+        &mut self,
+        now: Instant,
+        c: &mut Client,
+        method: Method,
+        tid: TransactionId,
+        attrs: &[Attribute<'_>],
+    ) -> Outcome {
+        if c.nonce.is_none() {
+            self.challenge(now, c);
+        }
+        let mut outcome = self.send(now, c.ft, &c.authenticated(method, tid, attrs));
+        if let Outcome::Respond(r) = &outcome {
+            if err_code(r) == Some(438) {
+                c.nonce = Some(nonce_of(r));
+                outcome = self.send(now, c.ft, &c.authenticated(method, tid, attrs));
+            }
+        }
+        if let Outcome::Respond(r) = &outcome {
+            let m = decode(r);
+            assert_eq!(m.transaction_id(), tid);
+            assert_eq!(m.method(), method);
+            if m.class() == Class::Success || m.integrity_offset().is_some() || m.integrity_sha256_offset().is_some() {
+                c.verify(r);
+            }
+        }
+        outcome
+    }
+
+    fn complete(
+        &mut self,
+        now: Instant,
+        c: &Client,
+        req: AllocateRequest,
+        result: Result<SocketAddr, RelayError>,
+    ) -> (Vec<u8>, Option<SocketAddr>) {
+        assert_eq!(req.five_tuple, c.ft);
+        let mut out = vec![0xEE; 3];
+        let released = self.server.complete_allocate(now, req, result, &mut out);
+        c.verify(&out);
+        (out, released)
+    }
+
+    /// Allocate and complete it with `relayed`: the response (success or error).
+    fn allocate_with(&mut self, now: Instant, c: &mut Client, attrs: &[Attribute<'_>], relayed: SocketAddr) -> Vec<u8> {
+        let mut all = vec![Attribute::RequestedTransport(17)];
+        all.extend_from_slice(attrs);
+        let req = self.request(now, c, Method::Allocate, fresh_tid(), &all).allocate();
+        let (resp, released) = self.complete(now, c, req, Ok(relayed));
+        assert_eq!(released, None);
+        resp
+    }
+
+    fn allocate_ok(&mut self, now: Instant, c: &mut Client, relayed: SocketAddr) -> Vec<u8> {
+        let resp = self.allocate_with(now, c, &[], relayed);
+        assert_success(&resp, Method::Allocate);
+        assert_eq!(relayed_of(&resp), relayed);
+        resp
+    }
+
+    fn respond(&mut self, now: Instant, c: &mut Client, method: Method, attrs: &[Attribute<'_>]) -> Vec<u8> {
+        self.request(now, c, method, fresh_tid(), attrs).response()
+    }
+
+    fn refresh(&mut self, now: Instant, c: &mut Client, lifetime: Option<u32>) -> Vec<u8> {
+        let attrs: Vec<Attribute<'_>> = lifetime.map(Attribute::Lifetime).into_iter().collect();
+        self.respond(now, c, Method::Refresh, &attrs)
+    }
+
+    fn create_permission(&mut self, now: Instant, c: &mut Client, peers: &[SocketAddr]) -> Vec<u8> {
+        let attrs: Vec<Attribute<'_>> = peers.iter().map(|&p| Attribute::XorPeerAddress(p)).collect();
+        self.respond(now, c, Method::CreatePermission, &attrs)
+    }
+
+    fn channel_bind(&mut self, now: Instant, c: &mut Client, channel: u16, peer: SocketAddr) -> Vec<u8> {
+        self.respond(
+            now,
+            c,
+            Method::ChannelBind,
+            &[Attribute::ChannelNumber(channel), Attribute::XorPeerAddress(peer)],
+        )
+    }
+
+    fn events(&mut self) -> Vec<Event> {
+        std::iter::from_fn(|| self.server.poll_event()).collect()
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// 1. Binding
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn binding_returns_xor_mapped_address_and_fingerprint() {
+    let mut h = Harness::new();
+    let now = h.t0;
+    for client in ["203.0.113.10:40000", "[2001:db8::7]:1234"] {
+        let ft = five_tuple(client);
+        let tid = fresh_tid();
+        let req = build(Method::Binding, Class::Request, tid, |b| {
+            b.fingerprint();
+        });
+        let resp = h.send(now, ft, &req).response();
+        assert_success(&resp, Method::Binding);
+        let m = decode(&resp);
+        assert_eq!(m.transaction_id(), tid);
+        assert_eq!(
+            get(&m, kind::XOR_MAPPED_ADDRESS),
+            Attribute::XorMappedAddress(sa(client))
+        );
+        assert_eq!(integrity::verify_fingerprint(&m), Ok(()));
+        assert!(!has(&resp, kind::SOFTWARE), "no SOFTWARE by default");
+        assert_eq!(m.integrity_offset(), None);
+    }
+    // Without FINGERPRINT in the request, none in the response.
+    let ft = five_tuple("203.0.113.10:40000");
+    let resp = h
+        .send(now, ft, &build(Method::Binding, Class::Request, fresh_tid(), |_| {}))
+        .response();
+    assert_success(&resp, Method::Binding);
+    assert_eq!(decode(&resp).fingerprint_offset(), None);
+    assert_eq!(
+        integrity::verify_fingerprint(&decode(&resp)),
+        Err(IntegrityError::Missing)
+    );
+}
+
+#[test]
+fn binding_carries_software_when_configured() {
+    let mut h = Harness::with_config(ServerConfig {
+        software: Some("turnpike-test".into()),
+        ..ServerConfig::default()
+    });
+    let resp = h
+        .send(
+            h.t0,
+            five_tuple("203.0.113.10:40000"),
+            &build(Method::Binding, Class::Request, fresh_tid(), |_| {}),
+        )
+        .response();
+    assert_success(&resp, Method::Binding);
+    assert_eq!(
+        get(&decode(&resp), kind::SOFTWARE),
+        Attribute::Software("turnpike-test")
+    );
+}
+
+#[test]
+fn binding_with_bad_fingerprint_is_dropped_and_binding_indication_ignored() {
+    let mut h = Harness::new();
+    let ft = five_tuple("203.0.113.10:40000");
+    let mut req = build(Method::Binding, Class::Request, fresh_tid(), |b| {
+        b.fingerprint();
+    });
+    let n = req.len();
+    req[n - 1] ^= 1;
+    assert!(matches!(
+        h.send(h.t0, ft, &req),
+        Outcome::Drop(DropReason::BadFingerprint)
+    ));
+    let ind = build(Method::Binding, Class::Indication, fresh_tid(), |_| {});
+    assert!(matches!(h.send(h.t0, ft, &ind), Outcome::Nothing));
+    assert!(matches!(
+        h.send(h.t0, ft, b"\x00\x01junk"),
+        Outcome::Drop(DropReason::Malformed)
+    ));
+}
+
+// ---------------------------------------------------------------------------------------
+// 2-3. Allocate with MD5 / SHA-256 credentials
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn allocate_md5_flow() {
+    let mut h = Harness::new();
+    let now = h.t0;
+    let mut c = Client::alice();
+
+    // Unauthenticated: 401 with REALM, NONCE and PASSWORD-ALGORITHMS, no integrity.
+    let challenge = h.challenge(now, &mut c);
+    let m = decode(&challenge);
+    assert_eq!(get(&m, kind::REALM), Attribute::Realm(REALM));
+    let nonce = nonce_of(&challenge);
+    assert!(nonce.starts_with(NONCE_COOKIE), "{nonce}");
+    assert!(nonce.starts_with("obMatJos2"));
+    match get(&m, kind::PASSWORD_ALGORITHMS) {
+        Attribute::PasswordAlgorithms(p) => {
+            assert_eq!(p.iter().collect::<Vec<_>>(), vec![(1u16, &[][..]), (2u16, &[][..])]);
+        }
+        a => panic!("{a:?}"),
+    }
+    assert_eq!(m.integrity_offset(), None);
+    assert_eq!(m.integrity_sha256_offset(), None);
+    assert_eq!(integrity::verify_fingerprint(&m), Ok(()));
+
+    // Authenticated: the shell is asked for a relayed address.
+    let tid = fresh_tid();
+    let req = h
+        .request(now, &mut c, Method::Allocate, tid, &[Attribute::RequestedTransport(17)])
+        .allocate();
+    assert_eq!(req.five_tuple, c.ft);
+    assert_eq!(req.family, AddressFamily::V4);
+    assert!(!req.even_port);
+    assert_eq!(
+        h.server.allocation_count(),
+        0,
+        "nothing allocated before complete_allocate"
+    );
+
+    let (resp, released) = h.complete(now, &c, req, Ok(relay(1)));
+    assert_eq!(released, None);
+    assert_success(&resp, Method::Allocate);
+    let m = decode(&resp);
+    assert_eq!(m.transaction_id(), tid);
+    assert_eq!(relayed_of(&resp), relay(1));
+    assert_eq!(
+        get(&m, kind::XOR_MAPPED_ADDRESS),
+        Attribute::XorMappedAddress(c.ft.client)
+    );
+    assert_eq!(lifetime_of(&resp), 600);
+    assert_eq!(integrity::verify_message_integrity(&m, c.key().as_bytes()), Ok(()));
+    let wrong = LongTermKey::derive(PasswordAlgorithm::Md5, "alice", REALM, "nope");
+    assert_eq!(
+        integrity::verify_message_integrity(&m, wrong.as_bytes()),
+        Err(IntegrityError::Mismatch)
+    );
+
+    assert_eq!(h.server.allocation_count(), 1);
+    let a = h.server.allocation(&c.ft).expect("allocation");
+    assert_eq!(a.relayed, relay(1));
+    assert_eq!(a.username, "alice");
+    assert_eq!(a.expires, h.at(600));
+    assert_eq!(h.server.five_tuple_for_relay(&relay(1)), Some(c.ft));
+}
+
+#[test]
+fn allocate_sha256_flow() {
+    let mut h = Harness::new();
+    let now = h.t0;
+    let mut c = Client::alice().sha256();
+    let resp = h.allocate_ok(now, &mut c, relay(1));
+    let m = decode(&resp);
+    assert!(m.integrity_sha256_offset().is_some());
+    assert_eq!(
+        m.integrity_offset(),
+        None,
+        "MESSAGE-INTEGRITY-SHA256, not MESSAGE-INTEGRITY"
+    );
+    let key = LongTermKey::derive(PasswordAlgorithm::Sha256, "alice", REALM, "alice-pw");
+    assert_eq!(key.as_bytes().len(), 32);
+    assert_eq!(integrity::verify_message_integrity_sha256(&m, key.as_bytes()), Ok(()));
+    let md5 = LongTermKey::derive(PasswordAlgorithm::Md5, "alice", REALM, "alice-pw");
+    assert_eq!(
+        integrity::verify_message_integrity_sha256(&m, md5.as_bytes()),
+        Err(IntegrityError::Mismatch)
+    );
+    assert_eq!(lifetime_of(&resp), 600);
+
+    // Later requests on the allocation are answered with SHA-256 integrity too.
+    let resp = h.create_permission(now, &mut c, &[sa(P1)]);
+    assert_success(&resp, Method::CreatePermission);
+    assert!(decode(&resp).integrity_sha256_offset().is_some());
+}
+
+#[test]
+fn sha256_password_algorithm_negotiation_errors() {
+    let mut h = Harness::new();
+    let now = h.t0;
+    let base = {
+        let mut c = Client::alice().sha256();
+        h.challenge(now, &mut c);
+        c
+    };
+    let transport = [Attribute::RequestedTransport(17)];
+
+    // PASSWORD-ALGORITHM without PASSWORD-ALGORITHMS.
+    let mut c = base.clone();
+    c.password_algorithms = None;
+    let r = h
+        .send(now, c.ft, &c.authenticated(Method::Allocate, fresh_tid(), &transport))
+        .response();
+    assert_error(&r, Method::Allocate, 400);
+
+    // PASSWORD-ALGORITHMS without PASSWORD-ALGORITHM.
+    let mut c = base.clone();
+    c.password_algorithm = None;
+    let r = h
+        .send(now, c.ft, &c.authenticated(Method::Allocate, fresh_tid(), &transport))
+        .response();
+    assert_error(&r, Method::Allocate, 400);
+
+    // PASSWORD-ALGORITHMS that differs from the offer (downgrade protection).
+    for list in [vec![2, 1], vec![2], vec![1], vec![1, 2, 3]] {
+        let mut c = base.clone();
+        c.password_algorithms = Some(list.clone());
+        let r = h
+            .send(now, c.ft, &c.authenticated(Method::Allocate, fresh_tid(), &transport))
+            .response();
+        assert_error(&r, Method::Allocate, 400);
+    }
+
+    // An algorithm that was not offered.
+    let mut c = base.clone();
+    c.password_algorithm = Some(3);
+    let r = h
+        .send(now, c.ft, &c.authenticated(Method::Allocate, fresh_tid(), &transport))
+        .response();
+    assert_error(&r, Method::Allocate, 400);
+
+    // PASSWORD-ALGORITHM=1 (MD5) with the list: MD5 key, fine.
+    let mut c = base.clone();
+    c.key_alg = PasswordAlgorithm::Md5;
+    c.mi_sha256 = false;
+    c.password_algorithm = Some(1);
+    let out = h.send(now, c.ft, &c.authenticated(Method::Allocate, fresh_tid(), &transport));
+    assert!(matches!(out, Outcome::Allocate(_)), "{out:?}");
+
+    // The correct SHA-256 request still works.
+    let out = h.send(
+        now,
+        base.ft,
+        &base.authenticated(Method::Allocate, fresh_tid(), &transport),
+    );
+    assert!(matches!(out, Outcome::Allocate(_)), "{out:?}");
+    assert_eq!(h.server.allocation_count(), 0);
+}
+
+// ---------------------------------------------------------------------------------------
+// 4. Authentication failures
+// ---------------------------------------------------------------------------------------
+
+#[track_caller]
+fn assert_challenge(resp: &[u8], method: Method, code: u16) {
+    assert_error(resp, method, code);
+    let m = decode(resp);
+    assert_eq!(get(&m, kind::REALM), Attribute::Realm(REALM));
+    assert!(nonce_of(resp).starts_with(NONCE_COOKIE));
+    assert!(m.get(kind::PASSWORD_ALGORITHMS).is_some());
+    assert_eq!(m.integrity_offset(), None, "a challenge carries no integrity");
+    assert_eq!(m.integrity_sha256_offset(), None);
+}
+
+#[test]
+fn wrong_password_and_unknown_user_get_401() {
+    let mut h = Harness::new();
+    let now = h.t0;
+    let transport = [Attribute::RequestedTransport(17)];
+    let mut wrong = Client::new("203.0.113.10:40000", "alice", "not-alice-pw");
+    h.challenge(now, &mut wrong);
+    let r = h
+        .send(
+            now,
+            wrong.ft,
+            &wrong.authenticated(Method::Allocate, fresh_tid(), &transport),
+        )
+        .response();
+    assert_challenge(&r, Method::Allocate, 401);
+
+    let mut wrong256 = Client::new("203.0.113.10:40000", "alice", "not-alice-pw").sha256();
+    wrong256.nonce = wrong.nonce.clone();
+    let r = h
+        .send(
+            now,
+            wrong256.ft,
+            &wrong256.authenticated(Method::Allocate, fresh_tid(), &transport),
+        )
+        .response();
+    assert_challenge(&r, Method::Allocate, 401);
+
+    let mut unknown = Client::new("203.0.113.10:40000", "mallory", "alice-pw");
+    unknown.nonce = wrong.nonce.clone();
+    let r = h
+        .send(
+            now,
+            unknown.ft,
+            &unknown.authenticated(Method::Allocate, fresh_tid(), &transport),
+        )
+        .response();
+    assert_challenge(&r, Method::Allocate, 401);
+
+    // A tampered request (integrity computed, then a byte changed) is refused as well.
+    let mut good = Client::alice();
+    good.nonce = wrong.nonce.clone();
+    good.fingerprint = false;
+    let mut req = good.authenticated(
+        Method::Allocate,
+        fresh_tid(),
+        &[Attribute::Lifetime(600), Attribute::RequestedTransport(17)],
+    );
+    let lifetime_off = decode(&req).raw(kind::LIFETIME).unwrap().offset;
+    req[lifetime_off + 7] ^= 1;
+    let r = h.send(now, good.ft, &req).response();
+    assert_challenge(&r, Method::Allocate, 401);
+    assert_eq!(h.server.allocation_count(), 0);
+}
+
+#[test]
+fn missing_username_realm_or_nonce_with_integrity_is_400() {
+    let mut h = Harness::new();
+    let now = h.t0;
+    let mut base = Client::alice();
+    h.challenge(now, &mut base);
+    let transport = [Attribute::RequestedTransport(17)];
+    for which in 0..3 {
+        let mut c = base.clone();
+        match which {
+            0 => c.send_nonce = false,
+            1 => c.send_realm = false,
+            _ => c.send_username = false,
+        }
+        let r = h
+            .send(now, c.ft, &c.authenticated(Method::Allocate, fresh_tid(), &transport))
+            .response();
+        assert_error(&r, Method::Allocate, 400);
+        assert_eq!(decode(&r).integrity_offset(), None);
+    }
+}
+
+#[test]
+fn wrong_realm_is_401() {
+    let mut h = Harness::new();
+    let now = h.t0;
+    let mut c = Client::alice();
+    h.challenge(now, &mut c);
+    c.realm = "other-realm".into(); // the key is derived with it, consistently
+    let r = h
+        .send(
+            now,
+            c.ft,
+            &c.authenticated(Method::Allocate, fresh_tid(), &[Attribute::RequestedTransport(17)]),
+        )
+        .response();
+    assert_challenge(&r, Method::Allocate, 401);
+}
+
+#[test]
+fn nonce_from_another_server_secret_is_438_with_fresh_nonce() {
+    let mut other = Harness::build(
+        ServerConfig::default(),
+        default_credentials(),
+        PeerPolicy::default(),
+        [9; 32],
+    );
+    let mut h = Harness::new();
+    let now = h.t0;
+    let mut c = Client::alice();
+    other.challenge(now, &mut c);
+    let foreign = c.nonce.clone().unwrap();
+
+    let transport = [Attribute::RequestedTransport(17)];
+    let r = h
+        .send(now, c.ft, &c.authenticated(Method::Allocate, fresh_tid(), &transport))
+        .response();
+    assert_challenge(&r, Method::Allocate, 438);
+    let fresh = nonce_of(&r);
+    assert_ne!(fresh, foreign);
+
+    c.nonce = Some(fresh);
+    let out = h.send(now, c.ft, &c.authenticated(Method::Allocate, fresh_tid(), &transport));
+    assert!(matches!(out, Outcome::Allocate(_)), "{out:?}");
+}
+
+#[test]
+fn nonce_is_bound_to_the_client_ip() {
+    let mut h = Harness::new();
+    let now = h.t0;
+    let mut c = Client::alice();
+    h.challenge(now, &mut c);
+    let mut moved = c.clone();
+    moved.ft = five_tuple("203.0.113.99:40000");
+    let r = h
+        .send(
+            now,
+            moved.ft,
+            &moved.authenticated(Method::Allocate, fresh_tid(), &[Attribute::RequestedTransport(17)]),
+        )
+        .response();
+    assert_challenge(&r, Method::Allocate, 438);
+    // Another port on the same IP may reuse it.
+    let mut port = c.clone();
+    port.ft = five_tuple("203.0.113.10:40001");
+    let out = h.send(
+        now,
+        port.ft,
+        &port.authenticated(Method::Allocate, fresh_tid(), &[Attribute::RequestedTransport(17)]),
+    );
+    assert!(matches!(out, Outcome::Allocate(_)), "{out:?}");
+}
+
+#[test]
+fn expired_nonce_is_438() {
+    let mut h = Harness::new();
+    let mut c = Client::alice();
+    h.challenge(h.t0, &mut c);
+    let old = c.nonce.clone().unwrap();
+
+    // Still valid one second before nonce_lifetime: authenticated (437, as there is no allocation).
+    let r = h
+        .send(h.at(599), c.ft, &c.authenticated(Method::Refresh, fresh_tid(), &[]))
+        .response();
+    assert_error(&r, Method::Refresh, 437);
+    c.verify(&r);
+
+    // Expired at nonce_lifetime (600 s).
+    let r = h
+        .send(h.at(600), c.ft, &c.authenticated(Method::Refresh, fresh_tid(), &[]))
+        .response();
+    assert_challenge(&r, Method::Refresh, 438);
+    let fresh = nonce_of(&r);
+    assert_ne!(fresh, old);
+    c.nonce = Some(fresh);
+    let r = h
+        .send(h.at(600), c.ft, &c.authenticated(Method::Refresh, fresh_tid(), &[]))
+        .response();
+    assert_error(&r, Method::Refresh, 437);
+
+    // And an expired nonce also fails on a live allocation's requests.
+    let r = h.allocate_with(h.at(600), &mut c, &[Attribute::Lifetime(3600)], relay(1));
+    assert_success(&r, Method::Allocate);
+    let r = h
+        .send(h.at(1199), c.ft, &c.authenticated(Method::Refresh, fresh_tid(), &[]))
+        .response();
+    assert_success(&r, Method::Refresh);
+    let r = h
+        .send(h.at(1200), c.ft, &c.authenticated(Method::Refresh, fresh_tid(), &[]))
+        .response();
+    assert_challenge(&r, Method::Refresh, 438);
+    assert_eq!(h.server.allocation_count(), 1);
+}
+
+// ---------------------------------------------------------------------------------------
+// 5. TURN REST API credentials
+// ---------------------------------------------------------------------------------------
+
+fn rest_harness() -> Harness {
+    let creds = Credentials::new(vec![], vec!["secret-a".into(), "secret-b".into()], REALM);
+    Harness::build(ServerConfig::default(), creds, PeerPolicy::default(), SECRET)
+}
+
+#[test]
+fn rest_api_credentials_with_secret_rotation() {
+    let mut h = rest_harness();
+    let now = h.t0;
+    let username = format!("{}:bob", UNIX_NOW + 3600);
+    for (i, secret) in ["secret-a", "secret-b"].into_iter().enumerate() {
+        let client = format!("203.0.113.{}:40000", 30 + i);
+        let mut c = Client::new(&client, &username, &auth::rest_api_password(secret, &username));
+        h.allocate_ok(now, &mut c, relay(i as u16));
+        assert_eq!(h.server.allocation(&c.ft).unwrap().username, username);
+
+        let mut c256 = Client::new(
+            &client.replace(":40000", ":40001"),
+            &username,
+            &auth::rest_api_password(secret, &username),
+        )
+        .sha256();
+        h.allocate_ok(now, &mut c256, relay(10 + i as u16));
+    }
+    assert_eq!(h.server.allocation_count(), 4);
+
+    // A password from an unknown secret does not work.
+    let mut c = Client::new(
+        "203.0.113.40:40000",
+        &username,
+        &auth::rest_api_password("secret-c", &username),
+    );
+    let out = h.request(
+        now,
+        &mut c,
+        Method::Allocate,
+        fresh_tid(),
+        &[Attribute::RequestedTransport(17)],
+    );
+    assert_challenge(&out.response(), Method::Allocate, 401);
+}
+
+#[test]
+fn rest_api_expired_username_is_401() {
+    let mut h = rest_harness();
+    let transport = [Attribute::RequestedTransport(17)];
+
+    let expired = format!("{}:bob", UNIX_NOW - 1);
+    let mut c = Client::new(
+        "203.0.113.30:40000",
+        &expired,
+        &auth::rest_api_password("secret-a", &expired),
+    );
+    let r = h
+        .request(h.t0, &mut c, Method::Allocate, fresh_tid(), &transport)
+        .response();
+    assert_challenge(&r, Method::Allocate, 401);
+
+    // Valid now, expired 100 s later on the server's (virtual) wall clock.
+    let soon = format!("{}:bob", UNIX_NOW + 100);
+    let mut c = Client::new("203.0.113.31:40000", &soon, &auth::rest_api_password("secret-b", &soon));
+    h.challenge(h.t0, &mut c);
+    let out = h.send(
+        h.at(99),
+        c.ft,
+        &c.authenticated(Method::Allocate, fresh_tid(), &transport),
+    );
+    assert!(matches!(out, Outcome::Allocate(_)), "{out:?}");
+    let r = h
+        .send(
+            h.at(100),
+            c.ft,
+            &c.authenticated(Method::Allocate, fresh_tid(), &transport),
+        )
+        .response();
+    assert_challenge(&r, Method::Allocate, 401);
+}
+
+// ---------------------------------------------------------------------------------------
+// 6. Allocation mismatch and retransmissions
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn second_allocate_is_437_and_retransmission_gets_same_answer() {
+    let mut h = Harness::new();
+    let now = h.t0;
+    let mut c = Client::alice();
+    h.challenge(now, &mut c);
+    let tid = fresh_tid();
+    let original = c.authenticated(Method::Allocate, tid, &[Attribute::RequestedTransport(17)]);
+    let req = h.send(now, c.ft, &original).allocate();
+    let (first, _) = h.complete(now, &c, req, Ok(relay(1)));
+    assert_success(&first, Method::Allocate);
+
+    // A new transaction on the same 5-tuple: 437, integrity-protected.
+    let r = h
+        .request(
+            now,
+            &mut c,
+            Method::Allocate,
+            fresh_tid(),
+            &[Attribute::RequestedTransport(17)],
+        )
+        .response();
+    assert_error(&r, Method::Allocate, 437);
+    c.verify(&r);
+
+    // The same bytes again (a retransmission), a little later: success, same relayed address.
+    let r = h.send(h.at(10), c.ft, &original).response();
+    assert_success(&r, Method::Allocate);
+    c.verify(&r);
+    assert_eq!(decode(&r).transaction_id(), tid);
+    assert_eq!(relayed_of(&r), relay(1));
+    assert_eq!(lifetime_of(&r), 590, "the remaining lifetime");
+    assert_eq!(h.server.allocation_count(), 1);
+
+    // Another user replaying alice's transaction ID on that 5-tuple gets 437 as well.
+    let mut bob = Client::bob();
+    bob.ft = c.ft;
+    bob.nonce = c.nonce.clone();
+    let r = h
+        .send(
+            now,
+            bob.ft,
+            &bob.authenticated(Method::Allocate, tid, &[Attribute::RequestedTransport(17)]),
+        )
+        .response();
+    assert_error(&r, Method::Allocate, 437);
+    bob.verify(&r);
+}
+
+#[test]
+fn retransmission_racing_complete_allocate_releases_the_second_address() {
+    let mut h = Harness::new();
+    let now = h.t0;
+    let mut c = Client::alice();
+    h.challenge(now, &mut c);
+    let tid = fresh_tid();
+    let original = c.authenticated(Method::Allocate, tid, &[Attribute::RequestedTransport(17)]);
+    let first = h.send(now, c.ft, &original).allocate();
+    let second = h.send(now, c.ft, &original).allocate();
+    let (r1, rel1) = h.complete(now, &c, first, Ok(relay(1)));
+    assert_eq!(rel1, None);
+    assert_success(&r1, Method::Allocate);
+    let (r2, rel2) = h.complete(now, &c, second, Ok(relay(2)));
+    assert_eq!(rel2, Some(relay(2)), "the shell must release the second address");
+    assert_success(&r2, Method::Allocate);
+    assert_eq!(relayed_of(&r2), relay(1));
+    assert_eq!(h.server.five_tuple_for_relay(&relay(2)), None);
+    assert_eq!(h.server.allocation_count(), 1);
+}
+
+#[test]
+fn two_pending_allocates_on_one_five_tuple() {
+    let mut h = Harness::new();
+    let now = h.t0;
+    let mut c = Client::alice();
+    let transport = [Attribute::RequestedTransport(17)];
+    let first = h
+        .request(now, &mut c, Method::Allocate, fresh_tid(), &transport)
+        .allocate();
+    let second = h
+        .request(now, &mut c, Method::Allocate, fresh_tid(), &transport)
+        .allocate();
+    let (r1, rel1) = h.complete(now, &c, first, Ok(relay(1)));
+    assert_success(&r1, Method::Allocate);
+    assert_eq!(rel1, None);
+    let (r2, rel2) = h.complete(now, &c, second, Ok(relay(2)));
+    assert_error(&r2, Method::Allocate, 437);
+    assert_eq!(rel2, Some(relay(2)));
+    assert_eq!(h.server.allocation(&c.ft).unwrap().relayed, relay(1));
+}
+
+#[test]
+fn even_port_reservation_is_handed_to_the_shell() {
+    let mut h = Harness::new();
+    let now = h.t0;
+    let mut c = Client::alice();
+    let mut req = h
+        .request(
+            now,
+            &mut c,
+            Method::Allocate,
+            fresh_tid(),
+            &[Attribute::RequestedTransport(17), Attribute::EvenPort(true)],
+        )
+        .allocate();
+    assert!(req.even_port && req.reserve_next);
+    assert_eq!(req.reservation_token, None);
+    req.grant_reservation([5; 8]);
+    let (r, _) = h.complete(now, &c, req, Ok(relay(2)));
+    assert_success(&r, Method::Allocate);
+    assert_eq!(
+        get(&decode(&r), kind::RESERVATION_TOKEN),
+        Attribute::ReservationToken([5; 8])
+    );
+
+    let mut d = Client::bob();
+    let req = h
+        .request(
+            now,
+            &mut d,
+            Method::Allocate,
+            fresh_tid(),
+            &[Attribute::RequestedTransport(17), Attribute::EvenPort(false)],
+        )
+        .allocate();
+    assert!(req.even_port && !req.reserve_next);
+    let (r, _) = h.complete(now, &d, req, Ok(relay(4)));
+    assert_success(&r, Method::Allocate);
+    assert!(!has(&r, kind::RESERVATION_TOKEN));
+}
+
+// ---------------------------------------------------------------------------------------
+// 7. Allocate request validation
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn allocate_request_validation() {
+    let mut h = Harness::new();
+    let now = h.t0;
+    let mut c = Client::alice();
+    let alloc_err = |h: &mut Harness, c: &mut Client, attrs: &[Attribute<'_>], code: u16| {
+        let r = h.respond(now, c, Method::Allocate, attrs);
+        assert_error(&r, Method::Allocate, code);
+        r
+    };
+    alloc_err(&mut h, &mut c, &[Attribute::RequestedTransport(6)], 442);
+    alloc_err(&mut h, &mut c, &[], 400);
+    alloc_err(
+        &mut h,
+        &mut c,
+        &[Attribute::Unknown {
+            kind: kind::REQUESTED_TRANSPORT,
+            value: &[17, 0],
+        }],
+        400,
+    );
+    let r = alloc_err(
+        &mut h,
+        &mut c,
+        &[Attribute::RequestedTransport(17), Attribute::DontFragment],
+        420,
+    );
+    assert_eq!(unknown_attributes_of(&r), vec![0x001A]);
+    let r = alloc_err(
+        &mut h,
+        &mut c,
+        &[
+            Attribute::RequestedTransport(17),
+            Attribute::Unknown {
+                kind: 0x7FF0,
+                value: b"abcd",
+            },
+        ],
+        420,
+    );
+    assert_eq!(unknown_attributes_of(&r), vec![0x7FF0]);
+    // RESERVATION-TOKEN: no reservation exists for this token, so 508, whether the server
+    // refuses it itself or hands the token to the shell, which reports it unknown.
+    match h.request(
+        now,
+        &mut c,
+        Method::Allocate,
+        fresh_tid(),
+        &[Attribute::RequestedTransport(17), Attribute::ReservationToken([1; 8])],
+    ) {
+        Outcome::Respond(r) => assert_error(&r, Method::Allocate, 508),
+        Outcome::Allocate(req) => {
+            assert_eq!(req.reservation_token, Some([1; 8]));
+            let (r, released) = h.complete(now, &c, req, Err(RelayError::BadReservationToken));
+            assert_error(&r, Method::Allocate, 508);
+            assert_eq!(released, None);
+        }
+        other => panic!("{other:?}"),
+    }
+    alloc_err(
+        &mut h,
+        &mut c,
+        &[
+            Attribute::RequestedTransport(17),
+            Attribute::EvenPort(false),
+            Attribute::ReservationToken([1; 8]),
+        ],
+        400,
+    );
+    alloc_err(
+        &mut h,
+        &mut c,
+        &[
+            Attribute::RequestedTransport(17),
+            Attribute::RequestedAddressFamily(AddressFamily::V4),
+            Attribute::AdditionalAddressFamily(AddressFamily::V6),
+        ],
+        400,
+    );
+    alloc_err(
+        &mut h,
+        &mut c,
+        &[
+            Attribute::RequestedTransport(17),
+            Attribute::AdditionalAddressFamily(AddressFamily::V4),
+        ],
+        400,
+    );
+    assert_eq!(h.server.allocation_count(), 0);
+
+    // Unknown comprehension-optional attributes are ignored; EVEN-PORT and
+    // REQUESTED-ADDRESS-FAMILY reach the shell.
+    let req = h
+        .request(
+            now,
+            &mut c,
+            Method::Allocate,
+            fresh_tid(),
+            &[
+                Attribute::RequestedTransport(17),
+                Attribute::Unknown {
+                    kind: 0xC001,
+                    value: b"x",
+                },
+                Attribute::EvenPort(true),
+                Attribute::RequestedAddressFamily(AddressFamily::V6),
+            ],
+        )
+        .allocate();
+    assert!(req.even_port);
+    assert_eq!(req.family, AddressFamily::V6);
+}
+
+#[test]
+fn unknown_comprehension_required_attribute_in_binding_is_420() {
+    let mut h = Harness::new();
+    let tid = fresh_tid();
+    let req = build(Method::Binding, Class::Request, tid, |b| {
+        b.attribute(&Attribute::Unknown {
+            kind: 0x7FF0,
+            value: &[1, 2, 3],
+        });
+        b.attribute(&Attribute::Unknown {
+            kind: 0x0FFF,
+            value: &[],
+        });
+        b.attribute(&Attribute::Unknown {
+            kind: 0xC0DE,
+            value: &[],
+        });
+        b.fingerprint();
+    });
+    let r = h.send(h.t0, five_tuple("203.0.113.10:40000"), &req).response();
+    assert_error(&r, Method::Binding, 420);
+    assert_eq!(decode(&r).transaction_id(), tid);
+    assert_eq!(unknown_attributes_of(&r), vec![0x7FF0, 0x0FFF]);
+    assert_eq!(integrity::verify_fingerprint(&decode(&r)), Ok(()));
+}
+
+#[test]
+fn complete_allocate_errors() {
+    let mut h = Harness::new();
+    let now = h.t0;
+    for (err, code) in [(RelayError::FamilyNotSupported, 440), (RelayError::Exhausted, 508)] {
+        let mut c = Client::alice();
+        let req = h
+            .request(
+                now,
+                &mut c,
+                Method::Allocate,
+                fresh_tid(),
+                &[Attribute::RequestedTransport(17)],
+            )
+            .allocate();
+        let (r, released) = h.complete(now, &c, req, Err(err));
+        assert_eq!(released, None);
+        assert_error(&r, Method::Allocate, code);
+        assert_eq!(h.server.allocation_count(), 0);
+    }
+    // SHA-256 error responses are protected with MESSAGE-INTEGRITY-SHA256.
+    let mut c = Client::alice().sha256();
+    let req = h
+        .request(
+            now,
+            &mut c,
+            Method::Allocate,
+            fresh_tid(),
+            &[Attribute::RequestedTransport(17)],
+        )
+        .allocate();
+    let (r, _) = h.complete(now, &c, req, Err(RelayError::Exhausted));
+    assert_error(&r, Method::Allocate, 508);
+}
+
+// ---------------------------------------------------------------------------------------
+// 8. Quotas
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn user_quota_is_486() {
+    let mut h = Harness::with_config(ServerConfig {
+        user_quota: 1,
+        ..ServerConfig::default()
+    });
+    let now = h.t0;
+    let mut a1 = Client::alice();
+    h.allocate_ok(now, &mut a1, relay(1));
+    let mut a2 = Client::new("203.0.113.11:40000", "alice", "alice-pw");
+    let r = h.respond(now, &mut a2, Method::Allocate, &[Attribute::RequestedTransport(17)]);
+    assert_error(&r, Method::Allocate, 486);
+    // Another user is not affected.
+    let mut b = Client::bob();
+    h.allocate_ok(now, &mut b, relay(2));
+    // Once alice's allocation is deleted, she may allocate again.
+    assert_success(&h.refresh(now, &mut a1, Some(0)), Method::Refresh);
+    h.allocate_ok(now, &mut a2, relay(3));
+}
+
+#[test]
+fn user_quota_is_rechecked_at_complete_allocate() {
+    let mut h = Harness::with_config(ServerConfig {
+        user_quota: 1,
+        ..ServerConfig::default()
+    });
+    let now = h.t0;
+    let mut a1 = Client::alice();
+    let mut a2 = Client::new("203.0.113.11:40000", "alice", "alice-pw");
+    let r1 = h
+        .request(
+            now,
+            &mut a1,
+            Method::Allocate,
+            fresh_tid(),
+            &[Attribute::RequestedTransport(17)],
+        )
+        .allocate();
+    let r2 = h
+        .request(
+            now,
+            &mut a2,
+            Method::Allocate,
+            fresh_tid(),
+            &[Attribute::RequestedTransport(17)],
+        )
+        .allocate();
+    let (ok, _) = h.complete(now, &a1, r1, Ok(relay(1)));
+    assert_success(&ok, Method::Allocate);
+    let (r, released) = h.complete(now, &a2, r2, Ok(relay(2)));
+    assert_error(&r, Method::Allocate, 486);
+    assert_eq!(released, Some(relay(2)));
+    assert_eq!(h.server.allocation_count(), 1);
+}
+
+#[test]
+fn total_quota_is_508() {
+    let mut h = Harness::with_config(ServerConfig {
+        total_quota: 1,
+        ..ServerConfig::default()
+    });
+    let now = h.t0;
+    let mut a = Client::alice();
+    h.allocate_ok(now, &mut a, relay(1));
+    let mut b = Client::bob();
+    let r = h.respond(now, &mut b, Method::Allocate, &[Attribute::RequestedTransport(17)]);
+    assert_error(&r, Method::Allocate, 508);
+    assert_eq!(h.server.allocation_count(), 1);
+}
+
+// ---------------------------------------------------------------------------------------
+// 9. Lifetimes and Refresh
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn allocate_lifetime_is_clamped() {
+    let mut h = Harness::new();
+    let now = h.t0;
+    for (i, (asked, granted)) in [
+        (Some(5000), 3600),
+        (Some(60), 600),
+        (Some(1800), 1800),
+        (Some(0), 600),
+        (None, 600),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut c = Client::new(&format!("203.0.113.10:{}", 41_000 + i), "alice", "alice-pw");
+        let attrs: Vec<Attribute<'_>> = asked.map(Attribute::Lifetime).into_iter().collect();
+        let r = h.allocate_with(now, &mut c, &attrs, relay(i as u16));
+        assert_success(&r, Method::Allocate);
+        assert_eq!(lifetime_of(&r), granted, "asked {asked:?}");
+        assert_eq!(
+            h.server.allocation(&c.ft).unwrap().expires,
+            now + Duration::from_secs(granted as u64)
+        );
+    }
+}
+
+#[test]
+fn refresh_lifetimes_and_delete() {
+    let mut h = Harness::new();
+    let mut c = Client::alice();
+    h.allocate_ok(h.t0, &mut c, relay(1));
+
+    let r = h.refresh(h.at(10), &mut c, Some(5000));
+    assert_success(&r, Method::Refresh);
+    assert_eq!(lifetime_of(&r), 3600);
+    assert_eq!(h.server.allocation(&c.ft).unwrap().expires, h.at(3610));
+
+    let r = h.refresh(h.at(20), &mut c, Some(60));
+    assert_eq!(lifetime_of(&r), 600);
+    assert_eq!(h.server.allocation(&c.ft).unwrap().expires, h.at(620));
+
+    let r = h.refresh(h.at(30), &mut c, None);
+    assert_eq!(lifetime_of(&r), 600);
+
+    // A REQUESTED-ADDRESS-FAMILY that does not match: 443.
+    let r = h.respond(
+        h.at(30),
+        &mut c,
+        Method::Refresh,
+        &[Attribute::RequestedAddressFamily(AddressFamily::V6)],
+    );
+    assert_error(&r, Method::Refresh, 443);
+
+    assert!(h.events().is_empty());
+    let r = h.refresh(h.at(40), &mut c, Some(0));
+    assert_success(&r, Method::Refresh);
+    assert_eq!(lifetime_of(&r), 0);
+    assert_eq!(
+        h.events(),
+        vec![Event::AllocationClosed {
+            five_tuple: c.ft,
+            relayed: relay(1)
+        }]
+    );
+    assert_eq!(h.server.allocation_count(), 0);
+    assert_eq!(h.server.five_tuple_for_relay(&relay(1)), None);
+
+    let r = h.refresh(h.at(41), &mut c, Some(0));
+    assert_error(&r, Method::Refresh, 437);
+    let r = h.refresh(h.at(41), &mut c, Some(600));
+    assert_error(&r, Method::Refresh, 437);
+    assert!(h.events().is_empty(), "closed exactly once");
+    // The old timer fires harmlessly.
+    h.server.handle_timeout(h.at(10_000));
+    assert!(h.events().is_empty());
+}
+
+#[test]
+fn refresh_with_another_users_credentials_is_441() {
+    let mut h = Harness::new();
+    let now = h.t0;
+    let mut a = Client::alice();
+    h.allocate_ok(now, &mut a, relay(1));
+    let mut b = Client::bob();
+    b.ft = a.ft;
+    for method in [Method::Refresh, Method::CreatePermission, Method::ChannelBind] {
+        let attrs: Vec<Attribute<'_>> = match method {
+            Method::Refresh => vec![Attribute::Lifetime(0)],
+            Method::CreatePermission => vec![Attribute::XorPeerAddress(sa(P1))],
+            _ => vec![Attribute::ChannelNumber(0x4000), Attribute::XorPeerAddress(sa(P1))],
+        };
+        let r = h.respond(now, &mut b, method, &attrs);
+        assert_error(&r, method, 441);
+        b.verify(&r);
+    }
+    assert_eq!(
+        h.server.allocation_count(),
+        1,
+        "bob could not delete alice's allocation"
+    );
+    assert!(h.server.allocation(&a.ft).unwrap().permissions.is_empty());
+}
+
+#[test]
+fn requests_without_allocation_are_437() {
+    let mut h = Harness::new();
+    let now = h.t0;
+    let mut c = Client::alice();
+    assert_error(&h.refresh(now, &mut c, None), Method::Refresh, 437);
+    assert_error(
+        &h.create_permission(now, &mut c, &[sa(P1)]),
+        Method::CreatePermission,
+        437,
+    );
+    assert_error(&h.channel_bind(now, &mut c, 0x4000, sa(P1)), Method::ChannelBind, 437);
+    assert!(matches!(
+        h.send(now, c.ft, &send_indication(sa(P1), b"x")),
+        Outcome::Drop(DropReason::NoAllocation)
+    ));
+    assert!(matches!(
+        h.send(now, c.ft, &channel_data(0x4000, b"x")),
+        Outcome::Drop(DropReason::NoAllocation)
+    ));
+    assert_eq!(
+        h.server.handle_peer(now, relay(1), sa(P1)),
+        PeerAction::Drop(DropReason::NoAllocation)
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// 10. Expiry under virtual time
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn allocation_expires_exactly_at_its_lifetime() {
+    let mut h = Harness::new();
+    let mut c = Client::alice();
+    assert_eq!(h.server.poll_timeout(), None);
+    h.allocate_ok(h.t0, &mut c, relay(1));
+    let deadline = h.server.poll_timeout().expect("a timer");
+    assert!(deadline <= h.at(600), "{:?}", deadline - h.t0);
+
+    h.server.handle_timeout(h.at(599));
+    assert_eq!(h.server.allocation_count(), 1);
+    assert!(h.events().is_empty());
+
+    h.server.handle_timeout(h.at(600));
+    assert_eq!(h.server.allocation_count(), 0);
+    assert_eq!(
+        h.events(),
+        vec![Event::AllocationClosed {
+            five_tuple: c.ft,
+            relayed: relay(1)
+        }]
+    );
+    h.server.handle_timeout(h.at(601));
+    h.server.handle_timeout(h.at(100_000));
+    assert!(h.events().is_empty(), "AllocationClosed exactly once");
+    assert_eq!(h.server.five_tuple_for_relay(&relay(1)), None);
+    assert_eq!(
+        h.server.handle_peer(h.at(601), relay(1), sa(P1)),
+        PeerAction::Drop(DropReason::NoAllocation)
+    );
+}
+
+#[test]
+fn refresh_moves_expiry() {
+    let mut h = Harness::new();
+    let mut c = Client::alice();
+    h.allocate_ok(h.t0, &mut c, relay(1));
+    let r = h.refresh(h.at(500), &mut c, Some(600));
+    assert_success(&r, Method::Refresh);
+    assert_eq!(lifetime_of(&r), 600);
+    assert_eq!(h.server.allocation(&c.ft).unwrap().expires, h.at(1100));
+
+    // Drive timers the way the shell does: always up to poll_timeout.
+    h.server.handle_timeout(h.at(600));
+    assert_eq!(h.server.allocation_count(), 1, "not removed at the old expiry");
+    assert!(h.events().is_empty());
+    let next = h.server.poll_timeout().expect("a timer");
+    assert!(next > h.at(600) && next <= h.at(1100), "{:?}", next - h.t0);
+    h.server.handle_timeout(h.at(1099));
+    assert_eq!(h.server.allocation_count(), 1);
+    h.server.handle_timeout(h.at(1100));
+    assert_eq!(h.server.allocation_count(), 0);
+    assert_eq!(
+        h.events(),
+        vec![Event::AllocationClosed {
+            five_tuple: c.ft,
+            relayed: relay(1)
+        }]
+    );
+}
+
+#[test]
+fn shortening_refresh_is_honoured_by_the_timer() {
+    let mut h = Harness::new();
+    let mut c = Client::alice();
+    let r = h.allocate_with(h.t0, &mut c, &[Attribute::Lifetime(3600)], relay(1));
+    assert_eq!(lifetime_of(&r), 3600);
+    h.refresh(h.at(10), &mut c, Some(600));
+    assert!(h.server.poll_timeout().unwrap() <= h.at(610));
+    h.server.handle_timeout(h.at(609));
+    assert_eq!(h.server.allocation_count(), 1);
+    h.server.handle_timeout(h.at(610));
+    assert_eq!(h.server.allocation_count(), 0);
+    assert_eq!(h.events().len(), 1);
+}
+
+#[test]
+fn many_allocations_expire_in_order() {
+    let mut h = Harness::new();
+    for i in 0..20u16 {
+        let mut c = Client::new(&format!("203.0.113.10:{}", 42_000 + i), "alice", "alice-pw");
+        h.allocate_with(h.at(i as u64), &mut c, &[], relay(i));
+    }
+    assert_eq!(h.server.allocation_count(), 20);
+    for i in 0..20u64 {
+        h.server.handle_timeout(h.at(600 + i));
+        assert_eq!(h.server.allocation_count(), 19 - i as usize);
+        let ev = h.events();
+        assert_eq!(ev.len(), 1);
+        let Event::AllocationClosed { relayed, .. } = ev[0];
+        assert_eq!(relayed, relay(i as u16));
+    }
+    assert!(h.server.poll_timeout().is_none_or(|t| t <= h.at(620)));
+}
+
+/// An allocation past its expiry is gone for every request, even before the shell has
+/// called `handle_timeout` (the datagram may be handled first in the same loop turn).
+#[test]
+fn expired_allocation_is_gone_before_handle_timeout() {
+    let mut h = Harness::new();
+    let mut c = Client::alice();
+    h.allocate_ok(h.t0, &mut c, relay(1));
+    h.create_permission(h.t0, &mut c, &[sa(P1)]);
+    // No handle_timeout: at t0+600 the allocation has expired.
+    assert!(matches!(
+        h.send(h.at(600), c.ft, &send_indication(sa(P1), b"x")),
+        Outcome::Drop(DropReason::NoAllocation)
+    ));
+    let r = h.refresh(h.at(600), &mut c, Some(600));
+    assert_error(&r, Method::Refresh, 437);
+    assert_eq!(
+        h.events(),
+        vec![Event::AllocationClosed {
+            five_tuple: c.ft,
+            relayed: relay(1)
+        }]
+    );
+    // A fresh Allocate on the same 5-tuple succeeds.
+    h.allocate_ok(h.at(600), &mut c, relay(2));
+    h.server.handle_timeout(h.at(600));
+    assert!(h.events().is_empty());
+    assert_eq!(h.server.allocation_count(), 1);
+}
+
+// ---------------------------------------------------------------------------------------
+// 11. Permissions, Send and Data indications
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn permissions_send_and_data_indications() {
+    let mut h = Harness::new();
+    let now = h.t0;
+    let mut c = Client::alice();
+    h.allocate_ok(now, &mut c, relay(1));
+    let (p1, p2, p3) = (sa(P1), sa(P2), sa(P3));
+
+    assert_success(&h.create_permission(now, &mut c, &[p1, p2]), Method::CreatePermission);
+    for (peer, payload) in [(p1, &b"hello p1"[..]), (p2, &b""[..]), (p2, &[0u8; 1200][..])] {
+        match h.send(now, c.ft, &send_indication(peer, payload)) {
+            Outcome::Relay {
+                relayed,
+                peer: to,
+                payload: got,
+            } => {
+                assert_eq!((relayed, to), (relay(1), peer));
+                assert_eq!(got, payload);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    // Permissions are per IP: another port of a permitted IP is fine.
+    let other_port = SocketAddr::new(p1.ip(), 9999);
+    assert!(matches!(
+        h.send(now, c.ft, &send_indication(other_port, b"x")),
+        Outcome::Relay { .. }
+    ));
+
+    // No permission for p3.
+    assert!(matches!(
+        h.send(now, c.ft, &send_indication(p3, b"x")),
+        Outcome::Drop(DropReason::NoPermission)
+    ));
+    // A denied peer and a family mismatch.
+    assert!(matches!(
+        h.send(now, c.ft, &send_indication(sa("127.0.0.1:4000"), b"x")),
+        Outcome::Drop(DropReason::PeerDenied)
+    ));
+    assert!(matches!(
+        h.send(now, c.ft, &send_indication(sa("[2606:4700::1111]:4000"), b"x")),
+        Outcome::Drop(DropReason::FamilyMismatch)
+    ));
+    // Send without DATA is malformed; from another 5-tuple there is no allocation.
+    let no_data = build(Method::Send, Class::Indication, fresh_tid(), |b| {
+        b.attribute(&Attribute::XorPeerAddress(p1));
+    });
+    assert!(matches!(
+        h.send(now, c.ft, &no_data),
+        Outcome::Drop(DropReason::Malformed)
+    ));
+    assert!(matches!(
+        h.send(now, five_tuple("203.0.113.10:1"), &send_indication(p1, b"x")),
+        Outcome::Drop(DropReason::NoAllocation)
+    ));
+
+    // Peer to client: permitted, no channel -> Data indication.
+    assert_eq!(
+        h.server.handle_peer(now, relay(1), p1),
+        PeerAction::Forward {
+            five_tuple: c.ft,
+            channel: None
+        }
+    );
+    assert_eq!(
+        h.server.handle_peer(now, relay(1), other_port),
+        PeerAction::Forward {
+            five_tuple: c.ft,
+            channel: None
+        }
+    );
+    assert_eq!(
+        h.server.handle_peer(now, relay(1), p3),
+        PeerAction::Drop(DropReason::NoPermission)
+    );
+    assert_eq!(
+        h.server.handle_peer(now, relay(2), p1),
+        PeerAction::Drop(DropReason::NoAllocation)
+    );
+
+    let mut out = vec![1, 2, 3];
+    h.server.encode_data_indication(p1, b"from the peer", &mut out);
+    let m = decode(&out);
+    assert_eq!((m.class(), m.method()), (Class::Indication, Method::Data));
+    assert_eq!(get(&m, kind::XOR_PEER_ADDRESS), Attribute::XorPeerAddress(p1));
+    assert_eq!(get(&m, kind::DATA), Attribute::Data(b"from the peer"));
+    let tid1 = m.transaction_id();
+    let mut out2 = Vec::new();
+    h.server
+        .encode_data_indication("[2606:4700::1111]:443".parse().unwrap(), b"v6", &mut out2);
+    let m2 = decode(&out2);
+    assert_ne!(m2.transaction_id(), tid1, "fresh transaction IDs");
+    assert_eq!(
+        get(&m2, kind::XOR_PEER_ADDRESS),
+        Attribute::XorPeerAddress(sa("[2606:4700::1111]:443"))
+    );
+    assert_eq!(get(&m2, kind::DATA), Attribute::Data(b"v6"));
+}
+
+#[test]
+fn permission_expires_after_300s() {
+    let mut h = Harness::new();
+    let mut c = Client::alice();
+    h.allocate_ok(h.t0, &mut c, relay(1));
+    let p1 = sa(P1);
+    h.create_permission(h.t0, &mut c, &[p1]);
+    let deadline = h.server.poll_timeout().unwrap();
+    assert!(
+        deadline <= h.at(300),
+        "the permission has a timer: {:?}",
+        deadline - h.t0
+    );
+
+    assert!(matches!(
+        h.send(h.at(299), c.ft, &send_indication(p1, b"x")),
+        Outcome::Relay { .. }
+    ));
+    assert!(matches!(
+        h.server.handle_peer(h.at(299), relay(1), p1),
+        PeerAction::Forward { .. }
+    ));
+    // Expired at 300 s, with or without handle_timeout.
+    assert!(matches!(
+        h.send(h.at(300), c.ft, &send_indication(p1, b"x")),
+        Outcome::Drop(DropReason::NoPermission)
+    ));
+    assert_eq!(
+        h.server.handle_peer(h.at(300), relay(1), p1),
+        PeerAction::Drop(DropReason::NoPermission)
+    );
+    h.server.handle_timeout(h.at(300));
+    assert!(h.server.allocation(&c.ft).unwrap().permissions.is_empty());
+    assert_eq!(h.server.allocation_count(), 1);
+    assert!(h.events().is_empty());
+
+    // Refreshing a permission before it expires extends it.
+    h.create_permission(h.at(310), &mut c, &[p1]);
+    h.create_permission(h.at(500), &mut c, &[p1]);
+    assert!(matches!(
+        h.send(h.at(599), c.ft, &send_indication(p1, b"x")),
+        Outcome::Relay { .. }
+    ));
+    // (The allocation itself ends at 600 s.)
+    assert!(matches!(
+        h.send(h.at(799), c.ft, &send_indication(p1, b"x")),
+        Outcome::Drop(DropReason::NoAllocation)
+    ));
+}
+
+#[test]
+fn create_permission_validation() {
+    let mut h = Harness::new();
+    let now = h.t0;
+    let mut c = Client::alice();
+    h.allocate_ok(now, &mut c, relay(1));
+    // No XOR-PEER-ADDRESS.
+    assert_error(&h.create_permission(now, &mut c, &[]), Method::CreatePermission, 400);
+    // One good and one refused peer: nothing is installed.
+    let r = h.create_permission(now, &mut c, &[sa(P1), sa("10.0.0.1:80")]);
+    assert_error(&r, Method::CreatePermission, 403);
+    assert!(h.server.allocation(&c.ft).unwrap().permissions.is_empty());
+    // Port 0 is fine for a permission (ports do not matter).
+    assert_success(
+        &h.create_permission(now, &mut c, &[sa("8.8.4.4:0")]),
+        Method::CreatePermission,
+    );
+    assert!(matches!(
+        h.send(now, c.ft, &send_indication(sa("8.8.4.4:53"), b"q")),
+        Outcome::Relay { .. }
+    ));
+}
+
+// ---------------------------------------------------------------------------------------
+// 12. Channels
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn channel_bind_and_channel_data() {
+    let mut h = Harness::new();
+    let now = h.t0;
+    let mut c = Client::alice();
+    h.allocate_ok(now, &mut c, relay(1));
+    let (p1, p2) = (sa(P1), sa(P2));
+
+    assert_success(&h.channel_bind(now, &mut c, 0x4000, p1), Method::ChannelBind);
+    match h.send(now, c.ft, &channel_data(0x4000, b"over the channel")) {
+        Outcome::Relay { relayed, peer, payload } => {
+            assert_eq!((relayed, peer), (relay(1), p1));
+            assert_eq!(payload, b"over the channel");
+        }
+        other => panic!("{other:?}"),
+    }
+    // With UDP padding.
+    let mut padded = channel_data(0x4000, b"abc");
+    padded.push(0);
+    assert!(matches!(h.send(now, c.ft, &padded), Outcome::Relay { payload, .. } if payload == b"abc"));
+    // ChannelBind installs a permission: Send indications work too.
+    assert!(matches!(
+        h.send(now, c.ft, &send_indication(p1, b"x")),
+        Outcome::Relay { .. }
+    ));
+
+    assert_eq!(
+        h.server.handle_peer(now, relay(1), p1),
+        PeerAction::Forward {
+            five_tuple: c.ft,
+            channel: Some(0x4000)
+        }
+    );
+    // Same IP, other port: permitted, but not the bound transport address.
+    let p1_other = SocketAddr::new(p1.ip(), 4001);
+    assert_eq!(
+        h.server.handle_peer(now, relay(1), p1_other),
+        PeerAction::Forward {
+            five_tuple: c.ft,
+            channel: None
+        }
+    );
+
+    assert!(matches!(
+        h.send(now, c.ft, &channel_data(0x4001, b"x")),
+        Outcome::Drop(DropReason::NoChannel)
+    ));
+    assert!(matches!(
+        h.send(now, c.ft, &[0x40, 0x00, 0x00, 0x09, 1]),
+        Outcome::Drop(DropReason::Malformed)
+    ));
+
+    // Conflicts: the number to another peer, the peer to another number.
+    assert_error(&h.channel_bind(now, &mut c, 0x4000, p2), Method::ChannelBind, 400);
+    assert_error(&h.channel_bind(now, &mut c, 0x4001, p1), Method::ChannelBind, 400);
+    // Another port of the same IP is another transport address: its own channel is fine.
+    assert_success(&h.channel_bind(now, &mut c, 0x4001, p1_other), Method::ChannelBind);
+    assert_eq!(
+        h.server.handle_peer(now, relay(1), p1_other),
+        PeerAction::Forward {
+            five_tuple: c.ft,
+            channel: Some(0x4001)
+        }
+    );
+    // Refreshing the same binding succeeds and moves its expiry.
+    assert_success(&h.channel_bind(h.at(100), &mut c, 0x4000, p1), Method::ChannelBind);
+    let a = h.server.allocation(&c.ft).unwrap();
+    assert_eq!(a.channels[&0x4000].expires, h.at(700));
+    assert_eq!(a.channels[&0x4001].expires, h.at(600));
+    assert_eq!(
+        a.permissions[&p1.ip()],
+        h.at(400),
+        "ChannelBind refreshes the permission"
+    );
+
+    // Missing attributes.
+    let r = h.respond(now, &mut c, Method::ChannelBind, &[Attribute::ChannelNumber(0x4002)]);
+    assert_error(&r, Method::ChannelBind, 400);
+    let r = h.respond(now, &mut c, Method::ChannelBind, &[Attribute::XorPeerAddress(p2)]);
+    assert_error(&r, Method::ChannelBind, 400);
+}
+
+#[test]
+fn channel_number_ranges() {
+    let mut h = Harness::new();
+    let now = h.t0;
+    let mut c = Client::alice();
+    h.allocate_ok(now, &mut c, relay(1));
+    let peers = [
+        "8.8.8.8:1",
+        "8.8.8.8:2",
+        "8.8.8.8:3",
+        "8.8.8.8:4",
+        "8.8.8.8:5",
+        "8.8.8.8:6",
+    ]
+    .map(sa);
+    assert_error(&h.channel_bind(now, &mut c, 0x3FFF, peers[0]), Method::ChannelBind, 400);
+    assert_error(&h.channel_bind(now, &mut c, 0x8000, peers[1]), Method::ChannelBind, 400);
+    assert_error(&h.channel_bind(now, &mut c, 0x0000, peers[1]), Method::ChannelBind, 400);
+    assert_error(&h.channel_bind(now, &mut c, 0xFFFF, peers[1]), Method::ChannelBind, 400);
+    assert_success(&h.channel_bind(now, &mut c, 0x4000, peers[2]), Method::ChannelBind);
+    assert_success(&h.channel_bind(now, &mut c, 0x4FFF, peers[3]), Method::ChannelBind);
+    assert_success(&h.channel_bind(now, &mut c, 0x5000, peers[4]), Method::ChannelBind);
+    assert_success(&h.channel_bind(now, &mut c, 0x7FFF, peers[5]), Method::ChannelBind);
+    assert!(matches!(h.send(now, c.ft, &channel_data(0x7FFF, b"z")), Outcome::Relay { peer, .. } if peer == peers[5]));
+
+    let mut h = Harness::with_config(ServerConfig {
+        strict_channel_numbers: true,
+        ..ServerConfig::default()
+    });
+    let mut c = Client::alice();
+    h.allocate_ok(now, &mut c, relay(1));
+    assert_error(&h.channel_bind(now, &mut c, 0x5000, peers[4]), Method::ChannelBind, 400);
+    assert_error(&h.channel_bind(now, &mut c, 0x7FFF, peers[5]), Method::ChannelBind, 400);
+    assert_error(&h.channel_bind(now, &mut c, 0x3FFF, peers[0]), Method::ChannelBind, 400);
+    assert_success(&h.channel_bind(now, &mut c, 0x4000, peers[2]), Method::ChannelBind);
+    assert_success(&h.channel_bind(now, &mut c, 0x4FFF, peers[3]), Method::ChannelBind);
+    assert!(h.server.allocation(&c.ft).unwrap().channels.len() == 2);
+}
+
+#[test]
+fn channel_binding_expires_after_600s() {
+    let mut h = Harness::new();
+    let mut c = Client::alice();
+    h.allocate_with(h.t0, &mut c, &[Attribute::Lifetime(3600)], relay(1));
+    let p1 = sa(P1);
+    assert_success(&h.channel_bind(h.t0, &mut c, 0x4000, p1), Method::ChannelBind);
+    // Keep the permission alive independently of the channel.
+    h.create_permission(h.at(250), &mut c, &[p1]);
+    h.server.handle_timeout(h.at(300));
+    h.create_permission(h.at(500), &mut c, &[p1]);
+    h.server.handle_timeout(h.at(599));
+
+    assert!(matches!(
+        h.send(h.at(599), c.ft, &channel_data(0x4000, b"x")),
+        Outcome::Relay { .. }
+    ));
+    assert_eq!(
+        h.server.handle_peer(h.at(599), relay(1), p1),
+        PeerAction::Forward {
+            five_tuple: c.ft,
+            channel: Some(0x4000)
+        }
+    );
+
+    // At 600 s the binding is gone (checked before and after handle_timeout).
+    assert!(matches!(
+        h.send(h.at(600), c.ft, &channel_data(0x4000, b"x")),
+        Outcome::Drop(DropReason::NoChannel)
+    ));
+    assert_eq!(
+        h.server.handle_peer(h.at(600), relay(1), p1),
+        PeerAction::Forward {
+            five_tuple: c.ft,
+            channel: None
+        }
+    );
+    h.server.handle_timeout(h.at(600));
+    let a = h.server.allocation(&c.ft).unwrap();
+    assert!(a.channels.is_empty() && a.channel_by_peer.is_empty());
+    assert!(matches!(
+        h.send(h.at(601), c.ft, &channel_data(0x4000, b"x")),
+        Outcome::Drop(DropReason::NoChannel)
+    ));
+    // Send indications still work through the refreshed permission.
+    assert!(matches!(
+        h.send(h.at(601), c.ft, &send_indication(p1, b"x")),
+        Outcome::Relay { .. }
+    ));
+    assert!(h.events().is_empty());
+
+    // Without a permission refresh, ChannelData stops with the permission (300 s).
+    let mut d = Client::bob();
+    h.allocate_with(h.at(1000), &mut d, &[Attribute::Lifetime(3600)], relay(2));
+    h.channel_bind(h.at(1000), &mut d, 0x4000, p1);
+    assert!(matches!(
+        h.send(h.at(1299), d.ft, &channel_data(0x4000, b"x")),
+        Outcome::Relay { .. }
+    ));
+    assert!(matches!(
+        h.send(h.at(1300), d.ft, &channel_data(0x4000, b"x")),
+        Outcome::Drop(DropReason::NoPermission)
+    ));
+}
+
+// ---------------------------------------------------------------------------------------
+// 13. Peer policy through the server
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn default_policy_refuses_special_ipv4_peers() {
+    let mut h = Harness::new();
+    let now = h.t0;
+    let mut c = Client::alice();
+    h.allocate_ok(now, &mut c, relay(1));
+    for peer in [
+        "127.0.0.1:5000",
+        "0.0.0.0:5000",
+        "169.254.169.254:80",
+        "10.0.0.1:5000",
+        "192.168.1.1:5000",
+        "192.0.2.200:50001",
+    ] {
+        let r = h.create_permission(now, &mut c, &[sa(peer)]);
+        assert_error(&r, Method::CreatePermission, 403);
+        c.verify(&r);
+    }
+    // ::ffff:127.0.0.1 is an IPv6 address on an IPv4 allocation: the family check comes
+    // first, so the server answers 443 Peer Address Family Mismatch (refused either way).
+    let r = h.create_permission(now, &mut c, &[sa("[::ffff:127.0.0.1]:5000")]);
+    let code = err_code(&r).expect("an error");
+    assert!(code == 403 || code == 443, "{code}");
+    assert_eq!(code, 443);
+
+    assert_error(
+        &h.channel_bind(now, &mut c, 0x4000, sa("127.0.0.1:5000")),
+        Method::ChannelBind,
+        403,
+    );
+    assert_error(
+        &h.channel_bind(now, &mut c, 0x4000, sa("8.8.8.8:0")),
+        Method::ChannelBind,
+        403,
+    );
+    assert_error(
+        &h.channel_bind(now, &mut c, 0x4000, sa("[::ffff:127.0.0.1]:5000")),
+        Method::ChannelBind,
+        443,
+    );
+    let a = h.server.allocation(&c.ft).unwrap();
+    assert!(a.permissions.is_empty() && a.channels.is_empty());
+    // Data from a denied peer is dropped before the permission check.
+    assert_eq!(
+        h.server.handle_peer(now, relay(1), sa("127.0.0.1:5000")),
+        PeerAction::Drop(DropReason::PeerDenied)
+    );
+}
+
+#[test]
+fn default_policy_refuses_special_ipv6_peers_and_ipv4_in_ipv6_spellings() {
+    let mut h = Harness::new();
+    let now = h.t0;
+    let mut c = Client::alice();
+    let v6_relay: SocketAddr = "[2001:db8::1]:50000".parse().unwrap();
+    let req = h
+        .request(
+            now,
+            &mut c,
+            Method::Allocate,
+            fresh_tid(),
+            &[
+                Attribute::RequestedTransport(17),
+                Attribute::RequestedAddressFamily(AddressFamily::V6),
+            ],
+        )
+        .allocate();
+    assert_eq!(req.family, AddressFamily::V6);
+    let (r, _) = h.complete(now, &c, req, Ok(v6_relay));
+    assert_success(&r, Method::Allocate);
+    assert_eq!(relayed_of(&r), v6_relay);
+
+    for peer in [
+        "[::ffff:127.0.0.1]:5000",
+        "[::127.0.0.1]:5000",
+        "[64:ff9b::7f00:1]:5000",
+        "[2002:7f00:1::1]:5000",
+        "[fe80::1]:5000",
+        "[fd00::1]:5000",
+        "[::1]:5000",
+        "[::]:5000",
+        "[::ffff:10.0.0.1]:5000",
+    ] {
+        let r = h.create_permission(now, &mut c, &[sa(peer)]);
+        assert_error(&r, Method::CreatePermission, 403);
+        c.verify(&r);
+        assert_error(&h.channel_bind(now, &mut c, 0x4000, sa(peer)), Method::ChannelBind, 403);
+    }
+    // An IPv4 peer on an IPv6 allocation: 443.
+    assert_error(
+        &h.create_permission(now, &mut c, &[sa(P1)]),
+        Method::CreatePermission,
+        443,
+    );
+    // A public IPv6 peer is fine.
+    let public = sa("[2606:4700:4700::1111]:53");
+    assert_success(&h.create_permission(now, &mut c, &[public]), Method::CreatePermission);
+    assert!(
+        matches!(h.send(now, c.ft, &send_indication(public, b"q")), Outcome::Relay { relayed, .. } if relayed == v6_relay)
+    );
+    assert_eq!(h.server.allocation(&c.ft).unwrap().permissions.len(), 1);
+    // Refresh with REQUESTED-ADDRESS-FAMILY IPv6 matches this allocation.
+    let r = h.respond(
+        now,
+        &mut c,
+        Method::Refresh,
+        &[Attribute::RequestedAddressFamily(AddressFamily::V6)],
+    );
+    assert_success(&r, Method::Refresh);
+}
+
+#[test]
+fn loopback_allowed_by_operator_policy() {
+    let policy = PeerPolicy::new(vec!["127.0.0.0/8".parse().unwrap()], vec![], vec![], vec![]);
+    let mut h = Harness::with(ServerConfig::default(), policy);
+    let now = h.t0;
+    let mut c = Client::alice();
+    h.allocate_ok(now, &mut c, relay(1));
+    let lo = sa("127.0.0.1:5000");
+    assert_success(&h.create_permission(now, &mut c, &[lo]), Method::CreatePermission);
+    assert!(matches!(h.send(now, c.ft, &send_indication(lo, b"x")), Outcome::Relay { peer, .. } if peer == lo));
+    assert_eq!(
+        h.server.handle_peer(now, relay(1), lo),
+        PeerAction::Forward {
+            five_tuple: c.ft,
+            channel: None
+        }
+    );
+    assert_success(&h.channel_bind(now, &mut c, 0x4000, lo), Method::ChannelBind);
+    // Other special ranges stay refused.
+    assert_error(
+        &h.create_permission(now, &mut c, &[sa("10.0.0.1:5000")]),
+        Method::CreatePermission,
+        403,
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// 14. Per-allocation limits
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn permission_limit_is_508() {
+    let mut h = Harness::with_config(ServerConfig {
+        max_permissions_per_allocation: 2,
+        ..ServerConfig::default()
+    });
+    let now = h.t0;
+    let mut c = Client::alice();
+    h.allocate_ok(now, &mut c, relay(1));
+    assert_success(&h.create_permission(now, &mut c, &[sa(P1)]), Method::CreatePermission);
+    assert_success(&h.create_permission(now, &mut c, &[sa(P2)]), Method::CreatePermission);
+    let r = h.create_permission(now, &mut c, &[sa(P3)]);
+    assert_error(&r, Method::CreatePermission, 508);
+    c.verify(&r);
+    // Refreshing existing ones (another port of the same IP too) is fine.
+    assert_success(
+        &h.create_permission(now, &mut c, &[sa(P1), sa("1.1.1.1:1")]),
+        Method::CreatePermission,
+    );
+    // A ChannelBind needs a permission slot for a new peer IP too.
+    assert_error(&h.channel_bind(now, &mut c, 0x4000, sa(P3)), Method::ChannelBind, 508);
+    assert_success(&h.channel_bind(now, &mut c, 0x4000, sa(P1)), Method::ChannelBind);
+    // Expired permissions free their slots.
+    assert_success(
+        &h.create_permission(h.at(300), &mut c, &[sa(P3)]),
+        Method::CreatePermission,
+    );
+    assert_eq!(h.server.allocation(&c.ft).unwrap().permissions.len(), 1);
+    // Two new peers at once when one slot is left: refused, and nothing is installed.
+    let r = h.create_permission(h.at(300), &mut c, &[sa(P1), sa(P2)]);
+    assert_error(&r, Method::CreatePermission, 508);
+    assert_eq!(h.server.allocation(&c.ft).unwrap().permissions.len(), 1);
+}
+
+#[test]
+fn channel_limit_is_508() {
+    let mut h = Harness::with_config(ServerConfig {
+        max_channels_per_allocation: 1,
+        ..ServerConfig::default()
+    });
+    let now = h.t0;
+    let mut c = Client::alice();
+    h.allocate_ok(now, &mut c, relay(1));
+    assert_success(&h.channel_bind(now, &mut c, 0x4000, sa(P1)), Method::ChannelBind);
+    let r = h.channel_bind(now, &mut c, 0x4001, sa(P2));
+    assert_error(&r, Method::ChannelBind, 508);
+    c.verify(&r);
+    // Refreshing the existing binding is not a new channel.
+    assert_success(&h.channel_bind(now, &mut c, 0x4000, sa(P1)), Method::ChannelBind);
+    let a = h.server.allocation(&c.ft).unwrap();
+    assert_eq!(a.channels.len(), 1);
+    assert!(
+        !a.permissions.contains_key(&sa(P2).ip()),
+        "a refused ChannelBind installs no permission"
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// 16. Unexpected messages
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn responses_and_stray_indications_from_clients_are_dropped() {
+    let mut h = Harness::new();
+    let ft = five_tuple("203.0.113.10:40000");
+    for (method, class) in [
+        (Method::Binding, Class::Success),
+        (Method::Binding, Class::Error),
+        (Method::Allocate, Class::Success),
+        (Method::Data, Class::Indication),
+        (Method::Allocate, Class::Indication),
+    ] {
+        let msg = build(method, class, fresh_tid(), |b| {
+            b.attribute(&Attribute::XorMappedAddress(sa("198.51.100.1:1")));
+        });
+        assert!(
+            matches!(h.send(h.t0, ft, &msg), Outcome::Drop(DropReason::UnexpectedMessage)),
+            "{method:?} {class:?}"
+        );
+    }
+}
+
+#[test]
+fn unknown_method_request_is_400() {
+    let mut h = Harness::new();
+    let ft = five_tuple("203.0.113.10:40000");
+    for method in [Method::Other(0x0FF), Method::Send, Method::Data, Method::Connect] {
+        let tid = fresh_tid();
+        let r = h.send(
+            h.t0,
+            ft,
+            &build(method, Class::Request, tid, |b| {
+                b.fingerprint();
+            }),
+        );
+        let r = r.response();
+        assert_error(&r, method, 400);
+        let m = decode(&r);
+        assert_eq!(m.transaction_id(), tid);
+        assert_eq!(m.method().number(), method.number());
+        assert_eq!(integrity::verify_fingerprint(&m), Ok(()));
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Malformed integrity attributes
+// ---------------------------------------------------------------------------------------
+
+/// A MESSAGE-INTEGRITY shorter than 20 bytes at the end of an otherwise valid request
+/// (valid nonce, known user) must be refused cleanly, not crash the server.
+#[test]
+fn short_message_integrity_is_refused_without_panic() {
+    let mut h = Harness::new();
+    let now = h.t0;
+    let mut c = Client::alice();
+    h.challenge(now, &mut c);
+    let nonce = c.nonce.clone().unwrap();
+    for len in [0usize, 4, 16] {
+        let tid = fresh_tid();
+        let req = build(Method::Allocate, Class::Request, tid, |b| {
+            b.attribute(&Attribute::Username("alice"));
+            b.attribute(&Attribute::Realm(REALM));
+            b.attribute(&Attribute::Nonce(&nonce));
+            b.attribute(&Attribute::RequestedTransport(17));
+            b.raw_attribute(kind::MESSAGE_INTEGRITY, &vec![0u8; len]);
+        });
+        let r = h.send(now, c.ft, &req).response();
+        let m = decode(&r);
+        assert_eq!((m.transaction_id(), m.class()), (tid, Class::Error));
+        let code = err_code(&r).unwrap();
+        assert!(code == 400 || code == 401, "{code}");
+    }
+    for len in [0usize, 8, 36] {
+        let req = build(Method::Allocate, Class::Request, fresh_tid(), |b| {
+            b.attribute(&Attribute::Username("alice"));
+            b.attribute(&Attribute::Realm(REALM));
+            b.attribute(&Attribute::Nonce(&nonce));
+            b.raw_attribute(kind::MESSAGE_INTEGRITY_SHA256, &vec![0u8; len]);
+        });
+        let r = h.send(now, c.ft, &req).response();
+        let code = err_code(&r).unwrap();
+        assert!(code == 400 || code == 401, "{code}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// 15. Robustness
+// ---------------------------------------------------------------------------------------
+
+/// A server with a live allocation (permission for P1, channel 0x4000 to P1) and a set of
+/// valid requests and indications for it.
+fn fuzz_fixture() -> (Harness, Client, Vec<Vec<u8>>) {
+    let mut h = Harness::new();
+    let now = h.t0;
+    let mut c = Client::alice();
+    h.allocate_ok(now, &mut c, relay(1));
+    h.channel_bind(now, &mut c, 0x4000, sa(P1));
+    let mut c256 = Client::new("203.0.113.10:40000", "alice", "alice-pw").sha256();
+    c256.nonce = c.nonce.clone();
+    let p2 = sa(P2);
+    let v6 = sa("[2606:4700::1]:1");
+    let valid = vec![
+        c.authenticated(
+            Method::CreatePermission,
+            fresh_tid(),
+            &[Attribute::XorPeerAddress(p2), Attribute::XorPeerAddress(sa(P3))],
+        ),
+        c.authenticated(
+            Method::ChannelBind,
+            fresh_tid(),
+            &[Attribute::ChannelNumber(0x4001), Attribute::XorPeerAddress(p2)],
+        ),
+        c.authenticated(Method::Refresh, fresh_tid(), &[Attribute::Lifetime(1200)]),
+        c.authenticated(Method::Refresh, fresh_tid(), &[Attribute::Lifetime(0)]),
+        c.authenticated(
+            Method::Allocate,
+            fresh_tid(),
+            &[Attribute::RequestedTransport(17), Attribute::Lifetime(300)],
+        ),
+        c256.authenticated(Method::CreatePermission, fresh_tid(), &[Attribute::XorPeerAddress(v6)]),
+        c256.authenticated(
+            Method::Allocate,
+            fresh_tid(),
+            &[Attribute::RequestedTransport(17), Attribute::EvenPort(true)],
+        ),
+        c.unauthenticated(Method::Binding, fresh_tid(), &[]),
+        send_indication(sa(P1), b"payload"),
+        channel_data(0x4000, b"channel payload"),
+    ];
+    (h, c, valid)
+}
+
+/// Feeds `data` to `handle_client` and checks the invariants: no panic; a decodable
+/// request is always answered (or handed to the shell as an Allocate), with its
+/// transaction ID, method and (if it had one) a valid FINGERPRINT.
+fn check_client_datagram(h: &mut Harness, ft: FiveTuple, now: Instant, data: &[u8]) -> Result<(), TestCaseError> {
+    let request = Message::decode(data).ok().filter(|m| m.class() == Class::Request);
+    let bad_fingerprint = request
+        .as_ref()
+        .is_some_and(|m| m.fingerprint_offset().is_some() && integrity::verify_fingerprint(m).is_err());
+    let outcome = h.send(now, ft, data);
+    let Some(req) = request else { return Ok(()) };
+    if bad_fingerprint {
+        prop_assert!(
+            matches!(outcome, Outcome::Drop(DropReason::BadFingerprint)),
+            "{:?}",
+            outcome
+        );
+        return Ok(());
+    }
+    let resp = match outcome {
+        Outcome::Respond(r) => r,
+        Outcome::Allocate(a) => {
+            let mut out = Vec::new();
+            h.server.complete_allocate(now, a, Ok(relay(99)), &mut out);
+            out
+        }
+        other => return Err(TestCaseError::fail(format!("request not answered: {other:?}"))),
+    };
+    let m = Message::decode(&resp).map_err(|e| TestCaseError::fail(format!("response does not decode: {e}")))?;
+    prop_assert_eq!(m.transaction_id(), req.transaction_id());
+    prop_assert_eq!(m.method(), req.method());
+    prop_assert!(matches!(m.class(), Class::Success | Class::Error));
+    if req.fingerprint_offset().is_some() {
+        prop_assert_eq!(integrity::verify_fingerprint(&m), Ok(()));
+    }
+    if let Some(Ok(Attribute::ErrorCode { code, .. })) = m.get(kind::ERROR_CODE) {
+        prop_assert!((300..700).contains(&code.0));
+    }
+    Ok(())
+}
+
+/// One mutation of a datagram.
+#[derive(Debug, Clone)]
+enum Mutation {
+    Flip {
+        at: usize,
+        mask: u8,
+    },
+    Set {
+        at: usize,
+        value: u8,
+    },
+    Truncate {
+        at: usize,
+    },
+    Insert {
+        at: usize,
+        bytes: Vec<u8>,
+    },
+    /// Cut at an attribute boundary and append one attribute of this kind and value.
+    Append {
+        boundary: usize,
+        kind: u16,
+        value: Vec<u8>,
+    },
+}
+
+fn mutation() -> impl Strategy<Value = Mutation> {
+    let kinds = prop_oneof![
+        Just(kind::MESSAGE_INTEGRITY),
+        Just(kind::MESSAGE_INTEGRITY_SHA256),
+        Just(kind::FINGERPRINT),
+        Just(kind::XOR_PEER_ADDRESS),
+        Just(kind::CHANNEL_NUMBER),
+        Just(kind::LIFETIME),
+        Just(kind::REQUESTED_TRANSPORT),
+        Just(kind::PASSWORD_ALGORITHM),
+        Just(kind::PASSWORD_ALGORITHMS),
+        Just(kind::USERHASH),
+        Just(kind::DATA),
+        any::<u16>(),
+    ];
+    prop_oneof![
+        (any::<usize>(), 1u8..=255).prop_map(|(at, mask)| Mutation::Flip { at, mask }),
+        (any::<usize>(), any::<u8>()).prop_map(|(at, value)| Mutation::Set { at, value }),
+        any::<usize>().prop_map(|at| Mutation::Truncate { at }),
+        (any::<usize>(), proptest::collection::vec(any::<u8>(), 1..8))
+            .prop_map(|(at, bytes)| Mutation::Insert { at, bytes }),
+        (any::<usize>(), kinds, proptest::collection::vec(any::<u8>(), 0..40))
+            .prop_map(|(boundary, kind, value)| Mutation::Append { boundary, kind, value }),
+    ]
+}
+
+fn apply(data: &mut Vec<u8>, m: &Mutation) {
+    match m {
+        Mutation::Flip { at, mask } if !data.is_empty() => {
+            let i = at % data.len();
+            data[i] ^= mask;
+        }
+        Mutation::Set { at, value } if !data.is_empty() => {
+            let i = at % data.len();
+            data[i] = *value;
+        }
+        Mutation::Truncate { at } => {
+            let n = at % (data.len() + 1);
+            data.truncate(n);
+        }
+        Mutation::Insert { at, bytes } => {
+            let i = at % (data.len() + 1);
+            data.splice(i..i, bytes.iter().copied());
+        }
+        Mutation::Append { boundary, kind, value } => {
+            let Ok(m) = Message::decode(data) else { return };
+            let mut bounds: Vec<usize> = m.attributes().map(|a| a.offset).collect();
+            bounds.push(data.len());
+            let cut = bounds[boundary % bounds.len()];
+            data.truncate(cut);
+            data.extend_from_slice(&kind.to_be_bytes());
+            data.extend_from_slice(&(value.len() as u16).to_be_bytes());
+            data.extend_from_slice(value);
+            data.resize(data.len() + (4 - value.len() % 4) % 4, 0);
+            let len = (data.len() - 20) as u16;
+            data[2..4].copy_from_slice(&len.to_be_bytes());
+        }
+        _ => {}
+    }
+}
+
+/// Makes a byte string look like a STUN header (top bits, cookie, length), so that more
+/// random inputs get past the header checks.
+fn stunify(data: &mut Vec<u8>) {
+    if data.len() >= 20 {
+        data[0] &= 0x3F;
+        data.truncate(20 + ((data.len() - 20) & !3));
+        let len = (data.len() - 20) as u16;
+        data[2..4].copy_from_slice(&len.to_be_bytes());
+        data[4..8].copy_from_slice(&crate::proto::stun::MAGIC_COOKIE.to_be_bytes());
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(1000))]
+
+    #[test]
+    fn random_datagrams_never_panic(
+        mut data in proptest::collection::vec(any::<u8>(), 0..400),
+        stunlike in any::<bool>(),
+        secs in 0u64..1500,
+        same_tuple in any::<bool>(),
+    ) {
+        let (mut h, c, _) = fuzz_fixture();
+        if stunlike {
+            stunify(&mut data);
+        }
+        let ft = if same_tuple { c.ft } else { five_tuple("198.51.100.77:999") };
+        let now = h.at(secs);
+        check_client_datagram(&mut h, ft, now, &data)?;
+        h.server.handle_timeout(now);
+        while h.server.poll_event().is_some() {}
+    }
+
+    #[test]
+    fn mutated_valid_requests_never_panic(
+        which in any::<prop::sample::Index>(),
+        mutations in proptest::collection::vec(mutation(), 1..4),
+        fix_header in any::<bool>(),
+        secs in prop_oneof![Just(0u64), 0u64..1300],
+    ) {
+        let (mut h, c, valid) = fuzz_fixture();
+        let mut data = valid[which.index(valid.len())].clone();
+        for m in &mutations {
+            apply(&mut data, m);
+        }
+        if fix_header && data.len() >= 20 && data[0] & 0xC0 == 0 {
+            stunify(&mut data);
+        }
+        let now = h.at(secs);
+        check_client_datagram(&mut h, c.ft, now, &data)?;
+        // And the server keeps working afterwards.
+        let b = h.send(now, c.ft, &c.unauthenticated(Method::Binding, fresh_tid(), &[]));
+        prop_assert!(matches!(b, Outcome::Respond(_)));
+    }
+
+    #[test]
+    fn unmutated_fixture_requests_are_answered(which in any::<prop::sample::Index>(), secs in 0u64..700) {
+        let (mut h, c, valid) = fuzz_fixture();
+        let data = valid[which.index(valid.len())].clone();
+        let now = h.at(secs);
+        check_client_datagram(&mut h, c.ft, now, &data)?;
+    }
+
+    #[test]
+    fn handle_peer_never_panics(
+        relay_port in 49_990u16..50_010,
+        v6 in any::<bool>(),
+        ip4 in any::<u32>(),
+        ip6 in any::<u128>(),
+        port in any::<u16>(),
+        secs in 0u64..1500,
+        payload in proptest::collection::vec(any::<u8>(), 0..64),
+    ) {
+        let (mut h, c, _) = fuzz_fixture();
+        let relayed = SocketAddr::new("192.0.2.200".parse().unwrap(), relay_port);
+        let peer = if v6 {
+            SocketAddr::new(std::net::Ipv6Addr::from(ip6).into(), port)
+        } else {
+            SocketAddr::new(std::net::Ipv4Addr::from(ip4).into(), port)
+        };
+        let now = h.at(secs);
+        let action = h.server.handle_peer(now, relayed, peer);
+        if let PeerAction::Forward { five_tuple, channel } = action {
+            prop_assert_eq!(relayed, relay(1));
+            prop_assert_eq!(five_tuple, c.ft);
+            prop_assert!(peer.is_ipv4());
+            prop_assert!(channel.is_none() || channel == Some(0x4000));
+            let mut out = Vec::new();
+            h.server.encode_data_indication(peer, &payload, &mut out);
+            let m = Message::decode(&out).unwrap();
+            prop_assert_eq!(m.get(kind::XOR_PEER_ADDRESS), Some(Ok(Attribute::XorPeerAddress(peer))));
+            prop_assert_eq!(m.get(kind::DATA), Some(Ok(Attribute::Data(&payload[..]))));
+        }
+        h.server.handle_timeout(now);
+    }
+}
