@@ -44,7 +44,10 @@ fn main() -> Result<()> {
     signal_hook::flag::register(signal_hook::consts::SIGTERM, shutdown.clone())?;
     runtime.run(&shutdown)?;
     let stats = runtime.stats();
+    let (allocations, relay_ports_in_use) = runtime.allocations();
     tracing::info!(
+        allocations,
+        relay_ports_in_use,
         client_rx = stats.client_rx,
         peer_rx = stats.peer_rx,
         to_peer = stats.to_peer,
