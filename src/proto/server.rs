@@ -175,6 +175,12 @@ impl AllocateRequest {
     pub fn grant_reservation(&mut self, token: [u8; 8]) {
         self.granted_token = Some(token);
     }
+
+    /// The authenticated user, for quotas kept outside the server (a control thread
+    /// shared by several shards).
+    pub fn username(&self) -> &str {
+        &self.auth.username
+    }
 }
 
 /// Why the shell could not reserve a relayed transport address.
@@ -186,6 +192,10 @@ pub enum RelayError {
     Exhausted,
     /// The RESERVATION-TOKEN is unknown or its reservation expired (508).
     BadReservationToken,
+    /// The user holds as many allocations as the user quota allows (486).
+    UserQuota,
+    /// The server holds as many allocations as the total quota allows (508).
+    TotalQuota,
 }
 
 /// Where a peer datagram goes, from [`Server::handle_peer`].
@@ -770,7 +780,11 @@ impl Server {
                 self.error(out, &reply, ErrorCode::ADDRESS_FAMILY_NOT_SUPPORTED);
                 return None;
             }
-            Err(RelayError::Exhausted | RelayError::BadReservationToken) => {
+            Err(RelayError::UserQuota) => {
+                self.error(out, &reply, ErrorCode::ALLOCATION_QUOTA_REACHED);
+                return None;
+            }
+            Err(RelayError::Exhausted | RelayError::BadReservationToken | RelayError::TotalQuota) => {
                 self.error(out, &reply, ErrorCode::INSUFFICIENT_CAPACITY);
                 return None;
             }
