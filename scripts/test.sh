@@ -22,6 +22,27 @@ if ! python3 -c "import aioice" >/dev/null 2>&1; then
   python3 -m pip install -q "aioice==0.13.0" || python3 -m pip install -q --break-system-packages "aioice==0.13.0"
 fi
 
+# The browser test (tests/it/browser.rs) needs Debian's chromium and playwright-core from npm
+# (never a downloaded browser); the NAT lab (tests/it/natlab.rs) needs iproute2, iptables,
+# nftables and conntrack, and root for network namespaces.
+missing=""
+command -v chromium >/dev/null || missing="$missing chromium"
+command -v ip >/dev/null || missing="$missing iproute2"
+command -v iptables >/dev/null || missing="$missing iptables"
+command -v nft >/dev/null || missing="$missing nftables"
+command -v conntrack >/dev/null || missing="$missing conntrack"
+command -v node >/dev/null || missing="$missing nodejs npm"
+if [ -n "$missing" ]; then
+  echo "== installing$missing"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq $missing >/dev/null
+fi
+if [ ! -f tests/browser/node_modules/playwright-core/package.json ] ||
+   [ tests/browser/package-lock.json -nt tests/browser/node_modules/.package-lock.json ]; then
+  echo "== npm ci (tests/browser: playwright-core)"
+  (cd tests/browser && npm ci --no-audit --no-fund --loglevel=error)
+fi
+
 if ! cargo nextest --version >/dev/null 2>&1; then
   echo "== installing cargo-nextest"
   cargo install --locked cargo-nextest

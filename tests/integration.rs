@@ -16,3 +16,6 @@ mod own_client;
 
 #[path = "it/cli.rs"]
 mod cli;
+
+#[path = "it/browser.rs"]
+mod browser;
