@@ -113,6 +113,28 @@ pub struct Settings {
     /// Socket receive and send buffer size in bytes for listening sockets [default: 4194304].
     #[arg(long)]
     pub socket_buffer: Option<usize>,
+
+    /// Socket receive and send buffer size in bytes for each relay socket [default: 524288].
+    #[arg(long)]
+    pub relay_socket_buffer: Option<usize>,
+
+    /// Number of shards (forwarding threads, one per core) [default: the cores this
+    /// process may run on].
+    #[arg(long)]
+    pub shards: Option<usize>,
+
+    /// I/O backend: auto (io_uring when the probe passes), io-uring, or mmsg
+    /// (recvmmsg/sendmmsg with epoll) [default: auto].
+    #[arg(long)]
+    pub io_backend: Option<String>,
+
+    /// io_uring submission queue entries per shard [default: 4096].
+    #[arg(long)]
+    pub ring_entries: Option<u32>,
+
+    /// Do not pin shard threads to cores.
+    #[arg(long)]
+    pub no_pin: bool,
 }
 
 macro_rules! overlay {
@@ -140,9 +162,10 @@ impl Settings {
         base.config = cli.config.clone();
         overlay!(base, cli;
             opt: realm, min_port, max_port, log_level, user_quota, total_quota, max_permissions, max_channels,
-                 default_lifetime, max_lifetime, nonce_lifetime, software, socket_buffer;
+                 default_lifetime, max_lifetime, nonce_lifetime, software, socket_buffer,
+                 relay_socket_buffer, shards, io_backend, ring_entries;
             vec: listen, relay_ip, users, static_auth_secret, allowed_peer_ip, denied_peer_ip;
-            flag: strict_channel_numbers);
+            flag: strict_channel_numbers, no_pin);
         Ok(base)
     }
 
@@ -180,6 +203,27 @@ pub struct Config {
     pub denied_peers: Vec<Cidr>,
     /// Listening socket buffer size in bytes.
     pub socket_buffer: usize,
+    /// Relay socket buffer size in bytes.
+    pub relay_socket_buffer: usize,
+    /// Number of shards.
+    pub shards: usize,
+    /// I/O backend choice.
+    pub io_backend: BackendChoice,
+    /// io_uring submission queue entries per shard.
+    pub ring_entries: u32,
+    /// Pin shard threads to cores.
+    pub pin_cores: bool,
+}
+
+/// The `--io-backend` choice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendChoice {
+    /// io_uring when the start-up probe passes, else mmsg.
+    Auto,
+    /// io_uring or fail.
+    IoUring,
+    /// recvmmsg/sendmmsg with epoll.
+    Mmsg,
 }
 
 impl Config {
@@ -277,6 +321,17 @@ impl Config {
             software: s.software,
             ..defaults
         };
+        let io_backend = match s.io_backend.as_deref().unwrap_or("auto") {
+            "auto" => BackendChoice::Auto,
+            "io-uring" | "io_uring" | "uring" => BackendChoice::IoUring,
+            "mmsg" => BackendChoice::Mmsg,
+            other => bail!("--io-backend {other:?}: expected auto, io-uring or mmsg"),
+        };
+        let shards = match s.shards {
+            Some(0) => bail!("--shards must be at least 1"),
+            Some(n) => n,
+            None => core_affinity::get_core_ids().map(|c| c.len()).unwrap_or(1).max(1),
+        };
         let user_count = users.len();
         let secret_count = s.static_auth_secret.len();
         let credentials = Credentials::new(users, s.static_auth_secret, &realm);
@@ -292,6 +347,11 @@ impl Config {
             allowed_peers: allowed,
             denied_peers: denied,
             socket_buffer: s.socket_buffer.unwrap_or(4 << 20),
+            relay_socket_buffer: s.relay_socket_buffer.unwrap_or(512 << 10),
+            shards,
+            io_backend,
+            ring_entries: s.ring_entries.unwrap_or(4096),
+            pin_cores: !s.no_pin,
         })
     }
 }

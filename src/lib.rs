@@ -1,8 +1,10 @@
 //! turnpike: a TURN relay (RFC 8656) and STUN server (RFC 8489).
 //!
 //! - [`proto`]: the sans-IO protocol core (codec, authentication, allocations, peer policy).
-//! - [`dataplane`]: sockets and the event loop around the core.
+//! - [`dataplane`]: per-core shards (sockets, io_uring or recvmmsg/sendmmsg) around the core.
+//! - [`control`]: the control thread (relay ports and sockets, global quotas).
 //! - [`config`]: the TOML file and command-line flags.
 pub mod config;
+pub mod control;
 pub mod dataplane;
 pub mod proto;

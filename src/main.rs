@@ -1,14 +1,17 @@
 //! The `turnpike` server binary.
 
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
 use anyhow::Result;
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
-use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
-
 use turnpike::config::{Config, Settings};
 use turnpike::dataplane::Runtime;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> Result<()> {
     let settings = Settings::load(Settings::parse())?;
@@ -18,11 +21,13 @@ fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    let nofile = turnpike::dataplane::io::sys::raise_nofile_limit();
     let (user_count, secret_count) = (config.user_count, config.secret_count);
     let (realm, ports) = (config.server.realm.clone(), config.ports);
-    let mut runtime = Runtime::new(config.clone())?;
-    let listen: Vec<String> = runtime.listen_addrs().iter().map(|a| a.to_string()).collect();
     let relays: Vec<String> = config.relay_ips.iter().map(|a| a.to_string()).collect();
+    let runtime = Runtime::new(config)?;
+    let listen: Vec<String> = runtime.listen_addrs().iter().map(|a| a.to_string()).collect();
+    let (backend, why) = runtime.backend();
     tracing::info!(
         "turnpike {} listening on udp {} (relay {} ports {}-{}), realm {:?}",
         env!("CARGO_PKG_VERSION"),
@@ -31,6 +36,11 @@ fn main() -> Result<()> {
         ports.0,
         ports.1,
         realm
+    );
+    tracing::info!(
+        "{} shard(s), I/O backend {} ({why}), file limit {nofile}",
+        runtime.shard_count(),
+        backend.name()
     );
     if user_count == 0 && secret_count == 0 {
         tracing::info!(
@@ -42,19 +52,23 @@ fn main() -> Result<()> {
     let shutdown = Arc::new(AtomicBool::new(false));
     signal_hook::flag::register(signal_hook::consts::SIGINT, shutdown.clone())?;
     signal_hook::flag::register(signal_hook::consts::SIGTERM, shutdown.clone())?;
-    runtime.run(&shutdown)?;
-    let stats = runtime.stats();
-    let (allocations, relay_ports_in_use) = runtime.allocations();
+    let report = runtime.run(shutdown)?;
+    let s = &report.stats;
     tracing::info!(
-        allocations,
-        relay_ports_in_use,
-        client_rx = stats.client_rx,
-        peer_rx = stats.peer_rx,
-        to_peer = stats.to_peer,
-        to_client = stats.to_client,
-        responses = stats.responses,
-        send_errors = stats.send_errors,
-        drops = ?stats.drops,
+        allocations = report.control.allocations,
+        relay_ports_in_use = report.control.relay_ports_in_use,
+        client_rx = s.client_rx,
+        peer_rx = s.peer_rx,
+        to_peer = s.to_peer,
+        to_client = s.to_client,
+        responses = s.responses,
+        send_errors = s.io.send_errors,
+        truncated = s.io.truncated,
+        handovers = s.handovers,
+        control_overflow = s.control_overflow,
+        quota_refusals = report.control.quota_refusals,
+        port_refusals = report.control.port_refusals,
+        drops = ?report.drops,
         "shut down"
     );
     Ok(())

@@ -1,399 +1,267 @@
-//! The I/O shell around [`crate::proto::server::Server`]: one thread, a mio (epoll) loop
-//! over the listening sockets and one UDP socket per relayed transport address.
+//! The data plane: per-core shards around the sans-IO server, and the control thread.
 //!
-//! This is the simple, correct first data plane; the per-core io_uring shards replace it.
-//! It never logs per packet: drops are counted in [`Stats`] and summarised on exit.
+//! Each shard ([`shard::Shard`]) is one pinned thread with its own SO_REUSEPORT listening
+//! socket per listen address (the kernel's reuseport hash keeps a client 5-tuple on one
+//! shard), the relay sockets of its allocations, a [`crate::proto::server::Server`] for their
+//! tables and timers, and an I/O backend ([`io`]: io_uring or recvmmsg/sendmmsg). The
+//! control thread ([`crate::control`]) reserves relay ports and creates relay sockets, so a
+//! burst of Allocates never stalls forwarding.
 
-pub mod port_pool;
+pub mod io;
+pub mod shard;
 
 use std::collections::HashMap;
-use std::io;
-use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, RwLock};
+use std::thread;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use anyhow::{Context, Result};
-use mio::net::UdpSocket;
-use mio::{Events, Interest, Poll, Token};
+use anyhow::{anyhow, bail, Context, Result};
 use socket2::{Domain, Protocol, Socket, Type};
 
-use crate::config::Config;
-use crate::proto::channel_data::{ChannelData, HEADER_LEN as CD_HEADER};
-use crate::proto::server::{ClientAction, DropReason, Event, PeerAction, RelayError, Server};
-use crate::proto::stun::AddressFamily;
-use port_pool::PortPool;
+use crate::config::{BackendChoice, Config};
+use crate::control::{Control, ControlConfig, ControlReport, ShardHandle};
+use crate::proto::server::{DropReason, Server};
+use io::{BackendKind, Io};
+use shard::{Shard, ShardParts, ShardStats, DROP_REASONS};
 
-/// Largest UDP payload received, in bytes.
-const MAX_DATAGRAM: usize = 65_535;
-/// Bytes kept free in front of received peer data for a ChannelData header.
-const HEADROOM: usize = CD_HEADER;
-/// Candidate ports tried per Allocate before answering 508.
-const BIND_TRIES: usize = 64;
-/// How long a port reserved by EVEN-PORT's R bit stays reserved (RFC 8656 §7.2: about 30 s).
-const RESERVATION_LIFETIME: Duration = Duration::from_secs(30);
-/// Longest sleep of the loop, so shutdown requests are seen promptly.
-const MAX_WAIT: Duration = Duration::from_millis(250);
+/// Capacity of each shard's inbox and of the control queue.
+const QUEUE: usize = 4096;
 
-/// Packet and drop counters.
+/// Totals over all shards, and the control thread's accounting, at shutdown.
 #[derive(Debug, Default, Clone)]
-pub struct Stats {
-    /// Datagrams received from clients.
-    pub client_rx: u64,
-    /// Datagrams received from peers.
-    pub peer_rx: u64,
-    /// Datagrams relayed to peers.
-    pub to_peer: u64,
-    /// Datagrams relayed to clients.
-    pub to_client: u64,
-    /// Responses sent.
-    pub responses: u64,
+pub struct Report {
+    /// Summed shard counters.
+    pub stats: ShardStats,
     /// Drops by reason.
     pub drops: HashMap<DropReason, u64>,
-    /// Sends that failed (buffer full, unreachable).
-    pub send_errors: u64,
+    /// The control thread's accounting.
+    pub control: ControlReport,
 }
 
-struct Relay {
-    socket: UdpSocket,
-    addr: SocketAddr,
-}
-
-struct RelayIps {
-    ip: IpAddr,
-    pool: PortPool,
-}
-
-/// The running server: sockets, the sans-IO core and the counters.
+/// The configured server, bound and ready to run.
 pub struct Runtime {
-    poll: Poll,
-    listeners: Vec<(UdpSocket, SocketAddr)>,
-    relays: HashMap<Token, Relay>,
-    relay_tokens: HashMap<SocketAddr, Token>,
-    relay_ips: Vec<RelayIps>,
-    next_relay_ip: usize,
-    next_token: usize,
-    server: Server,
-    reservations: HashMap<[u8; 8], SocketAddr>,
-    reservation_expiry: std::collections::VecDeque<(Instant, [u8; 8])>,
-    token_state: u64,
-    stats: Stats,
-    buf: Vec<u8>,
-    out: Vec<u8>,
+    shards: Vec<Shard>,
+    control: Control,
+    control_rx: crossbeam_channel::Receiver<crate::control::ControlRequest>,
+    listen: Vec<SocketAddr>,
+    backend: BackendKind,
+    backend_reason: String,
+    pin: bool,
 }
 
-fn bind_udp(addr: SocketAddr, buffer: Option<usize>) -> io::Result<UdpSocket> {
+fn bind_reuseport(addr: SocketAddr, buffer: usize) -> std::io::Result<UdpSocket> {
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
     if addr.is_ipv6() {
         socket.set_only_v6(true)?;
     }
-    if let Some(size) = buffer {
-        // Best effort: the kernel caps these at net.core.{r,w}mem_max.
-        let _ = socket.set_recv_buffer_size(size);
-        let _ = socket.set_send_buffer_size(size);
-    }
+    socket.set_reuse_port(true)?;
+    let _ = socket.set_recv_buffer_size(buffer);
+    let _ = socket.set_send_buffer_size(buffer);
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
-    Ok(UdpSocket::from_std(socket.into()))
+    Ok(socket.into())
+}
+
+/// Picks the backend: the configured one, or io_uring when the probe passes.
+fn choose_backend(choice: BackendChoice) -> Result<(BackendKind, String)> {
+    match choice {
+        BackendChoice::Mmsg => Ok((BackendKind::Mmsg, "selected with --io-backend mmsg".into())),
+        BackendChoice::IoUring => match io::probe_uring() {
+            Ok(()) => Ok((BackendKind::IoUring, "selected with --io-backend io-uring".into())),
+            Err(why) => bail!("--io-backend io-uring: {why}"),
+        },
+        BackendChoice::Auto => match io::probe_uring() {
+            Ok(()) => Ok((BackendKind::IoUring, "io_uring probe passed".into())),
+            Err(why) => Ok((BackendKind::Mmsg, format!("io_uring unavailable: {why}"))),
+        },
+    }
 }
 
 impl Runtime {
-    /// Binds the listening sockets and builds the server.
+    /// Binds every shard's listening sockets, creates the backends and the control state.
     ///
     /// # Errors
-    /// When a listening socket cannot be bound.
-    pub fn new(config: Config) -> Result<Self> {
-        let poll = Poll::new()?;
-        let mut listeners = Vec::new();
-        for (i, addr) in config.listen.iter().enumerate() {
-            let mut s = bind_udp(*addr, Some(config.socket_buffer)).with_context(|| format!("binding {addr}"))?;
-            let local = s.local_addr()?;
-            poll.registry().register(&mut s, Token(i), Interest::READABLE)?;
-            listeners.push((s, local));
+    /// When a socket cannot be bound or a backend cannot be created.
+    pub fn new(config: Config) -> Result<Runtime> {
+        let (backend, backend_reason) = choose_backend(config.io_backend)?;
+        let shards = config.shards.max(1);
+        // Shard 0 binds first so that port 0 resolves; the others join its address.
+        let mut per_shard: Vec<Vec<(SocketAddr, UdpSocket)>> = (0..shards).map(|_| Vec::new()).collect();
+        let mut listen = Vec::new();
+        for addr in &config.listen {
+            let first = bind_reuseport(*addr, config.socket_buffer).with_context(|| format!("binding {addr}"))?;
+            let bound = first.local_addr()?;
+            listen.push(bound);
+            per_shard[0].push((bound, first));
+            for list in per_shard.iter_mut().skip(1) {
+                let s = bind_reuseport(bound, config.socket_buffer).with_context(|| format!("binding {bound}"))?;
+                list.push((bound, s));
+            }
         }
         let mut secret = [0u8; 32];
-        getrandom::getrandom(&mut secret).map_err(|e| anyhow::anyhow!("reading random bytes: {e}"))?;
+        getrandom::getrandom(&mut secret).map_err(|e| anyhow!("reading random bytes: {e}"))?;
         let unix = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0);
-        let seed = u64::from_le_bytes(secret[8..16].try_into().expect("8 bytes"));
-        let relay_ips = config
-            .relay_ips
-            .iter()
-            .enumerate()
-            .map(|(i, &ip)| RelayIps {
-                ip,
-                pool: PortPool::new(config.ports.0, config.ports.1, seed ^ i as u64),
-            })
-            .collect();
-        let bound: Vec<SocketAddr> = listeners.iter().map(|(_, a)| *a).collect();
-        let policy = config.peer_policy(&bound);
-        let server = Server::new(config.server, config.credentials, policy, secret, Instant::now(), unix);
+        let epoch = Instant::now();
+        let policy = config.peer_policy(&listen);
+        // Quotas are global: the control thread enforces them, not the per-shard servers.
+        let server_config = crate::proto::server::ServerConfig {
+            user_quota: 0,
+            total_quota: 0,
+            ..config.server.clone()
+        };
+
+        let (control_tx, control_rx) = crossbeam_channel::bounded(QUEUE);
+        let routes = Arc::new(RwLock::new(ahash::AHashMap::new()));
+        let mut ios = Vec::new();
+        let mut handles = Vec::new();
+        let mut inboxes = Vec::new();
+        for _ in 0..shards {
+            let io = Io::new(backend, config.ring_entries).context("creating the I/O backend")?;
+            let (tx, rx) = crossbeam_channel::bounded(QUEUE);
+            handles.push(ShardHandle { tx, waker: io.waker() });
+            inboxes.push(rx);
+            ios.push(io);
+        }
+        let mut built = Vec::new();
+        for (index, ((io, inbox), listeners)) in ios.into_iter().zip(inboxes).zip(per_shard).enumerate() {
+            // The same secret on every shard: a nonce issued by one validates on another.
+            let server = Server::new(
+                server_config.clone(),
+                config.credentials.clone(),
+                policy.clone(),
+                secret,
+                epoch,
+                unix,
+            );
+            built.push(Shard::new(ShardParts {
+                index,
+                server,
+                io,
+                listeners,
+                control: control_tx.clone(),
+                inbox,
+                peers: handles.clone(),
+                routes: routes.clone(),
+            })?);
+        }
+        let control = Control::new(
+            ControlConfig {
+                relay_ips: config.relay_ips.clone(),
+                ports: config.ports,
+                user_quota: config.server.user_quota,
+                total_quota: config.server.total_quota,
+                relay_socket_buffer: config.relay_socket_buffer,
+                seed: u64::from_le_bytes(secret[8..16].try_into()?),
+            },
+            handles,
+            routes,
+        );
         Ok(Runtime {
-            poll,
-            next_token: listeners.len(),
-            listeners,
-            relays: HashMap::new(),
-            relay_tokens: HashMap::new(),
-            relay_ips,
-            next_relay_ip: 0,
-            server,
-            reservations: HashMap::new(),
-            reservation_expiry: std::collections::VecDeque::new(),
-            token_state: seed.rotate_left(17) | 1,
-            stats: Stats::default(),
-            buf: vec![0u8; HEADROOM + MAX_DATAGRAM],
-            out: Vec::with_capacity(MAX_DATAGRAM + 64),
+            shards: built,
+            control,
+            control_rx,
+            listen,
+            backend,
+            backend_reason,
+            pin: config.pin_cores,
         })
     }
 
-    /// The bound listening addresses (useful with port 0).
-    pub fn listen_addrs(&self) -> Vec<SocketAddr> {
-        self.listeners.iter().map(|(_, a)| *a).collect()
+    /// The bound listening addresses (port 0 resolved).
+    pub fn listen_addrs(&self) -> &[SocketAddr] {
+        &self.listen
     }
 
-    /// The counters.
-    pub fn stats(&self) -> &Stats {
-        &self.stats
+    /// The backend in use and why it was chosen.
+    pub fn backend(&self) -> (BackendKind, &str) {
+        (self.backend, &self.backend_reason)
     }
 
-    /// Runs until `shutdown` is set; then releases every relay socket.
+    /// Number of shards.
+    pub fn shard_count(&self) -> usize {
+        self.shards.len()
+    }
+
+    /// Runs every shard on its own thread (pinned to the allowed cores in turn) and the
+    /// control thread until `shutdown` is set; returns the totals.
     ///
     /// # Errors
-    /// Only when polling itself fails.
-    pub fn run(&mut self, shutdown: &AtomicBool) -> Result<()> {
-        let mut events = Events::with_capacity(1024);
-        while !shutdown.load(Ordering::Relaxed) {
-            let now = Instant::now();
-            let wait = self
-                .server
-                .poll_timeout()
-                .map(|t| t.saturating_duration_since(now).min(MAX_WAIT))
-                .unwrap_or(MAX_WAIT);
-            if let Err(e) = self.poll.poll(&mut events, Some(wait)) {
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(e.into());
-            }
-            for event in events.iter() {
-                let token = event.token();
-                if token.0 < self.listeners.len() {
-                    self.drain_listener(token.0);
-                } else {
-                    self.drain_relay(token);
-                }
-            }
-            let now = Instant::now();
-            self.server.handle_timeout(now);
-            self.handle_events();
-            self.expire_reservations(now);
-        }
-        Ok(())
-    }
-
-    fn drop(&mut self, reason: DropReason) {
-        *self.stats.drops.entry(reason).or_insert(0) += 1;
-    }
-
-    fn drain_listener(&mut self, index: usize) {
-        loop {
-            let (len, from) = match self.listeners[index].0.recv_from(&mut self.buf) {
-                Ok(r) => r,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(_) => continue, // ICMP errors surface here on some kernels; keep draining
-            };
-            self.stats.client_rx += 1;
-            let now = Instant::now();
-            let ft = crate::proto::allocation::FiveTuple::udp(from, self.listeners[index].1);
-            let action = self.server.handle_client(now, ft, &self.buf[..len], &mut self.out);
-            match action {
-                ClientAction::Respond => {
-                    self.stats.responses += 1;
-                    send(&self.listeners[index].0, &self.out, from, &mut self.stats.send_errors);
-                }
-                ClientAction::Relay { relayed, peer, payload } => {
-                    match self.relay_tokens.get(&relayed).and_then(|t| self.relays.get(t)) {
-                        Some(relay) => {
-                            self.stats.to_peer += 1;
-                            send(&relay.socket, payload, peer, &mut self.stats.send_errors);
+    /// When a shard's backend fails.
+    pub fn run(self, shutdown: Arc<AtomicBool>) -> Result<Report> {
+        let cores = if self.pin {
+            core_affinity::get_core_ids().unwrap_or_default()
+        } else {
+            Vec::new()
+        };
+        let control = self.control;
+        let control_rx = self.control_rx;
+        // The control thread outlives the shards so that their last releases are counted.
+        let shards_done = Arc::new(AtomicBool::new(false));
+        let shards_done_ctl = shards_done.clone();
+        let control_thread = thread::Builder::new()
+            .name("turnpike-control".into())
+            .spawn(move || control.run(control_rx, &shards_done_ctl))?;
+        let mut threads = Vec::new();
+        for (i, mut shard) in self.shards.into_iter().enumerate() {
+            let stop = shutdown.clone();
+            let core = (!cores.is_empty()).then(|| cores[i % cores.len()]);
+            threads.push(
+                thread::Builder::new()
+                    .name(format!("turnpike-shard-{i}"))
+                    .spawn(move || {
+                        if let Some(core) = core {
+                            core_affinity::set_for_current(core);
                         }
-                        None => self.drop(DropReason::NoAllocation),
-                    }
-                }
-                ClientAction::Allocate(mut request) => {
-                    let result = match request.reservation_token {
-                        Some(token) => self.open_reserved(token),
-                        None => self.open_relay(request.family, request.even_port, request.reserve_next),
-                    };
-                    if let (Ok(addr), true) = (result, request.reserve_next) {
-                        let token = self.reserve(SocketAddr::new(addr.ip(), addr.port() + 1), now);
-                        request.grant_reservation(token);
-                    }
-                    let released = self.server.complete_allocate(now, request, result, &mut self.out);
-                    if let Some(addr) = released {
-                        self.close_relay(addr);
-                    }
-                    self.stats.responses += 1;
-                    send(&self.listeners[index].0, &self.out, from, &mut self.stats.send_errors);
-                }
-                ClientAction::Drop(reason) => self.drop(reason),
-                ClientAction::Nothing => {}
+                        let result = shard.run(&stop);
+                        (shard.stats(), result)
+                    })?,
+            );
+        }
+        let mut report = Report::default();
+        let mut failure = None;
+        for t in threads {
+            let (s, result) = t.join().map_err(|_| anyhow!("a shard thread panicked"))?;
+            if let Err(e) = result {
+                failure.get_or_insert(e);
+            }
+            add(&mut report.stats, &s);
+        }
+        shards_done.store(true, std::sync::atomic::Ordering::Relaxed);
+        report.control = control_thread
+            .join()
+            .map_err(|_| anyhow!("the control thread panicked"))?;
+        for (i, r) in DROP_REASONS.iter().enumerate() {
+            if report.stats.drops[i] > 0 {
+                report.drops.insert(*r, report.stats.drops[i]);
             }
         }
-    }
-
-    fn drain_relay(&mut self, token: Token) {
-        loop {
-            let Some(relay) = self.relays.get(&token) else { return };
-            let relayed = relay.addr;
-            let (len, peer) = match relay.socket.recv_from(&mut self.buf[HEADROOM..]) {
-                Ok(r) => r,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(_) => continue,
-            };
-            self.stats.peer_rx += 1;
-            let now = Instant::now();
-            match self.server.handle_peer(now, relayed, peer) {
-                PeerAction::Forward { five_tuple, channel } => {
-                    let Some(listener) = self.listeners.iter().find(|(_, a)| *a == five_tuple.server) else {
-                        self.drop(DropReason::NoAllocation);
-                        continue;
-                    };
-                    let datagram: &[u8] = match channel {
-                        Some(ch) => {
-                            // Zero-copy framing: the header goes into the headroom.
-                            self.buf[..HEADROOM].copy_from_slice(&ChannelData::header(ch, len as u16));
-                            &self.buf[..HEADROOM + len]
-                        }
-                        None => {
-                            self.server.encode_data_indication(
-                                peer,
-                                &self.buf[HEADROOM..HEADROOM + len],
-                                &mut self.out,
-                            );
-                            &self.out
-                        }
-                    };
-                    self.stats.to_client += 1;
-                    send(&listener.0, datagram, five_tuple.client, &mut self.stats.send_errors);
-                }
-                PeerAction::Drop(reason) => self.drop(reason),
-            }
+        if let Some(e) = failure {
+            return Err(e.into());
         }
-    }
-
-    /// Records a reservation of `addr` (already taken from its pool) and returns its token.
-    fn reserve(&mut self, addr: SocketAddr, now: Instant) -> [u8; 8] {
-        let mut x = self.token_state;
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        self.token_state = x;
-        let token = x.to_be_bytes();
-        self.reservations.insert(token, addr);
-        self.reservation_expiry.push_back((now + RESERVATION_LIFETIME, token));
-        token
-    }
-
-    fn expire_reservations(&mut self, now: Instant) {
-        while let Some(&(t, token)) = self.reservation_expiry.front() {
-            if t > now {
-                break;
-            }
-            self.reservation_expiry.pop_front();
-            if let Some(addr) = self.reservations.remove(&token) {
-                self.release_port(addr);
-            }
-        }
-    }
-
-    /// Binds the relay socket reserved under `token` (RESERVATION-TOKEN, RFC 8656 §7.2).
-    fn open_reserved(&mut self, token: [u8; 8]) -> Result<SocketAddr, RelayError> {
-        let addr = self
-            .reservations
-            .remove(&token)
-            .ok_or(RelayError::BadReservationToken)?;
-        self.bind_relay(addr).inspect_err(|_| self.release_port(addr))
-    }
-
-    fn bind_relay(&mut self, addr: SocketAddr) -> Result<SocketAddr, RelayError> {
-        let mut socket = bind_udp(addr, None).map_err(|_| RelayError::Exhausted)?;
-        let token = Token(self.next_token);
-        self.next_token += 1;
-        self.poll
-            .registry()
-            .register(&mut socket, token, Interest::READABLE)
-            .map_err(|_| RelayError::Exhausted)?;
-        self.relays.insert(token, Relay { socket, addr });
-        self.relay_tokens.insert(addr, token);
-        Ok(addr)
-    }
-
-    /// Binds a relay socket for an Allocate: the next relay IP of the family, a port from
-    /// its pool (even if asked; with the next one taken too when `pair`).
-    fn open_relay(&mut self, family: AddressFamily, even: bool, pair: bool) -> Result<SocketAddr, RelayError> {
-        let candidates: Vec<usize> = (0..self.relay_ips.len())
-            .map(|i| (self.next_relay_ip + i) % self.relay_ips.len())
-            .filter(|&i| AddressFamily::of(&self.relay_ips[i].ip) == family)
-            .collect();
-        if candidates.is_empty() {
-            return Err(RelayError::FamilyNotSupported);
-        }
-        self.next_relay_ip = (self.next_relay_ip + 1) % self.relay_ips.len();
-        for i in candidates {
-            for _ in 0..BIND_TRIES {
-                let Some(port) = self.relay_ips[i].pool.take(even, pair, BIND_TRIES) else {
-                    break;
-                };
-                let addr = SocketAddr::new(self.relay_ips[i].ip, port);
-                match self.bind_relay(addr) {
-                    Ok(addr) => return Ok(addr),
-                    // In use by another process: put it back at the end and try another.
-                    Err(_) => {
-                        self.relay_ips[i].pool.put(port);
-                        if pair {
-                            self.relay_ips[i].pool.put(port + 1);
-                        }
-                    }
-                }
-            }
-        }
-        Err(RelayError::Exhausted)
-    }
-
-    fn close_relay(&mut self, addr: SocketAddr) {
-        if let Some(token) = self.relay_tokens.remove(&addr) {
-            if let Some(mut relay) = self.relays.remove(&token) {
-                let _ = self.poll.registry().deregister(&mut relay.socket);
-            }
-        }
-        self.release_port(addr);
-    }
-
-    fn release_port(&mut self, addr: SocketAddr) {
-        if let Some(r) = self.relay_ips.iter_mut().find(|r| r.ip == addr.ip()) {
-            r.pool.put(addr.port());
-        }
-    }
-
-    fn handle_events(&mut self) {
-        while let Some(event) = self.server.poll_event() {
-            match event {
-                Event::AllocationClosed { relayed, .. } => self.close_relay(relayed),
-            }
-        }
-    }
-
-    /// Live allocations and relay ports in use, for accounting checks.
-    pub fn allocations(&self) -> (usize, usize) {
-        let ports = self.relay_ips.iter().map(|r| r.pool.in_use()).sum();
-        (self.server.allocation_count(), ports)
+        Ok(report)
     }
 }
 
-fn send(socket: &UdpSocket, data: &[u8], to: SocketAddr, errors: &mut u64) {
-    if socket.send_to(data, to).is_err() {
-        *errors += 1;
+fn add(total: &mut ShardStats, s: &ShardStats) {
+    total.client_rx += s.client_rx;
+    total.peer_rx += s.peer_rx;
+    total.to_peer += s.to_peer;
+    total.to_client += s.to_client;
+    total.responses += s.responses;
+    for i in 0..total.drops.len() {
+        total.drops[i] += s.drops[i];
     }
+    total.control_overflow += s.control_overflow;
+    total.handovers += s.handovers;
+    total.handover_overflow += s.handover_overflow;
+    total.io.rx += s.io.rx;
+    total.io.tx += s.io.tx;
+    total.io.send_errors += s.io.send_errors;
+    total.io.truncated += s.io.truncated;
+    total.io.batches += s.io.batches;
 }

@@ -1,0 +1,483 @@
+//! One shard: a thread that owns a listening socket per listen address (SO_REUSEPORT), the
+//! relay sockets of its allocations, a sans-IO [`Server`] with their tables and timers, an
+//! I/O backend, and its counters. Nothing here locks, allocates or logs per packet.
+
+use std::net::{SocketAddr, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use ahash::AHashMap;
+use crossbeam_channel::{Receiver, Sender};
+
+use super::io::{Datagram, Io, IoStats, SocketId, Verdict, HEADROOM};
+use crate::control::{ControlRequest, Routes, ShardHandle, ShardMessage};
+use crate::proto::allocation::FiveTuple;
+use crate::proto::channel_data::{self, ChannelData};
+use crate::proto::server::{ClientAction, DropReason, Event, PeerAction, RelayError, Server};
+use crate::proto::stun::{Class, MessageType, Method};
+
+/// Longest sleep of a shard, so shutdown requests are seen promptly.
+const MAX_WAIT: Duration = Duration::from_millis(100);
+
+/// Drop reasons in counter order.
+pub const DROP_REASONS: [DropReason; 8] = [
+    DropReason::Malformed,
+    DropReason::BadFingerprint,
+    DropReason::UnexpectedMessage,
+    DropReason::NoAllocation,
+    DropReason::NoChannel,
+    DropReason::NoPermission,
+    DropReason::PeerDenied,
+    DropReason::FamilyMismatch,
+];
+
+fn drop_index(r: DropReason) -> usize {
+    match r {
+        DropReason::Malformed => 0,
+        DropReason::BadFingerprint => 1,
+        DropReason::UnexpectedMessage => 2,
+        DropReason::NoAllocation => 3,
+        DropReason::NoChannel => 4,
+        DropReason::NoPermission => 5,
+        DropReason::PeerDenied => 6,
+        DropReason::FamilyMismatch => 7,
+    }
+}
+
+/// A shard's counters: plain integers, summed by the runtime.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ShardStats {
+    /// Datagrams from clients.
+    pub client_rx: u64,
+    /// Datagrams from peers.
+    pub peer_rx: u64,
+    /// Datagrams relayed to peers.
+    pub to_peer: u64,
+    /// Datagrams relayed to clients.
+    pub to_client: u64,
+    /// STUN responses sent.
+    pub responses: u64,
+    /// Drops by reason, in [`DROP_REASONS`] order.
+    pub drops: [u64; 8],
+    /// Allocate tickets the control queue refused (full).
+    pub control_overflow: u64,
+    /// Datagrams handed to or received from another shard.
+    pub handovers: u64,
+    /// Handovers refused because the owner's inbox was full.
+    pub handover_overflow: u64,
+    /// Backend counters.
+    pub io: IoStats,
+}
+
+enum Slot {
+    Free,
+    Listener(SocketAddr),
+    Relay(SocketAddr),
+}
+
+/// The per-packet state a shard's handler needs (separate from the backend so both can be
+/// borrowed at once).
+struct Core {
+    index: usize,
+    server: Server,
+    slots: Vec<Slot>,
+    free_ids: Vec<SocketId>,
+    listeners: Vec<(SocketAddr, SocketId, UdpSocket)>,
+    relay_ids: AHashMap<SocketAddr, SocketId>,
+    relay_sockets: AHashMap<SocketId, UdpSocket>,
+    closing: Vec<(SocketId, UdpSocket)>,
+    control: Sender<ControlRequest>,
+    routes: Routes,
+    peers: Vec<ShardHandle>,
+    now: Instant,
+    stats: ShardStats,
+}
+
+/// One shard.
+pub struct Shard {
+    io: Io,
+    core: Core,
+    inbox: Receiver<ShardMessage>,
+    scratch: Vec<u8>,
+}
+
+/// Everything a shard is built from.
+pub struct ShardParts {
+    /// Shard number.
+    pub index: usize,
+    /// The sans-IO server for this shard's allocations.
+    pub server: Server,
+    /// The I/O backend.
+    pub io: Io,
+    /// Listening sockets (bound with SO_REUSEPORT), with their addresses.
+    pub listeners: Vec<(SocketAddr, UdpSocket)>,
+    /// Requests to the control thread.
+    pub control: Sender<ControlRequest>,
+    /// This shard's inbox.
+    pub inbox: Receiver<ShardMessage>,
+    /// The other shards' inboxes (index = shard number; this shard's own entry is unused).
+    pub peers: Vec<ShardHandle>,
+    /// Which shard owns which 5-tuple.
+    pub routes: Routes,
+}
+
+/// Whether a client datagram needs an existing allocation (and so its owning shard):
+/// ChannelData and every STUN message but Binding and Allocate requests.
+fn needs_owner(data: &[u8]) -> bool {
+    if channel_data::is_channel_data(data) {
+        return true;
+    }
+    if data.len() < 2 {
+        return false;
+    }
+    match MessageType::from_u16(u16::from_be_bytes([data[0], data[1]])) {
+        Some(t) => !(t.class == Class::Request && matches!(t.method, Method::Binding | Method::Allocate)),
+        None => false,
+    }
+}
+
+impl Shard {
+    /// Builds a shard and registers its listening sockets with the backend.
+    ///
+    /// # Errors
+    /// When the backend refuses a socket.
+    pub fn new(parts: ShardParts) -> std::io::Result<Shard> {
+        let mut io = parts.io;
+        let mut core = Core {
+            index: parts.index,
+            server: parts.server,
+            slots: Vec::new(),
+            free_ids: Vec::new(),
+            listeners: Vec::new(),
+            relay_ids: AHashMap::new(),
+            relay_sockets: AHashMap::new(),
+            closing: Vec::new(),
+            control: parts.control,
+            routes: parts.routes,
+            peers: parts.peers,
+            now: Instant::now(),
+            stats: ShardStats::default(),
+        };
+        for (addr, socket) in parts.listeners {
+            let id = core.new_id(Slot::Listener(addr));
+            io.register(id, socket.as_raw_fd())?;
+            core.listeners.push((addr, id, socket));
+        }
+        Ok(Shard {
+            io,
+            core,
+            inbox: parts.inbox,
+            scratch: Vec::with_capacity(64 * 1024),
+        })
+    }
+
+    /// Runs until `shutdown` is set.
+    ///
+    /// # Errors
+    /// When the backend's wait fails.
+    pub fn run(&mut self, shutdown: &AtomicBool) -> std::io::Result<()> {
+        while !shutdown.load(Ordering::Relaxed) {
+            self.turn(MAX_WAIT)?;
+        }
+        Ok(())
+    }
+
+    /// One turn of the loop: wait up to `max_wait` (less when a timer is due), handle what
+    /// arrived, run timers, and apply the inbox.
+    ///
+    /// # Errors
+    /// When the backend's wait fails.
+    pub fn turn(&mut self, max_wait: Duration) -> std::io::Result<()> {
+        let now = Instant::now();
+        let wait = match self.core.server.poll_timeout() {
+            Some(t) => t.saturating_duration_since(now).min(max_wait),
+            None => max_wait,
+        };
+        self.core.now = now;
+        let core = &mut self.core;
+        self.io
+            .wait(Some(wait), &mut self.scratch, |d, out| core.handle(d, out))?;
+        let now = Instant::now();
+        self.core.now = now;
+        self.core.server.handle_timeout(now);
+        while let Some(event) = self.core.server.poll_event() {
+            match event {
+                Event::AllocationClosed { relayed, .. } => self.close_relay(relayed),
+            }
+        }
+        while let Ok(msg) = self.inbox.try_recv() {
+            self.apply(msg);
+        }
+        self.reap_closing();
+        Ok(())
+    }
+
+    /// This shard's counters.
+    pub fn stats(&self) -> ShardStats {
+        let mut s = self.core.stats;
+        s.io = self.io.stats();
+        s
+    }
+
+    /// Live allocations on this shard.
+    pub fn allocation_count(&self) -> usize {
+        self.core.server.allocation_count()
+    }
+
+    fn apply(&mut self, msg: ShardMessage) {
+        match msg {
+            ShardMessage::Allocated { request, result } => {
+                let ft = request.five_tuple;
+                let result = match result {
+                    Ok((socket, addr)) => {
+                        let id = self.core.new_id(Slot::Relay(addr));
+                        if self.io.register(id, socket.as_raw_fd()).is_ok() {
+                            self.core.relay_ids.insert(addr, id);
+                            self.core.relay_sockets.insert(id, socket);
+                            Ok(addr)
+                        } else {
+                            self.core.free_id(id);
+                            let _ = self.core.control.send(ControlRequest::Release { relayed: addr });
+                            Err(RelayError::Exhausted)
+                        }
+                    }
+                    Err(e) => Err(e),
+                };
+                let now = Instant::now();
+                let release = self
+                    .core
+                    .server
+                    .complete_allocate(now, request, result, &mut self.scratch);
+                if let Some(addr) = release {
+                    self.close_relay(addr);
+                }
+                if let Some(fd) = self.core.listener_fd(ft.server) {
+                    self.core.stats.responses += 1;
+                    self.io.send_now(fd, &self.scratch, ft.client);
+                }
+            }
+            ShardMessage::Handover { five_tuple, data } => {
+                self.core.stats.handovers += 1;
+                let Some(listener) = self.core.listener_id(five_tuple.server) else {
+                    return;
+                };
+                let mut buf = vec![0u8; HEADROOM + data.len()];
+                buf[HEADROOM..].copy_from_slice(&data);
+                let d = Datagram {
+                    socket: listener,
+                    from: five_tuple.client,
+                    len: data.len(),
+                    buf: &mut buf,
+                };
+                let verdict = self.core.handle(d, &mut self.scratch);
+                self.send_verdict(verdict, &buf);
+            }
+        }
+    }
+
+    fn send_verdict(&mut self, verdict: Verdict, buf: &[u8]) {
+        let (socket, to, data) = match verdict {
+            Verdict::Drop => return,
+            Verdict::Forward { socket, to, start, end } => (socket, to, &buf[start..end]),
+            Verdict::Reply { socket, to } => (socket, to, &self.scratch[..]),
+        };
+        if let Some(fd) = self.core.fd(socket) {
+            self.io.send_now(fd, data, to);
+        }
+    }
+
+    fn close_relay(&mut self, relayed: SocketAddr) {
+        if let Some(id) = self.core.relay_ids.remove(&relayed) {
+            if let Some(socket) = self.core.relay_sockets.remove(&id) {
+                self.io.deregister(id, socket.as_raw_fd());
+                self.core.closing.push((id, socket));
+            }
+        }
+        let _ = self.core.control.send(ControlRequest::Release { relayed });
+    }
+
+    /// Closes sockets the backend no longer uses and recycles their ids.
+    fn reap_closing(&mut self) {
+        let mut i = 0;
+        while i < self.core.closing.len() {
+            let id = self.core.closing[i].0;
+            if self.io.is_released(id) {
+                self.core.closing.swap_remove(i);
+                self.core.free_id(id);
+            } else {
+                i += 1;
+            }
+        }
+    }
+}
+
+impl Core {
+    fn new_id(&mut self, slot: Slot) -> SocketId {
+        match self.free_ids.pop() {
+            Some(id) => {
+                self.slots[id as usize] = slot;
+                id
+            }
+            None => {
+                self.slots.push(slot);
+                (self.slots.len() - 1) as SocketId
+            }
+        }
+    }
+
+    fn free_id(&mut self, id: SocketId) {
+        self.slots[id as usize] = Slot::Free;
+        self.free_ids.push(id);
+    }
+
+    fn listener_id(&self, addr: SocketAddr) -> Option<SocketId> {
+        self.listeners.iter().find(|(a, _, _)| *a == addr).map(|(_, id, _)| *id)
+    }
+
+    fn listener_fd(&self, addr: SocketAddr) -> Option<i32> {
+        self.listeners
+            .iter()
+            .find(|(a, _, _)| *a == addr)
+            .map(|(_, _, s)| s.as_raw_fd())
+    }
+
+    fn fd(&self, id: SocketId) -> Option<i32> {
+        if let Some((_, _, s)) = self.listeners.iter().find(|(_, i, _)| *i == id) {
+            return Some(s.as_raw_fd());
+        }
+        self.relay_sockets.get(&id).map(|s| s.as_raw_fd())
+    }
+
+    fn count_drop(&mut self, reason: DropReason) {
+        self.stats.drops[drop_index(reason)] += 1;
+    }
+
+    /// The per-datagram handler: the fast path.
+    fn handle(&mut self, d: Datagram<'_>, out: &mut Vec<u8>) -> Verdict {
+        match self.slots.get(d.socket as usize) {
+            Some(&Slot::Listener(server)) => self.client_datagram(d, server, out),
+            Some(&Slot::Relay(relayed)) => self.peer_datagram(d, relayed, out),
+            _ => Verdict::Drop,
+        }
+    }
+
+    fn client_datagram(&mut self, d: Datagram<'_>, server: SocketAddr, out: &mut Vec<u8>) -> Verdict {
+        self.stats.client_rx += 1;
+        let ft = FiveTuple::udp(d.from, server);
+        let data = &d.buf[HEADROOM..HEADROOM + d.len];
+        if self.peers.len() > 1
+            && needs_owner(data)
+            && self.server.allocation(&ft).is_none()
+            && self.hand_over(ft, data)
+        {
+            return Verdict::Drop;
+        }
+        let base = d.buf.as_ptr() as usize;
+        match self.server.handle_client(self.now, ft, data, out) {
+            ClientAction::Respond => {
+                self.stats.responses += 1;
+                Verdict::Reply {
+                    socket: d.socket,
+                    to: d.from,
+                }
+            }
+            ClientAction::Relay { relayed, peer, payload } => {
+                let start = payload.as_ptr() as usize - base;
+                let end = start + payload.len();
+                match self.relay_ids.get(&relayed) {
+                    Some(&socket) => {
+                        self.stats.to_peer += 1;
+                        Verdict::Forward {
+                            socket,
+                            to: peer,
+                            start,
+                            end,
+                        }
+                    }
+                    None => {
+                        self.count_drop(DropReason::NoAllocation);
+                        Verdict::Drop
+                    }
+                }
+            }
+            ClientAction::Allocate(request) => {
+                if self
+                    .control
+                    .try_send(ControlRequest::Allocate {
+                        shard: self.index,
+                        request,
+                    })
+                    .is_err()
+                {
+                    // Overloaded: no answer; the client retransmits.
+                    self.stats.control_overflow += 1;
+                }
+                Verdict::Drop
+            }
+            ClientAction::Drop(reason) => {
+                self.count_drop(reason);
+                Verdict::Drop
+            }
+            ClientAction::Nothing => Verdict::Drop,
+        }
+    }
+
+    /// Hands a datagram for an allocation owned by another shard to that shard. Returns
+    /// whether it did (otherwise this shard handles it: 437 or a counted drop).
+    fn hand_over(&mut self, ft: FiveTuple, data: &[u8]) -> bool {
+        let owner = self.routes.read().ok().and_then(|r| r.get(&ft).copied());
+        match owner {
+            Some(owner) if owner != self.index => {
+                let msg = ShardMessage::Handover {
+                    five_tuple: ft,
+                    data: data.to_vec(),
+                };
+                if self.peers[owner].send(msg) {
+                    self.stats.handovers += 1;
+                } else {
+                    self.stats.handover_overflow += 1;
+                }
+                true
+            }
+            _ => false,
+        }
+    }
+
+    fn peer_datagram(&mut self, d: Datagram<'_>, relayed: SocketAddr, out: &mut Vec<u8>) -> Verdict {
+        self.stats.peer_rx += 1;
+        match self.server.handle_peer(self.now, relayed, d.from) {
+            PeerAction::Forward { five_tuple, channel } => {
+                let Some(listener) = self.listener_id(five_tuple.server) else {
+                    self.count_drop(DropReason::NoAllocation);
+                    return Verdict::Drop;
+                };
+                self.stats.to_client += 1;
+                match channel {
+                    Some(ch) => {
+                        // Zero-copy: the ChannelData header goes into the headroom.
+                        d.buf[..HEADROOM].copy_from_slice(&ChannelData::header(ch, d.len as u16));
+                        Verdict::Forward {
+                            socket: listener,
+                            to: five_tuple.client,
+                            start: 0,
+                            end: HEADROOM + d.len,
+                        }
+                    }
+                    None => {
+                        self.server
+                            .encode_data_indication(d.from, &d.buf[HEADROOM..HEADROOM + d.len], out);
+                        Verdict::Reply {
+                            socket: listener,
+                            to: five_tuple.client,
+                        }
+                    }
+                }
+            }
+            PeerAction::Drop(reason) => {
+                self.count_drop(reason);
+                Verdict::Drop
+            }
+        }
+    }
+}
