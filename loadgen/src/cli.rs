@@ -1,0 +1,410 @@
+//! Command-line options and their validation into a [`Plan`].
+
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, ToSocketAddrs};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, ValueEnum};
+
+/// What loadgen talks to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// A TURN server (RFC 8656): Allocate, ChannelBind or CreatePermission, ChannelData or
+    /// Send/Data indications.
+    Turn,
+    /// loadgen's `bare-forwarder` (plain UDP, no TURN): each channel registers its echo peer
+    /// once, then datagrams go unchanged client → forwarder → peer → forwarder → client.
+    Raw,
+}
+
+/// Sending rate.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Rate {
+    /// A fixed total rate in packets/s (client → relay), spread evenly over all channels.
+    Pps(f64),
+    /// Closed loop: as fast as the path allows, at most `--window` packets in flight per thread.
+    Max,
+}
+
+fn parse_rate(s: &str) -> Result<Rate, String> {
+    if s.eq_ignore_ascii_case("max") {
+        return Ok(Rate::Max);
+    }
+    let v = s
+        .trim_end_matches("pps")
+        .replace('_', "")
+        .parse::<f64>()
+        .map_err(|e| format!("rate {s:?}: {e} (a number of packets/s or \"max\")"))?;
+    if !(v > 0.0 && v.is_finite()) {
+        return Err(format!("rate {s:?} must be > 0"));
+    }
+    Ok(Rate::Pps(v))
+}
+
+/// `loadgen`: drives any TURN server over UDP with many allocations and channels, runs the
+/// echo peers itself, and reports throughput, loss and round-trip latency.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "loadgen", version, about, long_about = None)]
+pub struct Args {
+    /// TURN server (or bare forwarder) UDP address, IPv4.
+    #[arg(long, default_value = "127.0.0.1:3478")]
+    pub server: String,
+    /// `turn` for any TURN server, `raw` for loadgen's bare-forwarder.
+    #[arg(long, value_enum, default_value_t = Mode::Turn)]
+    pub mode: Mode,
+    /// Total number of channels (client → peer flows).
+    #[arg(long, default_value_t = 100)]
+    pub channels: usize,
+    /// Channels per allocation; each allocation is a distinct client 5-tuple (one socket).
+    /// Must not exceed `--peers` (each channel of an allocation goes to a different peer).
+    #[arg(long, default_value_t = 1)]
+    pub channels_per_allocation: usize,
+    /// Long-term credential `NAME:PASSWORD`; with `--secret`, just the NAME part of the
+    /// TURN REST API username `EXPIRY:NAME`.
+    #[arg(long, default_value = "alice:secret")]
+    pub user: String,
+    /// TURN REST API shared secret (coturn's static-auth-secret): password =
+    /// base64(HMAC-SHA1(secret, "EXPIRY:NAME")), expiry one day ahead.
+    #[arg(long)]
+    pub secret: Option<String>,
+    /// Allocation setup rate in allocations/s (new Allocate transactions started per second).
+    #[arg(long, default_value_t = 20_000.0)]
+    pub setup_rate: f64,
+    /// Most allocations being set up at once (outstanding transactions).
+    #[arg(long, default_value_t = 2_000)]
+    pub setup_concurrency: usize,
+    /// Send the first Allocate with the realm and nonce learned by an earlier allocation from
+    /// the same thread (one round trip instead of two when the server's nonces allow it;
+    /// browsers always start unauthenticated, which is the default).
+    #[arg(long)]
+    pub reuse_nonce: bool,
+    /// Local IPs for client sockets: comma-separated IPs, `A-B` ranges or `A/N` CIDRs in
+    /// 127.0.0.0/8. `auto`: 127.0.0.1 up to 20,000 allocations, else one IP of
+    /// 127.1.0.1, 127.1.0.2, ... per 20,000 (outside the relay IPs 127.0.0.2-127.0.0.8).
+    #[arg(long, default_value = "auto")]
+    pub local_ip: String,
+    /// Number of echo peer sockets loadgen runs itself.
+    #[arg(long, default_value_t = 4)]
+    pub peers: usize,
+    /// IPs the echo peers bind (same syntax as `--local-ip`); peers are spread over them.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub peer_ip: String,
+    /// Total send rate client → relay in packets/s, or `max` (closed loop, `--window`).
+    #[arg(long, default_value = "1000", value_parser = parse_rate)]
+    pub rate: Rate,
+    /// Packets allowed in flight per thread with `--rate max`.
+    #[arg(long, default_value_t = 128)]
+    pub window: usize,
+    /// Payload size in bytes (at least 20: channel index, sequence, timestamp, magic).
+    #[arg(long, default_value_t = 100)]
+    pub size: usize,
+    /// Traffic duration in seconds (after setup).
+    #[arg(long, default_value_t = 10.0)]
+    pub duration: f64,
+    /// Use Send/Data indications (with CreatePermission) instead of ChannelData.
+    #[arg(long)]
+    pub send_indications: bool,
+    /// Worker threads; each owns a share of the allocations and peers, sends with sendmmsg
+    /// and receives with recvmmsg.
+    #[arg(long, default_value_t = 1)]
+    pub threads: usize,
+    /// Requested allocation lifetime in seconds (LIFETIME attribute); the server's answer
+    /// decides.
+    #[arg(long, default_value_t = 600)]
+    pub lifetime: u32,
+    /// Refresh allocations, permissions and channels this often, in seconds (default: half
+    /// the granted lifetime, at most 240 s because permissions last 300 s).
+    #[arg(long)]
+    pub refresh_interval: Option<f64>,
+    /// Initial STUN retransmission timeout in milliseconds (doubles; 5 transmissions).
+    #[arg(long, default_value_t = 500)]
+    pub rto_ms: u64,
+    /// Time after the last send to wait for packets still in flight, in milliseconds.
+    #[arg(long, default_value_t = 500)]
+    pub drain_ms: u64,
+    /// Give up setting up allocations after this many seconds.
+    #[arg(long, default_value_t = 120.0)]
+    pub setup_timeout: f64,
+    /// Process ID of the server, to report its CPU seconds during traffic and its resident
+    /// memory per allocation (read from /proc).
+    #[arg(long)]
+    pub server_pid: Option<u32>,
+    /// Print the report as JSON on stdout instead of the table.
+    #[arg(long)]
+    pub json: bool,
+    /// No progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+/// Validated, resolved options.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// Server address.
+    pub server: SocketAddrV4,
+    /// Mode.
+    pub mode: Mode,
+    /// Number of allocations (client sockets).
+    pub allocations: usize,
+    /// Channels per allocation.
+    pub per_alloc: usize,
+    /// USERNAME sent.
+    pub username: String,
+    /// Password (long-term, or derived from the REST secret).
+    pub password: String,
+    /// Allocations/s.
+    pub setup_rate: f64,
+    /// Outstanding setups at most.
+    pub setup_concurrency: usize,
+    /// Reuse the nonce across allocations.
+    pub reuse_nonce: bool,
+    /// Client socket IPs.
+    pub local_ips: Vec<Ipv4Addr>,
+    /// Echo peer count.
+    pub peers: usize,
+    /// Echo peer IPs.
+    pub peer_ips: Vec<Ipv4Addr>,
+    /// Rate.
+    pub rate: Rate,
+    /// Window per thread for `Rate::Max`, in packets.
+    pub window: usize,
+    /// Payload bytes.
+    pub size: usize,
+    /// Traffic time.
+    pub duration: Duration,
+    /// Send indications instead of ChannelData.
+    pub send_indications: bool,
+    /// Worker threads.
+    pub threads: usize,
+    /// Requested lifetime, seconds.
+    pub lifetime: u32,
+    /// Refresh period override.
+    pub refresh_interval: Option<Duration>,
+    /// Initial RTO.
+    pub rto: Duration,
+    /// Drain time.
+    pub drain: Duration,
+    /// Setup deadline.
+    pub setup_timeout: Duration,
+    /// Server PID for /proc sampling.
+    pub server_pid: Option<u32>,
+}
+
+/// Allocations per local IP in the `auto` choice (below the 28,232 ephemeral ports of
+/// Linux's default range).
+pub const ALLOCATIONS_PER_IP: usize = 20_000;
+
+/// Parses `127.0.0.1,127.0.0.5-127.0.0.9,127.3.0.0/30` into a list of IPv4 addresses.
+///
+/// # Errors
+/// Malformed items, reversed ranges, or more than 65,536 addresses.
+pub fn parse_ip_list(s: &str) -> Result<Vec<Ipv4Addr>> {
+    let mut out = Vec::new();
+    for item in s.split(',').map(str::trim).filter(|x| !x.is_empty()) {
+        if let Some((a, b)) = item.split_once('-') {
+            let a: Ipv4Addr = a.trim().parse().with_context(|| format!("IP range start {a:?}"))?;
+            let b: Ipv4Addr = b.trim().parse().with_context(|| format!("IP range end {b:?}"))?;
+            let (a, b) = (u32::from(a), u32::from(b));
+            if b < a || b - a >= 65_536 {
+                bail!("IP range {item:?} is reversed or longer than 65,536 addresses");
+            }
+            out.extend((a..=b).map(Ipv4Addr::from));
+        } else if let Some((ip, len)) = item.split_once('/') {
+            let ip: Ipv4Addr = ip.parse().with_context(|| format!("CIDR address {ip:?}"))?;
+            let len: u32 = len.parse().with_context(|| format!("CIDR length {len:?}"))?;
+            if !(16..=32).contains(&len) {
+                bail!("CIDR {item:?}: prefix length must be 16-32");
+            }
+            let size = 1u32 << (32 - len);
+            let net = u32::from(ip) & !(size - 1);
+            if size <= 2 {
+                out.extend((net..net + size).map(Ipv4Addr::from));
+            } else {
+                // Skip the network and broadcast addresses, as an operator would expect.
+                out.extend((net + 1..net + size - 1).map(Ipv4Addr::from));
+            }
+        } else {
+            out.push(item.parse().with_context(|| format!("IP address {item:?}"))?);
+        }
+    }
+    if out.is_empty() {
+        bail!("empty IP list {s:?}");
+    }
+    if out.len() > 65_536 {
+        bail!("more than 65,536 IPs in {s:?}");
+    }
+    Ok(out)
+}
+
+fn resolve_v4(s: &str) -> Result<SocketAddrV4> {
+    for a in s.to_socket_addrs().with_context(|| format!("server address {s:?}"))? {
+        if let SocketAddr::V4(v4) = a {
+            return Ok(v4);
+        }
+    }
+    bail!("server address {s:?} has no IPv4 address (loadgen is IPv4-only)")
+}
+
+/// Seconds since the epoch (for REST API usernames).
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl Args {
+    /// Checks the options and resolves addresses and credentials.
+    ///
+    /// # Errors
+    /// Inconsistent or out-of-range options.
+    pub fn plan(&self) -> Result<Plan> {
+        if self.channels == 0 {
+            bail!("--channels must be at least 1");
+        }
+        if self.channels_per_allocation == 0 || self.channels_per_allocation > 4096 {
+            bail!("--channels-per-allocation must be 1-4096");
+        }
+        if !self.channels.is_multiple_of(self.channels_per_allocation) {
+            bail!("--channels must be a multiple of --channels-per-allocation");
+        }
+        if self.peers == 0 {
+            bail!("--peers must be at least 1");
+        }
+        if self.channels_per_allocation > self.peers {
+            bail!("--channels-per-allocation must not exceed --peers (each channel of an allocation needs its own peer)");
+        }
+        if self.size < crate::payload::MIN_SIZE || self.size > 65_000 {
+            bail!("--size must be {}-65000 bytes", crate::payload::MIN_SIZE);
+        }
+        if self.threads == 0 || self.threads > 64 {
+            bail!("--threads must be 1-64");
+        }
+        if !(self.setup_rate > 0.0) {
+            bail!("--setup-rate must be > 0");
+        }
+        if !(self.duration >= 0.0 && self.duration.is_finite()) {
+            bail!("--duration must be >= 0");
+        }
+        if self.window == 0 {
+            bail!("--window must be at least 1");
+        }
+        if self.mode == Mode::Raw && self.send_indications {
+            bail!("--send-indications is for --mode turn");
+        }
+        let allocations = self.channels / self.channels_per_allocation;
+        let local_ips = if self.local_ip == "auto" {
+            if allocations <= ALLOCATIONS_PER_IP {
+                vec![Ipv4Addr::LOCALHOST]
+            } else {
+                let n = allocations.div_ceil(ALLOCATIONS_PER_IP) as u32;
+                (1..=n).map(|i| Ipv4Addr::from(u32::from(Ipv4Addr::new(127, 1, 0, 0)) + i)).collect()
+            }
+        } else {
+            parse_ip_list(&self.local_ip)?
+        };
+        let peer_ips = parse_ip_list(&self.peer_ip)?;
+        for ip in local_ips.iter().chain(&peer_ips) {
+            if !ip.is_loopback() {
+                bail!("{ip} is not a loopback address: loadgen only sends to 127.0.0.0/8");
+            }
+        }
+        let server = resolve_v4(&self.server)?;
+        if !server.ip().is_loopback() {
+            bail!("--server {server} is not on loopback: loadgen only sends to 127.0.0.0/8");
+        }
+        let (username, password) = match &self.secret {
+            Some(secret) => {
+                let name = self.user.split(':').next().unwrap_or("loadgen");
+                let username = format!("{}:{name}", unix_now() + 86_400);
+                let password = turnpike::proto::auth::rest_api_password(secret, &username);
+                (username, password)
+            }
+            None => match self.user.split_once(':') {
+                Some((u, p)) => (u.to_string(), p.to_string()),
+                None => bail!("--user must be NAME:PASSWORD without --secret"),
+            },
+        };
+        Ok(Plan {
+            server,
+            mode: self.mode,
+            allocations,
+            per_alloc: self.channels_per_allocation,
+            username,
+            password,
+            setup_rate: self.setup_rate,
+            setup_concurrency: self.setup_concurrency.max(1),
+            reuse_nonce: self.reuse_nonce,
+            local_ips,
+            peers: self.peers,
+            peer_ips,
+            rate: self.rate,
+            window: self.window,
+            size: self.size,
+            duration: Duration::from_secs_f64(self.duration),
+            send_indications: self.send_indications,
+            threads: self.threads.min(allocations.max(1)),
+            lifetime: self.lifetime,
+            refresh_interval: self.refresh_interval.map(Duration::from_secs_f64),
+            rto: Duration::from_millis(self.rto_ms.max(10)),
+            drain: Duration::from_millis(self.drain_ms),
+            setup_timeout: Duration::from_secs_f64(self.setup_timeout.max(1.0)),
+            server_pid: self.server_pid,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ip_lists() {
+        let v = parse_ip_list("127.0.0.1, 127.0.0.5-127.0.0.7,127.3.0.0/30").unwrap();
+        let s: Vec<String> = v.iter().map(|i| i.to_string()).collect();
+        assert_eq!(
+            s,
+            ["127.0.0.1", "127.0.0.5", "127.0.0.6", "127.0.0.7", "127.3.0.1", "127.3.0.2"]
+        );
+        assert!(parse_ip_list("127.0.0.9-127.0.0.1").is_err());
+        assert!(parse_ip_list("").is_err());
+        assert!(parse_ip_list("127.0.0.0/8").is_err());
+    }
+
+    #[test]
+    fn rates() {
+        assert_eq!(parse_rate("max"), Ok(Rate::Max));
+        assert_eq!(parse_rate("150_000"), Ok(Rate::Pps(150_000.0)));
+        assert!(parse_rate("0").is_err());
+        assert!(parse_rate("fast").is_err());
+    }
+
+    #[test]
+    fn plan_checks() {
+        let args = |extra: &[&str]| {
+            let mut v = vec!["loadgen"];
+            v.extend_from_slice(extra);
+            Args::try_parse_from(v).unwrap()
+        };
+        let p = args(&["--channels", "100000"]).plan().unwrap();
+        assert_eq!(p.allocations, 100_000);
+        assert_eq!(p.local_ips.len(), 5);
+        assert_eq!(p.local_ips[0], Ipv4Addr::new(127, 1, 0, 1));
+        let p = args(&["--channels", "40", "--channels-per-allocation", "4"]).plan().unwrap();
+        assert_eq!(p.allocations, 10);
+        assert!(args(&["--channels", "40", "--channels-per-allocation", "5"]).plan().is_err());
+        assert!(args(&["--peers", "2", "--channels", "30", "--channels-per-allocation", "3"])
+            .plan()
+            .is_err());
+        assert!(args(&["--server", "8.8.8.8:3478"]).plan().is_err());
+        assert!(args(&["--local-ip", "10.0.0.1"]).plan().is_err());
+        let p = args(&["--secret", "s3", "--user", "bob"]).plan().unwrap();
+        assert!(p.username.ends_with(":bob"));
+        assert_eq!(
+            p.password,
+            turnpike::proto::auth::rest_api_password("s3", &p.username)
+        );
+    }
+}
