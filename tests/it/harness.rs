@@ -39,10 +39,19 @@ impl Server {
         Self::start_with(&args)
     }
 
-    /// Starts turnpike with exactly `args`, waiting for its "listening on udp" line.
+    /// Starts turnpike with `args`, waiting for its "listening on udp" line. Unless `args`
+    /// is empty (the no-argument test), the words of `TURNPIKE_TEST_SERVER_ARGS` are
+    /// appended, so CI runs the whole suite per I/O backend and shard count
+    /// (e.g. `--io-backend mmsg --shards 1`).
     pub fn start_with(args: &[String]) -> Server {
+        let mut args = args.to_vec();
+        if !args.is_empty() {
+            if let Ok(extra) = std::env::var("TURNPIKE_TEST_SERVER_ARGS") {
+                args.extend(extra.split_whitespace().map(String::from));
+            }
+        }
         let mut child = Command::new(env!("CARGO_BIN_EXE_turnpike"))
-            .args(args)
+            .args(&args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
