@@ -302,11 +302,9 @@ impl UringIo {
                         self.arm_waker();
                     }
                 }
-                TAG_CANCEL => {
-                    // Nothing was left to cancel: the receive had already ended.
-                    if res == -libc::ENOENT && self.sockets.get(id as usize) == Some(&SockState::Closing) {
-                        self.sockets[id as usize] = SockState::Released;
-                    }
+                // Nothing was left to cancel: the receive had already ended.
+                TAG_CANCEL if res == -libc::ENOENT && self.sockets.get(id as usize) == Some(&SockState::Closing) => {
+                    self.sockets[id as usize] = SockState::Released;
                 }
                 _ => {}
             }
