@@ -187,6 +187,18 @@ impl Runtime {
         self.shards.len()
     }
 
+    /// The shards and the control thread's work, for callers that drive them on threads of
+    /// their own (tests that count a shard thread's heap allocations, benchmarks).
+    pub fn into_parts(self) -> (Vec<Shard>, ControlRunner) {
+        (
+            self.shards,
+            ControlRunner {
+                control: self.control,
+                rx: self.control_rx,
+            },
+        )
+    }
+
     /// Runs every shard on its own thread (pinned to the allowed cores in turn) and the
     /// control thread until `shutdown` is set; returns the totals.
     ///
@@ -244,6 +256,19 @@ impl Runtime {
             return Err(e.into());
         }
         Ok(report)
+    }
+}
+
+/// The control thread's work, from [`Runtime::into_parts`].
+pub struct ControlRunner {
+    control: Control,
+    rx: crossbeam_channel::Receiver<crate::control::ControlRequest>,
+}
+
+impl ControlRunner {
+    /// Serves the shards until `stop` is set and the queue is drained.
+    pub fn run(self, stop: &AtomicBool) -> ControlReport {
+        self.control.run(self.rx, stop)
     }
 }
 
