@@ -50,5 +50,12 @@ fi
 
 echo "== cargo nextest"
 cargo nextest run --workspace --no-fail-fast
+# The run above uses the default data plane (io_uring when the probe passes, one shard
+# per core). Run the real-client tests again on the other configurations.
+for cfg in "--io-backend io-uring --shards 1" "--io-backend mmsg --shards 1" "--io-backend mmsg --shards 2"; do
+  echo "== integration tests with $cfg"
+  TURNPIKE_TEST_SERVER_ARGS="$cfg" cargo nextest run --test integration --no-fail-fast \
+    -E 'test(real_clients) | test(own_client)'
+done
 echo "== doc tests"
 cargo test --workspace --doc
