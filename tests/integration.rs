@@ -19,3 +19,6 @@ mod cli;
 
 #[path = "it/browser.rs"]
 mod browser;
+
+#[path = "it/natlab.rs"]
+mod natlab;

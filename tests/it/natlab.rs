@@ -1,0 +1,150 @@
+//! The NAT lab (`tests/natlab/natlab.py`): turnpike on a public segment in a network namespace,
+//! two private sites behind NAT routers (full cone, restricted cone, port-restricted cone,
+//! symmetric; netfilter or the lab's user-space NAT), two aioice ICE agents gathering host,
+//! server-reflexive and relayed candidates from turnpike. For all 16 combinations: each router
+//! measures as configured, data flows, and ICE selects a direct pair exactly when the documents
+//! predict hole punching works (type numbers 1..4 adding up to at most 6), else a pair through
+//! turnpike's relay, which turnpike's counters confirm.
+//!
+//! Needs root (CI has it) and iproute2, iptables, conntrack, aioice: `scripts/test.sh`
+//! installs them. A missing one fails the test.
+
+use std::collections::HashMap;
+use std::process::Command;
+
+use crate::harness::require;
+
+const NATS: [&str; 4] = ["full-cone", "restricted-cone", "port-restricted-cone", "symmetric"];
+const MESSAGES: u64 = 100;
+
+fn rank(nat: &str) -> usize {
+    NATS.iter().position(|n| *n == nat).expect("known NAT") + 1
+}
+
+fn behaviour(nat: &str) -> &'static str {
+    match nat {
+        "full-cone" => "endpoint-independent/endpoint-independent",
+        "restricted-cone" => "endpoint-independent/address-dependent",
+        "port-restricted-cone" => "endpoint-independent/address-and-port-dependent",
+        _ => "address-and-port-dependent/address-and-port-dependent",
+    }
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+/// Namespaces of this lab whose creating process is gone: there must be none after a run.
+fn leftover_namespaces() -> Vec<String> {
+    let out = Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .expect("ip netns list");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|name| name.starts_with("tpnl"))
+        .filter(|name| {
+            let pid = name["tpnl".len()..].split('-').next().unwrap_or("");
+            !std::path::Path::new(&format!("/proc/{pid}")).exists()
+        })
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn nat_lab_matrix() {
+    assert!(
+        is_root(),
+        "the NAT lab needs root for network namespaces (CI runs scripts/test.sh as root)"
+    );
+    for program in ["ip", "iptables", "conntrack", "python3"] {
+        require(program);
+    }
+    let aioice = Command::new("python3").args(["-c", "import aioice"]).status();
+    assert!(
+        aioice.map(|s| s.success()).unwrap_or(false),
+        "aioice is missing: run scripts/test.sh"
+    );
+
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/natlab/natlab.py");
+    let out = Command::new("timeout")
+        .args([
+            "-k",
+            "10",
+            "150",
+            "python3",
+            script,
+            "--turnpike",
+            env!("CARGO_BIN_EXE_turnpike"),
+        ])
+        .output()
+        .expect("run natlab.py");
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    eprintln!("{stdout}");
+    let leftovers = leftover_namespaces();
+    assert!(leftovers.is_empty(), "namespaces left behind: {leftovers:?}");
+    assert!(
+        out.status.success(),
+        "natlab.py failed ({}):\n{stdout}\n{stderr}",
+        out.status
+    );
+
+    let rows: Vec<HashMap<&str, &str>> = stdout
+        .lines()
+        .filter_map(|l| l.strip_prefix("NATLAB "))
+        .map(|l| l.split_whitespace().filter_map(|kv| kv.split_once('=')).collect())
+        .collect();
+    assert_eq!(rows.len(), 16, "one row per combination:\n{stdout}");
+    let mut seen = Vec::new();
+    for row in &rows {
+        let get = |k: &str| *row.get(k).unwrap_or_else(|| panic!("no {k} in {row:?}"));
+        let num = |k: &str| get(k).parse::<i64>().unwrap_or_else(|_| panic!("{k} in {row:?}"));
+        let (a, b) = (get("site_a"), get("site_b"));
+        seen.push((a.to_string(), b.to_string()));
+        let name = format!("{a} x {b}");
+        assert_eq!(get("router_a"), behaviour(a), "{name}: router A measured");
+        assert_eq!(get("router_b"), behaviour(b), "{name}: router B measured");
+        assert_eq!(num("sent"), MESSAGES as i64, "{name}");
+        assert_eq!(num("received"), MESSAGES as i64, "{name}: every message came back");
+        assert!(num("echoed") >= MESSAGES as i64, "{name}: echoed");
+
+        let predicted = if rank(a) + rank(b) <= 6 { "direct" } else { "relay" };
+        let pair = get("pair");
+        let relayed = pair.split('/').any(|t| t == "relay");
+        assert_eq!(
+            if relayed { "relay" } else { "direct" },
+            predicted,
+            "{name}: ICE selected {pair}"
+        );
+        assert_eq!(get("via"), predicted, "{name}");
+        // Both agents agree: each one's remote candidate is the other's view of it.
+        assert_eq!(
+            relayed,
+            get("b_local").starts_with("relay:") || get("b_remote").starts_with("relay:")
+        );
+
+        // turnpike's counters: the data went through it exactly when the pair is relayed.
+        let (to_peer, to_client) = (num("turnpike_to_peer"), num("turnpike_to_client"));
+        if relayed {
+            assert!(
+                to_peer >= MESSAGES as i64 && to_client >= MESSAGES as i64,
+                "{name}: relayed pair but turnpike relayed to_peer={to_peer} to_client={to_client}"
+            );
+        } else {
+            assert!(
+                to_peer >= 0 && to_client >= 0 && to_peer + to_client < MESSAGES as i64,
+                "{name}: direct pair but turnpike relayed to_peer={to_peer} to_client={to_client}"
+            );
+        }
+        assert_eq!(get("ok"), "true", "{name}: natlab.py's own verdict");
+    }
+    seen.sort();
+    seen.dedup();
+    assert_eq!(seen.len(), 16, "every combination once");
+}
