@@ -22,3 +22,6 @@ mod browser;
 
 #[path = "it/natlab.rs"]
 mod natlab;
+
+#[path = "it/dataplane.rs"]
+mod dataplane;
