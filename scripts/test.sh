@@ -23,13 +23,12 @@ if ! python3 -c "import aioice" >/dev/null 2>&1; then
 fi
 
 # The browser test (tests/it/browser.rs) needs Debian's chromium and playwright-core from npm
-# (never a downloaded browser); the NAT lab (tests/it/natlab.rs) needs iproute2, iptables,
-# nftables and conntrack, and root for network namespaces.
+# (never a downloaded browser); the NAT lab (tests/it/natlab.rs) needs iproute2, iptables and
+# conntrack, and root for network namespaces.
 missing=""
 command -v chromium >/dev/null || missing="$missing chromium"
 command -v ip >/dev/null || missing="$missing iproute2"
 command -v iptables >/dev/null || missing="$missing iptables"
-command -v nft >/dev/null || missing="$missing nftables"
 command -v conntrack >/dev/null || missing="$missing conntrack"
 command -v node >/dev/null || missing="$missing nodejs npm"
 if [ -n "$missing" ]; then

@@ -72,18 +72,15 @@ fn nat_lab_matrix() {
     );
 
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/natlab/natlab.py");
-    let out = Command::new("timeout")
-        .args([
-            "-k",
-            "10",
-            "150",
-            "python3",
-            script,
-            "--turnpike",
-            env!("CARGO_BIN_EXE_turnpike"),
-        ])
-        .output()
-        .expect("run natlab.py");
+    let mut args: Vec<String> = ["-k", "10", "150", "python3", script, "--turnpike"]
+        .map(String::from)
+        .to_vec();
+    args.push(env!("CARGO_BIN_EXE_turnpike").to_string());
+    // The data-plane configuration the rest of the suite runs under, as the harness does.
+    if let Ok(extra) = std::env::var("TURNPIKE_TEST_SERVER_ARGS") {
+        args.extend(extra.split_whitespace().map(|w| format!("--turnpike-arg={w}")));
+    }
+    let out = Command::new("timeout").args(&args).output().expect("run natlab.py");
     let stdout = String::from_utf8_lossy(&out.stdout).to_string();
     let stderr = String::from_utf8_lossy(&out.stderr).to_string();
     eprintln!("{stdout}");
