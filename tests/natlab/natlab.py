@@ -500,7 +500,7 @@ async def main() -> int:
                 print(f"  nat {site}: {row[f'nat_{site}']}")
             if row.get("probe"):
                 print(f"  probe {site}: {row['probe'][site]}")
-        if s["ok"] != "true":
+        if s["ok"] != "true" or os.environ.get("NATLAB_VERBOSE"):
             print(f"  turnpike: {row.get('shutdown', '')}")
     print()
     print("site A NAT x site B NAT -> pair ICE selected (A's local/remote candidate types); "
