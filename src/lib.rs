@@ -7,4 +7,6 @@
 pub mod config;
 pub mod control;
 pub mod dataplane;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod proto;

@@ -80,6 +80,62 @@ pub struct ServerConfig {
     pub max_channels_per_allocation: usize,
     /// SOFTWARE attribute for responses; `None` (the default) omits it.
     pub software: Option<String>,
+    /// RFC 5780 NAT behaviour discovery, when the server has a second IP and port.
+    pub nat_discovery: Option<NatDiscovery>,
+}
+
+/// The two addresses of RFC 5780 NAT behaviour discovery: the server listens on all four
+/// combinations of {primary IP, alternate IP} x {primary port, alternate port}.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NatDiscovery {
+    /// The primary transport address (IP1:P1).
+    pub primary: SocketAddr,
+    /// The alternate transport address (IP2:P2), advertised as OTHER-ADDRESS.
+    pub alternate: SocketAddr,
+}
+
+impl NatDiscovery {
+    /// The four listening transport addresses, primary first.
+    pub fn addresses(&self) -> [SocketAddr; 4] {
+        let (ip1, p1, ip2, p2) = (self.primary.ip(), self.primary.port(), self.alternate.ip(), self.alternate.port());
+        [
+            self.primary,
+            SocketAddr::new(ip1, p2),
+            SocketAddr::new(ip2, p1),
+            self.alternate,
+        ]
+    }
+
+    /// The address a response to a Binding received on `local` comes from, given the
+    /// CHANGE-REQUEST flags (RFC 5780 §6.1: 0x4 change IP, 0x2 change port); `None` when
+    /// `local` is not one of the four addresses.
+    pub fn response_origin(&self, local: SocketAddr, change_ip: bool, change_port: bool) -> Option<SocketAddr> {
+        let other = self.other_address(local)?;
+        let ip = if change_ip { other.ip() } else { local.ip() };
+        let port = if change_port { other.port() } else { local.port() };
+        Some(SocketAddr::new(ip, port))
+    }
+
+    /// OTHER-ADDRESS for a Binding received on `local`: the other IP and the other port
+    /// (RFC 5780 §7.4).
+    pub fn other_address(&self, local: SocketAddr) -> Option<SocketAddr> {
+        let (ip1, p1, ip2, p2) = (self.primary.ip(), self.primary.port(), self.alternate.ip(), self.alternate.port());
+        let ip = if local.ip() == ip1 {
+            ip2
+        } else if local.ip() == ip2 {
+            ip1
+        } else {
+            return None;
+        };
+        let port = if local.port() == p1 {
+            p2
+        } else if local.port() == p2 {
+            p1
+        } else {
+            return None;
+        };
+        Some(SocketAddr::new(ip, port))
+    }
 }
 
 impl Default for ServerConfig {
@@ -97,6 +153,7 @@ impl Default for ServerConfig {
             max_permissions_per_allocation: 256,
             max_channels_per_allocation: 1024,
             software: None,
+            nat_discovery: None,
         }
     }
 }
@@ -127,6 +184,9 @@ pub enum DropReason {
 pub enum ClientAction<'a> {
     /// Send the response in `out` to the 5-tuple's client, from its server address.
     Respond,
+    /// Send the response in `out` to the 5-tuple's client from this other local transport
+    /// address (RFC 5780 CHANGE-REQUEST).
+    RespondFrom(SocketAddr),
     /// Send `payload` (a slice of the input) from the relayed transport address to `peer`.
     Relay {
         /// Relayed transport address to send from.
@@ -227,6 +287,29 @@ pub enum Event {
     },
 }
 
+/// Entry counts of the server's tables, from [`Server::table_sizes`].
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TableSizes {
+    /// Allocations.
+    pub allocations: usize,
+    /// Relayed transport address index.
+    pub relays: usize,
+    /// Users holding allocations.
+    pub users: usize,
+    /// Timer heap entries, superseded ones included.
+    pub timers: usize,
+    /// Events not yet polled.
+    pub events: usize,
+}
+
+impl TableSizes {
+    /// All entries together.
+    pub fn total(&self) -> usize {
+        self.allocations + self.relays + self.users + self.timers + self.events
+    }
+}
+
 /// Which MESSAGE-INTEGRITY variant protected a request; its response uses the same.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Mac {
@@ -323,6 +406,19 @@ impl Server {
     /// The 5-tuple owning a relayed transport address.
     pub fn five_tuple_for_relay(&self, relayed: &SocketAddr) -> Option<FiveTuple> {
         self.by_relay.get(relayed).copied()
+    }
+
+    /// How many entries the server's tables hold, for tests and fuzzing: unauthenticated
+    /// input must never grow them, and they stay proportional to the live allocations.
+    #[doc(hidden)]
+    pub fn table_sizes(&self) -> TableSizes {
+        TableSizes {
+            allocations: self.allocations.len(),
+            relays: self.by_relay.len(),
+            users: self.per_user.len(),
+            timers: self.timers.len(),
+            events: self.events.len(),
+        }
     }
 
     fn unix_now(&self, now: Instant) -> u64 {
@@ -422,10 +518,7 @@ impl Server {
                 if self.unknown_attributes(msg, &reply, out) {
                     return ClientAction::Respond;
                 }
-                self.respond(out, &reply, Class::Success, |b| {
-                    b.attribute(&Attribute::XorMappedAddress(ft.client));
-                });
-                ClientAction::Respond
+                self.binding(ft, msg, &reply, out)
             }
             Method::Allocate | Method::Refresh | Method::CreatePermission | Method::ChannelBind => {
                 // An expired allocation is gone even before `handle_timeout` has run, as for
@@ -455,6 +548,46 @@ impl Server {
         }
     }
 
+    /// A Binding request (RFC 8489 §3; RFC 5780 §6.1 when NAT discovery is configured):
+    /// XOR-MAPPED-ADDRESS only, or with OTHER-ADDRESS and RESPONSE-ORIGIN, answered from the
+    /// address CHANGE-REQUEST asks for. Without a second address, a CHANGE-REQUEST that asks
+    /// for a change gets 420 (RFC 5780 §6.1).
+    fn binding<'a>(&self, ft: FiveTuple, msg: &Message<'_>, reply: &Reply<'_>, out: &mut Vec<u8>) -> ClientAction<'a> {
+        let (change_ip, change_port) = match msg.get(kind::CHANGE_REQUEST) {
+            None => (false, false),
+            Some(Ok(Attribute::ChangeRequest(flags))) => (flags & 0x4 != 0, flags & 0x2 != 0),
+            Some(_) => {
+                self.error(out, reply, ErrorCode::BAD_REQUEST);
+                return ClientAction::Respond;
+            }
+        };
+        let Some(nat) = self.config.nat_discovery.filter(|n| n.other_address(ft.server).is_some()) else {
+            if change_ip || change_port {
+                self.respond(out, reply, Class::Error, |b| {
+                    error_code(b, ErrorCode::UNKNOWN_ATTRIBUTE);
+                    b.attribute(&Attribute::UnknownAttributes(&kind::CHANGE_REQUEST.to_be_bytes()));
+                });
+                return ClientAction::Respond;
+            }
+            self.respond(out, reply, Class::Success, |b| {
+                b.attribute(&Attribute::XorMappedAddress(ft.client));
+            });
+            return ClientAction::Respond;
+        };
+        let origin = nat.response_origin(ft.server, change_ip, change_port).expect("checked above");
+        let other = nat.other_address(ft.server).expect("checked above");
+        self.respond(out, reply, Class::Success, |b| {
+            b.attribute(&Attribute::XorMappedAddress(ft.client));
+            b.attribute(&Attribute::ResponseOrigin(origin));
+            b.attribute(&Attribute::OtherAddress(other));
+        });
+        if origin == ft.server {
+            ClientAction::Respond
+        } else {
+            ClientAction::RespondFrom(origin)
+        }
+    }
+
     /// Writes 420 with UNKNOWN-ATTRIBUTES when the request has unknown
     /// comprehension-required attributes (RFC 8489 §6.3.1). Returns whether it did.
     fn unknown_attributes(&self, msg: &Message<'_>, reply: &Reply<'_>, out: &mut Vec<u8>) -> bool {
@@ -469,8 +602,12 @@ impl Server {
         if n == 0 {
             return false;
         }
+        // Unauthenticated (a Binding): no reason phrase, so that the 420 is never larger
+        // than the request plus an XOR-MAPPED-ADDRESS and cannot amplify reflected traffic.
+        let code = ErrorCode::UNKNOWN_ATTRIBUTE;
+        let reason = if reply.auth.is_some() { code.reason() } else { "" };
         self.respond(out, reply, Class::Error, |b| {
-            error_code(b, ErrorCode::UNKNOWN_ATTRIBUTE);
+            b.attribute(&Attribute::ErrorCode { code, reason });
             b.attribute(&Attribute::UnknownAttributes(&list[..n]));
         });
         true
@@ -620,7 +757,7 @@ impl Server {
     /// at the maximum, and never below the default; 0 stays 0 for Refresh.
     fn granted_lifetime(&self, requested: Option<u32>) -> Duration {
         match requested {
-            None => self.config.default_lifetime,
+            None => self.config.default_lifetime.min(self.config.max_lifetime),
             Some(0) => Duration::ZERO,
             Some(s) => Duration::from_secs(s as u64)
                 .min(self.config.max_lifetime)
@@ -707,7 +844,7 @@ impl Server {
             Some(_) => return err(ErrorCode::BAD_REQUEST),
         };
         let lifetime = match self.granted_lifetime(requested) {
-            Duration::ZERO => self.config.default_lifetime,
+            Duration::ZERO => self.granted_lifetime(None),
             l => l,
         };
         ClientAction::Allocate(AllocateRequest {
@@ -833,7 +970,7 @@ impl Server {
                 timer: expires,
             },
         );
-        self.timers.push(Reverse((expires, ft)));
+        self.push_timer(expires, ft);
         None
     }
 
@@ -1086,9 +1223,21 @@ impl Server {
             let t = alloc.next_deadline();
             if t != alloc.timer {
                 alloc.timer = t;
-                self.timers.push(Reverse((t, ft)));
+                self.push_timer(t, ft);
             }
         }
+    }
+
+    /// Pushes a timer entry. Superseded entries (an allocation rescheduled or gone) stay
+    /// in the heap until popped, so once they outnumber the live allocations they are
+    /// dropped: refreshes and allocate/delete cycles cannot grow the heap.
+    fn push_timer(&mut self, t: Instant, ft: FiveTuple) {
+        if self.timers.len() >= 2 * self.allocations.len() + 64 {
+            let allocations = &self.allocations;
+            self.timers
+                .retain(|Reverse((t, ft))| allocations.get(ft).is_some_and(|a| a.timer == *t));
+        }
+        self.timers.push(Reverse((t, ft)));
     }
 
     fn remove_allocation(&mut self, ft: FiveTuple) {

@@ -2582,3 +2582,6 @@ proptest! {
         h.server.handle_timeout(now);
     }
 }
+
+#[path = "server_abuse_tests.rs"]
+mod abuse;
