@@ -81,15 +81,15 @@ pub struct Args {
     #[arg(long)]
     pub reuse_nonce: bool,
     /// Local IPs for client sockets: comma-separated IPs, `A-B` ranges or `A/N` CIDRs in
-    /// 127.0.0.0/8. `auto`: 127.0.0.1 up to 20,000 allocations, else one IP of
-    /// 127.1.0.1, 127.1.0.2, ... per 20,000 (outside the relay IPs 127.0.0.2-127.0.0.8).
+    /// 127.0.0.0/8. `auto`: one IP of 127.1.0.1, 127.1.0.2, ... per 20,000 allocations
+    /// (kept apart from servers' relay IPs, whose ports overlap Linux's ephemeral range).
     #[arg(long, default_value = "auto")]
     pub local_ip: String,
     /// Number of echo peer sockets loadgen runs itself.
     #[arg(long, default_value_t = 4)]
     pub peers: usize,
     /// IPs the echo peers bind (same syntax as `--local-ip`); peers are spread over them.
-    #[arg(long, default_value = "127.0.0.1")]
+    #[arg(long, default_value = "127.2.0.1")]
     pub peer_ip: String,
     /// Total send rate client → relay in packets/s, or `max` (closed loop, `--window`).
     #[arg(long, default_value = "1000", value_parser = parse_rate)]
@@ -274,7 +274,9 @@ impl Args {
             bail!("--peers must be at least 1");
         }
         if self.channels_per_allocation > self.peers {
-            bail!("--channels-per-allocation must not exceed --peers (each channel of an allocation needs its own peer)");
+            bail!(
+                "--channels-per-allocation must not exceed --peers (each channel of an allocation needs its own peer)"
+            );
         }
         if self.size < crate::payload::MIN_SIZE || self.size > 65_000 {
             bail!("--size must be {}-65000 bytes", crate::payload::MIN_SIZE);
@@ -282,7 +284,7 @@ impl Args {
         if self.threads == 0 || self.threads > 64 {
             bail!("--threads must be 1-64");
         }
-        if !(self.setup_rate > 0.0) {
+        if self.setup_rate.is_nan() || self.setup_rate <= 0.0 {
             bail!("--setup-rate must be > 0");
         }
         if !(self.duration >= 0.0 && self.duration.is_finite()) {
@@ -300,7 +302,9 @@ impl Args {
                 vec![Ipv4Addr::LOCALHOST]
             } else {
                 let n = allocations.div_ceil(ALLOCATIONS_PER_IP) as u32;
-                (1..=n).map(|i| Ipv4Addr::from(u32::from(Ipv4Addr::new(127, 1, 0, 0)) + i)).collect()
+                (1..=n)
+                    .map(|i| Ipv4Addr::from(u32::from(Ipv4Addr::new(127, 1, 0, 0)) + i))
+                    .collect()
             }
         } else {
             parse_ip_list(&self.local_ip)?
@@ -366,7 +370,14 @@ mod tests {
         let s: Vec<String> = v.iter().map(|i| i.to_string()).collect();
         assert_eq!(
             s,
-            ["127.0.0.1", "127.0.0.5", "127.0.0.6", "127.0.0.7", "127.3.0.1", "127.3.0.2"]
+            [
+                "127.0.0.1",
+                "127.0.0.5",
+                "127.0.0.6",
+                "127.0.0.7",
+                "127.3.0.1",
+                "127.3.0.2"
+            ]
         );
         assert!(parse_ip_list("127.0.0.9-127.0.0.1").is_err());
         assert!(parse_ip_list("").is_err());
@@ -392,19 +403,22 @@ mod tests {
         assert_eq!(p.allocations, 100_000);
         assert_eq!(p.local_ips.len(), 5);
         assert_eq!(p.local_ips[0], Ipv4Addr::new(127, 1, 0, 1));
-        let p = args(&["--channels", "40", "--channels-per-allocation", "4"]).plan().unwrap();
+        let p = args(&["--channels", "40", "--channels-per-allocation", "4"])
+            .plan()
+            .unwrap();
         assert_eq!(p.allocations, 10);
-        assert!(args(&["--channels", "40", "--channels-per-allocation", "5"]).plan().is_err());
-        assert!(args(&["--peers", "2", "--channels", "30", "--channels-per-allocation", "3"])
+        assert!(args(&["--channels", "40", "--channels-per-allocation", "5"])
             .plan()
             .is_err());
+        assert!(
+            args(&["--peers", "2", "--channels", "30", "--channels-per-allocation", "3"])
+                .plan()
+                .is_err()
+        );
         assert!(args(&["--server", "8.8.8.8:3478"]).plan().is_err());
         assert!(args(&["--local-ip", "10.0.0.1"]).plan().is_err());
         let p = args(&["--secret", "s3", "--user", "bob"]).plan().unwrap();
         assert!(p.username.ends_with(":bob"));
-        assert_eq!(
-            p.password,
-            turnpike::proto::auth::rest_api_password("s3", &p.username)
-        );
+        assert_eq!(p.password, turnpike::proto::auth::rest_api_password("s3", &p.username));
     }
 }

@@ -144,7 +144,18 @@ pub fn run(plan: Plan, command: String, interrupt: Arc<AtomicBool>, quiet: bool)
         pb.set_position(ok + failed);
         pb.set_message(format!("{failed} failed"));
     }
-    let setup_secs = t_setup.elapsed().as_secs_f64();
+    let setup_secs = if all(&|p| p.setup_settled.load(Relaxed)) {
+        // Exact: from the clock base (workers start at once) to the last worker settling.
+        let last = shared
+            .progress
+            .iter()
+            .map(|p| p.setup_settled_ns.load(Relaxed))
+            .max()
+            .unwrap_or(0);
+        last as f64 / 1e9
+    } else {
+        t_setup.elapsed().as_secs_f64()
+    };
     pb.finish_and_clear();
     shared.phase.store(worker::PH_IDLE, Relaxed);
     let rss_after = plan.server_pid.and_then(proc_sample).map(|s| s.1);
@@ -216,9 +227,7 @@ pub fn run(plan: Plan, command: String, interrupt: Arc<AtomicBool>, quiet: bool)
     let mut c = Counters::default();
     let mut rtt = worker::new_histogram();
     for h in handles {
-        let out = h
-            .join()
-            .map_err(|_| anyhow::anyhow!("worker thread panicked"))??;
+        let out = h.join().map_err(|_| anyhow::anyhow!("worker thread panicked"))??;
         c.merge(&out.counters);
         rtt.add(&out.rtt).context("merging histograms")?;
     }
@@ -253,7 +262,11 @@ fn build_report(
     let c2p = Direction::new(c.client_tx, c.peer_rx);
     let p2c = Direction::new(c.peer_tx, c.client_rx);
     let delivered = c.peer_rx + c.client_rx;
-    let relayed_pps = if traffic_secs > 0.0 { delivered as f64 / secs } else { 0.0 };
+    let relayed_pps = if traffic_secs > 0.0 {
+        delivered as f64 / secs
+    } else {
+        0.0
+    };
     let requested = match plan.rate {
         Rate::Pps(r) => Some(r),
         Rate::Max => None,
@@ -317,10 +330,18 @@ fn build_report(
             },
             client_to_peer: c2p,
             peer_to_client: p2c,
-            round_trips_per_s: if traffic_secs > 0.0 { c.client_rx as f64 / secs } else { 0.0 },
+            round_trips_per_s: if traffic_secs > 0.0 {
+                c.client_rx as f64 / secs
+            } else {
+                0.0
+            },
             relayed_pps,
             relayed_gbit_s: relayed_pps * plan.size as f64 * 8.0 / 1e9,
-            send_rate_pps: if traffic_secs > 0.0 { c.client_tx as f64 / secs } else { 0.0 },
+            send_rate_pps: if traffic_secs > 0.0 {
+                c.client_tx as f64 / secs
+            } else {
+                0.0
+            },
             rate_kept,
             max_lag_ms: c.max_lag_ns as f64 / 1e6,
             send_failures: c.send_failures,

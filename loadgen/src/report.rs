@@ -249,7 +249,10 @@ impl Report {
             ),
         );
         row(&mut s, "traffic time", format!("{:.2} s", t.seconds));
-        for (name, d) in [("client → peer", &t.client_to_peer), ("peer → client", &t.peer_to_client)] {
+        for (name, d) in [
+            ("client → peer", &t.client_to_peer),
+            ("peer → client", &t.peer_to_client),
+        ] {
             row(
                 &mut s,
                 name,

@@ -25,7 +25,10 @@ fn to_sockaddr(a: &SocketAddrV4) -> libc::sockaddr_in {
 }
 
 fn from_sockaddr(s: &libc::sockaddr_in) -> SocketAddrV4 {
-    SocketAddrV4::new(Ipv4Addr::from(u32::from_be(s.sin_addr.s_addr)), u16::from_be(s.sin_port))
+    SocketAddrV4::new(
+        Ipv4Addr::from(u32::from_be(s.sin_addr.s_addr)),
+        u16::from_be(s.sin_port),
+    )
 }
 
 /// Receive buffers for one recvmmsg call: `MAX_BATCH` datagrams of up to `cap` bytes each.
@@ -90,15 +93,7 @@ impl RecvBatch {
         // SAFETY: hdrs[..max] point at live iovecs, sockaddr storage and data buffers owned by
         // this function or `self`, which outlive the call; the kernel writes at most iov_len bytes
         // per buffer and msg_namelen bytes per name.
-        let n = unsafe {
-            libc::recvmmsg(
-                fd,
-                hdrs.as_mut_ptr(),
-                max as libc::c_uint,
-                flags,
-                std::ptr::null_mut(),
-            )
-        };
+        let n = unsafe { libc::recvmmsg(fd, hdrs.as_mut_ptr(), max as libc::c_uint, flags, std::ptr::null_mut()) };
         if n < 0 {
             let e = io::Error::last_os_error();
             return match e.kind() {
@@ -153,7 +148,12 @@ pub fn send_batch(fd: RawFd, msgs: &[(&[u8], Option<SocketAddrV4>)]) -> io::Resu
         let n = unsafe { libc::sendmmsg(fd, hdrs.as_mut_ptr(), chunk.len() as libc::c_uint, libc::MSG_DONTWAIT) };
         if n < 0 {
             let e = io::Error::last_os_error();
-            if done > 0 || matches!(e.raw_os_error(), Some(libc::EAGAIN) | Some(libc::ENOBUFS) | Some(libc::EINTR)) {
+            if done > 0
+                || matches!(
+                    e.raw_os_error(),
+                    Some(libc::EAGAIN) | Some(libc::ENOBUFS) | Some(libc::EINTR)
+                )
+            {
                 return Ok(done);
             }
             return Err(e);
@@ -227,7 +227,11 @@ impl Epoll {
         };
         if n < 0 {
             let e = io::Error::last_os_error();
-            return if e.kind() == io::ErrorKind::Interrupted { Ok(()) } else { Err(e) };
+            return if e.kind() == io::ErrorKind::Interrupted {
+                Ok(())
+            } else {
+                Err(e)
+            };
         }
         tokens.extend(self.events[..n as usize].iter().map(|e| e.u64));
         Ok(())
@@ -244,7 +248,10 @@ impl Drop for Epoll {
 /// Raises RLIMIT_NOFILE to at least `want` descriptors (raising the hard limit too when
 /// running as root, up to fs.nr_open). Returns the soft limit now in force.
 pub fn raise_nofile(want: u64) -> io::Result<u64> {
-    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
     // SAFETY: `lim` is a valid out-pointer.
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } < 0 {
         return Err(io::Error::last_os_error());

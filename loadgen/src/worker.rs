@@ -61,6 +61,8 @@ pub struct Progress {
     pub setup_failed: AtomicU64,
     /// Every allocation of this worker is set up or failed.
     pub setup_settled: AtomicBool,
+    /// When `setup_settled` became true, ns since the clock base.
+    pub setup_settled_ns: AtomicU64,
     /// Packets sent client → relay.
     pub sent: AtomicU64,
     /// Packets received relay → client.
@@ -412,8 +414,10 @@ impl Worker {
     }
 
     fn check_settled(&mut self) {
-        if self.settled == self.allocs.len() {
-            self.shared.progress[self.id].setup_settled.store(true, Relaxed);
+        let p = &self.shared.progress[self.id];
+        if self.settled == self.allocs.len() && !p.setup_settled.load(Relaxed) {
+            p.setup_settled_ns.store(self.now_ns(Instant::now()), Relaxed);
+            p.setup_settled.store(true, Relaxed);
         }
     }
 
@@ -426,7 +430,9 @@ impl Worker {
                 self.allocs[a].st = St::Failed;
                 self.c.setup_failed += 1;
                 self.settled += 1;
-                self.shared.progress[self.id].setup_failed.store(self.c.setup_failed, Relaxed);
+                self.shared.progress[self.id]
+                    .setup_failed
+                    .store(self.c.setup_failed, Relaxed);
                 return;
             }
         };
@@ -505,7 +511,8 @@ impl Worker {
             authed,
         });
         self.transmit(a);
-        self.timers.push(Reverse((now + self.plan.rto, a as u32, serial, TIMER_RTX)));
+        self.timers
+            .push(Reverse((now + self.plan.rto, a as u32, serial, TIMER_RTX)));
     }
 
     fn transmit(&mut self, a: usize) {
@@ -896,8 +903,11 @@ impl Worker {
                         tid[0] = 0xFF;
                         tid[1] = self.id as u8;
                         tid[4..12].copy_from_slice(&self.send_tid.to_be_bytes());
-                        let mut b =
-                            MessageBuilder::new(&mut buf, MessageType::new(Method::Send, Class::Indication), TransactionId(tid));
+                        let mut b = MessageBuilder::new(
+                            &mut buf,
+                            MessageType::new(Method::Send, Class::Indication),
+                            TransactionId(tid),
+                        );
                         b.attribute(&Attribute::XorPeerAddress(SocketAddr::V4(peer)));
                         b.attribute(&Attribute::Data(&self.scratch));
                     }
@@ -928,7 +938,9 @@ impl Worker {
     // ---------------------------------------------------------------- receive
 
     fn on_client_readable(&mut self, a: usize, rb: &mut RecvBatch, now: Instant) {
-        let Some(fd) = self.allocs.get(a).map(|al| al.fd) else { return };
+        let Some(fd) = self.allocs.get(a).map(|al| al.fd) else {
+            return;
+        };
         for _ in 0..4 {
             let n = match rb.recv(fd, MAX_BATCH) {
                 Ok(n) => n,
@@ -1022,7 +1034,9 @@ impl Worker {
     }
 
     fn on_peer_readable(&mut self, i: usize, rb: &mut RecvBatch) {
-        let Some(fd) = self.peers.get(i).map(|p| p.as_raw_fd()) else { return };
+        let Some(fd) = self.peers.get(i).map(|p| p.as_raw_fd()) else {
+            return;
+        };
         for _ in 0..8 {
             let n = match rb.recv(fd, MAX_BATCH) {
                 Ok(n) => n,
