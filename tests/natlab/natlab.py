@@ -328,11 +328,15 @@ async def run_combination(index: int, nat_a: str, nat_b: str, args, sem) -> dict
         row = {"site_a": nat_a, "site_b": nat_b, "expected": predicted(nat_a, nat_b)}
         t0 = time.monotonic()
         try:
+            phases = row["phases"] = {}
             await lab.setup()
+            phases["setup"] = round(time.monotonic() - t0, 2)
             row["natcheck"] = await lab.natcheck()
+            phases["natcheck"] = round(time.monotonic() - t0, 2)
             if args.probe_cmd:
                 row["probe"] = await lab.probe(args.probe_cmd)
             results = await lab.agents(args.count, args.settle)
+            phases["agents"] = round(time.monotonic() - t0, 2)
             row["results"] = results
             shutdown = await lab.stop_turnpike()
             row["to_peer"] = counter(shutdown, "to_peer")
@@ -502,6 +506,7 @@ async def main() -> int:
                 print(f"  probe {site}: {row['probe'][site]}")
         if s["ok"] != "true" or os.environ.get("NATLAB_VERBOSE"):
             print(f"  turnpike: {row.get('shutdown', '')}")
+            print(f"  phases (s since start, done): {row.get('phases')}")
     print()
     print("site A NAT x site B NAT -> pair ICE selected (A's local/remote candidate types); "
           "A controls. '!' marks a mismatch with the prediction.")
