@@ -12,7 +12,7 @@ use serde::Deserialize;
 
 use crate::proto::auth::Credentials;
 use crate::proto::peer_policy::{Cidr, PeerPolicy};
-use crate::proto::server::ServerConfig;
+use crate::proto::server::{NatDiscovery, ServerConfig};
 
 /// Settings as given on the command line or in the TOML file. Every field is optional
 /// here; [`Config::resolve`] applies the defaults.
@@ -29,9 +29,21 @@ pub struct Settings {
     #[serde(skip)]
     pub config: Option<PathBuf>,
 
+    /// A client tool instead of the server.
+    #[command(subcommand)]
+    #[serde(skip)]
+    pub command: Option<Command>,
+
     /// UDP transport address to listen on for clients; repeatable [default: 0.0.0.0:3478].
     #[arg(long)]
     pub listen: Vec<SocketAddr>,
+
+    /// RFC 5780 NAT behaviour discovery: the alternate IP:PORT (a second IP of this host and
+    /// a second port). The server then listens on all four combinations with `--listen`
+    /// (exactly one, with a concrete IP and port), answers Bindings with OTHER-ADDRESS and
+    /// RESPONSE-ORIGIN, and honours CHANGE-REQUEST.
+    #[arg(long)]
+    pub alt_listen: Option<SocketAddr>,
 
     /// IP address for relayed transport addresses; repeatable (one per family is typical)
     /// [default: the listen IP, or the host's primary IPv4 address when listening on 0.0.0.0].
@@ -137,6 +149,28 @@ pub struct Settings {
     pub no_pin: bool,
 }
 
+/// Client tools of the `turnpike` binary.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum Command {
+    /// RFC 5780 NAT behaviour discovery against a STUN server with two addresses: prints the
+    /// mapping and filtering behaviour, hairpinning, the classic NAT type and a verdict on
+    /// direct P2P.
+    Probe {
+        /// The server's primary address, HOST:PORT.
+        #[arg(long)]
+        server: String,
+        /// Local address to send from [default: 0.0.0.0:0].
+        #[arg(long, default_value = "0.0.0.0:0")]
+        local: SocketAddr,
+        /// Retransmission timeout per try, milliseconds.
+        #[arg(long, default_value_t = 300)]
+        rto_ms: u64,
+        /// Tries per transaction (a test expecting no answer waits tries x rto).
+        #[arg(long, default_value_t = 3)]
+        tries: u32,
+    },
+}
+
 macro_rules! overlay {
     ($base:ident, $top:ident; opt: $($o:ident),*; vec: $($v:ident),*; flag: $($f:ident),*) => {
         $( if $top.$o.is_some() { $base.$o = $top.$o; } )*
@@ -161,7 +195,7 @@ impl Settings {
         };
         base.config = cli.config.clone();
         overlay!(base, cli;
-            opt: realm, min_port, max_port, log_level, user_quota, total_quota, max_permissions, max_channels,
+            opt: alt_listen, realm, min_port, max_port, log_level, user_quota, total_quota, max_permissions, max_channels,
                  default_lifetime, max_lifetime, nonce_lifetime, software, socket_buffer,
                  relay_socket_buffer, shards, io_backend, ring_entries;
             vec: listen, relay_ip, users, static_auth_secret, allowed_peer_ip, denied_peer_ip;
@@ -265,10 +299,33 @@ impl Config {
     /// # Errors
     /// Malformed users, CIDR ranges, an empty or inverted port range.
     pub fn resolve(s: Settings) -> Result<Config> {
-        let listen = if s.listen.is_empty() {
+        let mut listen = if s.listen.is_empty() {
             vec!["0.0.0.0:3478".parse()?]
         } else {
             s.listen
+        };
+        let nat_discovery = match s.alt_listen {
+            None => None,
+            Some(alternate) => {
+                let [primary] = listen[..] else {
+                    bail!("--alt-listen needs exactly one --listen address (the primary)");
+                };
+                if primary.ip().is_unspecified() || alternate.ip().is_unspecified() {
+                    bail!("--alt-listen and --listen need concrete IPs for NAT discovery, not 0.0.0.0 or ::");
+                }
+                if primary.port() == 0 || alternate.port() == 0 {
+                    bail!("--alt-listen and --listen need fixed ports for NAT discovery");
+                }
+                if primary.is_ipv4() != alternate.is_ipv4()
+                    || primary.ip() == alternate.ip()
+                    || primary.port() == alternate.port()
+                {
+                    bail!("--alt-listen must differ from --listen in both IP and port, in the same family");
+                }
+                let nat = NatDiscovery { primary, alternate };
+                listen = nat.addresses().to_vec();
+                Some(nat)
+            }
         };
         let relay_ips = if !s.relay_ip.is_empty() {
             s.relay_ip
@@ -319,6 +376,7 @@ impl Config {
             max_permissions_per_allocation: s.max_permissions.unwrap_or(defaults.max_permissions_per_allocation),
             max_channels_per_allocation: s.max_channels.unwrap_or(defaults.max_channels_per_allocation),
             software: s.software,
+            nat_discovery,
             ..defaults
         };
         let io_backend = match s.io_backend.as_deref().unwrap_or("auto") {

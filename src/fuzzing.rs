@@ -685,7 +685,7 @@ impl World {
         let mut out = std::mem::take(&mut self.out);
         let action = self.server.handle_client(self.now, ft, data, &mut out);
         match action {
-            ClientAction::Respond => {
+            ClientAction::Respond | ClientAction::RespondFrom(_) => {
                 let req = request.as_ref().expect("only requests are answered");
                 assert!(!bad_fp, "a request with a bad FINGERPRINT was answered");
                 let resp = Message::decode(&out).expect("the response decodes");

@@ -3,10 +3,12 @@
 //! - [`proto`]: the sans-IO protocol core (codec, authentication, allocations, peer policy).
 //! - [`dataplane`]: per-core shards (sockets, io_uring or recvmmsg/sendmmsg) around the core.
 //! - [`control`]: the control thread (relay ports and sockets, global quotas).
+//! - [`probe`]: `turnpike probe`, RFC 5780 NAT behaviour discovery from the client side.
 //! - [`config`]: the TOML file and command-line flags.
 pub mod config;
 pub mod control;
 pub mod dataplane;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod probe;
 pub mod proto;

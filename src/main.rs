@@ -3,18 +3,36 @@
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
-use anyhow::Result;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
-use turnpike::config::{Config, Settings};
+use turnpike::config::{Command, Config, Settings};
 use turnpike::dataplane::Runtime;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> Result<()> {
-    let settings = Settings::load(Settings::parse())?;
+    let cli = Settings::parse();
+    if let Some(Command::Probe {
+        server,
+        local,
+        rto_ms,
+        tries,
+    }) = &cli.command
+    {
+        let addr = std::net::ToSocketAddrs::to_socket_addrs(server.as_str())
+            .with_context(|| format!("resolving {server}"))?
+            .find(|a| a.is_ipv4() == local.is_ipv4())
+            .with_context(|| format!("{server} has no address of the local address's family"))?;
+        let report = turnpike::probe::run(addr, *local, Duration::from_millis(*rto_ms), *tries)?;
+        println!("{report}");
+        return Ok(());
+    }
+    let settings = Settings::load(cli)?;
     let config = Config::resolve(settings)?;
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_new(&config.log_level).unwrap_or_else(|_| EnvFilter::new("info")))

@@ -25,3 +25,6 @@ mod natlab;
 
 #[path = "it/dataplane.rs"]
 mod dataplane;
+
+#[path = "it/nat_discovery.rs"]
+mod nat_discovery;

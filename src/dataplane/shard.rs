@@ -382,6 +382,13 @@ impl Core {
                     to: d.from,
                 }
             }
+            ClientAction::RespondFrom(origin) => match self.listener_id(origin) {
+                Some(socket) => {
+                    self.stats.responses += 1;
+                    Verdict::Reply { socket, to: d.from }
+                }
+                None => Verdict::Drop,
+            },
             ClientAction::Relay { relayed, peer, payload } => {
                 let start = payload.as_ptr() as usize - base;
                 let end = start + payload.len();

@@ -80,6 +80,72 @@ pub struct ServerConfig {
     pub max_channels_per_allocation: usize,
     /// SOFTWARE attribute for responses; `None` (the default) omits it.
     pub software: Option<String>,
+    /// RFC 5780 NAT behaviour discovery, when the server has a second IP and port.
+    pub nat_discovery: Option<NatDiscovery>,
+}
+
+/// The two addresses of RFC 5780 NAT behaviour discovery: the server listens on all four
+/// combinations of {primary IP, alternate IP} x {primary port, alternate port}.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NatDiscovery {
+    /// The primary transport address (IP1:P1).
+    pub primary: SocketAddr,
+    /// The alternate transport address (IP2:P2), advertised as OTHER-ADDRESS.
+    pub alternate: SocketAddr,
+}
+
+impl NatDiscovery {
+    /// The four listening transport addresses, primary first.
+    pub fn addresses(&self) -> [SocketAddr; 4] {
+        let (ip1, p1, ip2, p2) = (
+            self.primary.ip(),
+            self.primary.port(),
+            self.alternate.ip(),
+            self.alternate.port(),
+        );
+        [
+            self.primary,
+            SocketAddr::new(ip1, p2),
+            SocketAddr::new(ip2, p1),
+            self.alternate,
+        ]
+    }
+
+    /// The address a response to a Binding received on `local` comes from, given the
+    /// CHANGE-REQUEST flags (RFC 5780 §6.1: 0x4 change IP, 0x2 change port); `None` when
+    /// `local` is not one of the four addresses.
+    pub fn response_origin(&self, local: SocketAddr, change_ip: bool, change_port: bool) -> Option<SocketAddr> {
+        let other = self.other_address(local)?;
+        let ip = if change_ip { other.ip() } else { local.ip() };
+        let port = if change_port { other.port() } else { local.port() };
+        Some(SocketAddr::new(ip, port))
+    }
+
+    /// OTHER-ADDRESS for a Binding received on `local`: the other IP and the other port
+    /// (RFC 5780 §7.4).
+    pub fn other_address(&self, local: SocketAddr) -> Option<SocketAddr> {
+        let (ip1, p1, ip2, p2) = (
+            self.primary.ip(),
+            self.primary.port(),
+            self.alternate.ip(),
+            self.alternate.port(),
+        );
+        let ip = if local.ip() == ip1 {
+            ip2
+        } else if local.ip() == ip2 {
+            ip1
+        } else {
+            return None;
+        };
+        let port = if local.port() == p1 {
+            p2
+        } else if local.port() == p2 {
+            p1
+        } else {
+            return None;
+        };
+        Some(SocketAddr::new(ip, port))
+    }
 }
 
 impl Default for ServerConfig {
@@ -97,6 +163,7 @@ impl Default for ServerConfig {
             max_permissions_per_allocation: 256,
             max_channels_per_allocation: 1024,
             software: None,
+            nat_discovery: None,
         }
     }
 }
@@ -127,6 +194,9 @@ pub enum DropReason {
 pub enum ClientAction<'a> {
     /// Send the response in `out` to the 5-tuple's client, from its server address.
     Respond,
+    /// Send the response in `out` to the 5-tuple's client from this other local transport
+    /// address (RFC 5780 CHANGE-REQUEST).
+    RespondFrom(SocketAddr),
     /// Send `payload` (a slice of the input) from the relayed transport address to `peer`.
     Relay {
         /// Relayed transport address to send from.
@@ -458,10 +528,7 @@ impl Server {
                 if self.unknown_attributes(msg, &reply, out) {
                     return ClientAction::Respond;
                 }
-                self.respond(out, &reply, Class::Success, |b| {
-                    b.attribute(&Attribute::XorMappedAddress(ft.client));
-                });
-                ClientAction::Respond
+                self.binding(ft, msg, &reply, out)
             }
             Method::Allocate | Method::Refresh | Method::CreatePermission | Method::ChannelBind => {
                 // An expired allocation is gone even before `handle_timeout` has run, as for
@@ -488,6 +555,52 @@ impl Server {
                 self.error(out, &reply, ErrorCode::BAD_REQUEST);
                 ClientAction::Respond
             }
+        }
+    }
+
+    /// A Binding request (RFC 8489 §3; RFC 5780 §6.1 when NAT discovery is configured):
+    /// XOR-MAPPED-ADDRESS only, or with OTHER-ADDRESS and RESPONSE-ORIGIN, answered from the
+    /// address CHANGE-REQUEST asks for. Without a second address, a CHANGE-REQUEST that asks
+    /// for a change gets 420 (RFC 5780 §6.1).
+    fn binding<'a>(&self, ft: FiveTuple, msg: &Message<'_>, reply: &Reply<'_>, out: &mut Vec<u8>) -> ClientAction<'a> {
+        let (change_ip, change_port) = match msg.get(kind::CHANGE_REQUEST) {
+            None => (false, false),
+            Some(Ok(Attribute::ChangeRequest(flags))) => (flags & 0x4 != 0, flags & 0x2 != 0),
+            Some(_) => {
+                self.error(out, reply, ErrorCode::BAD_REQUEST);
+                return ClientAction::Respond;
+            }
+        };
+        let Some(nat) = self
+            .config
+            .nat_discovery
+            .filter(|n| n.other_address(ft.server).is_some())
+        else {
+            if change_ip || change_port {
+                self.respond(out, reply, Class::Error, |b| {
+                    error_code(b, ErrorCode::UNKNOWN_ATTRIBUTE);
+                    b.attribute(&Attribute::UnknownAttributes(&kind::CHANGE_REQUEST.to_be_bytes()));
+                });
+                return ClientAction::Respond;
+            }
+            self.respond(out, reply, Class::Success, |b| {
+                b.attribute(&Attribute::XorMappedAddress(ft.client));
+            });
+            return ClientAction::Respond;
+        };
+        let origin = nat
+            .response_origin(ft.server, change_ip, change_port)
+            .expect("checked above");
+        let other = nat.other_address(ft.server).expect("checked above");
+        self.respond(out, reply, Class::Success, |b| {
+            b.attribute(&Attribute::XorMappedAddress(ft.client));
+            b.attribute(&Attribute::ResponseOrigin(origin));
+            b.attribute(&Attribute::OtherAddress(other));
+        });
+        if origin == ft.server {
+            ClientAction::Respond
+        } else {
+            ClientAction::RespondFrom(origin)
         }
     }
 
