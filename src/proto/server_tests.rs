@@ -370,7 +370,7 @@ impl Harness {
     fn send(&mut self, now: Instant, ft: FiveTuple, data: &[u8]) -> Outcome {
         let mut out = vec![0xEE; 7]; // the server must clear it
         match self.server.handle_client(now, ft, data, &mut out) {
-            ClientAction::Respond => Outcome::Respond(out),
+            ClientAction::Respond | ClientAction::RespondFrom(_) => Outcome::Respond(out),
             ClientAction::Allocate(r) => Outcome::Allocate(r),
             ClientAction::Relay { relayed, peer, payload } => Outcome::Relay {
                 relayed,
