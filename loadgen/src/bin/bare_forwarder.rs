@@ -111,9 +111,10 @@ fn main() -> Result<()> {
                 None => dropped += 1,
             }
         }
+        let acked = is_ack[..n].iter().filter(|a| **a).count();
         match sys::send_batch(fd, &out[..m]) {
             Ok(k) => {
-                forwarded += k as u64;
+                forwarded += k.saturating_sub(acked) as u64;
                 refused += (m - k) as u64;
             }
             Err(_) => refused += m as u64,
