@@ -126,6 +126,29 @@ pub struct Settings {
     #[arg(long)]
     pub socket_buffer: Option<usize>,
 
+    /// 401/438 challenges per second per source prefix; beyond it unauthenticated requests
+    /// are dropped silently (no reflection). 0 for no limit [default: 1000].
+    #[arg(long)]
+    pub challenge_rate: Option<u32>,
+
+    /// STUN requests per second per source prefix, authenticated or not; 0 for no limit
+    /// [default: 5000].
+    #[arg(long)]
+    pub request_rate: Option<u32>,
+
+    /// Prefix length grouping IPv4 sources for the rate limits [default: 32].
+    #[arg(long)]
+    pub rate_limit_v4_prefix: Option<u8>,
+
+    /// Prefix length grouping IPv6 sources for the rate limits [default: 64].
+    #[arg(long)]
+    pub rate_limit_v6_prefix: Option<u8>,
+
+    /// Bandwidth cap per allocation and direction, bits per second of payload; packets
+    /// over it are dropped and counted. 0 for no cap [default: 0].
+    #[arg(long)]
+    pub max_bitrate: Option<u64>,
+
     /// Socket receive and send buffer size in bytes for each relay socket [default: 524288].
     #[arg(long)]
     pub relay_socket_buffer: Option<usize>,
@@ -197,7 +220,8 @@ impl Settings {
         overlay!(base, cli;
             opt: alt_listen, realm, min_port, max_port, log_level, user_quota, total_quota, max_permissions, max_channels,
                  default_lifetime, max_lifetime, nonce_lifetime, software, socket_buffer,
-                 relay_socket_buffer, shards, io_backend, ring_entries;
+                 relay_socket_buffer, shards, io_backend, ring_entries, challenge_rate, request_rate,
+                 rate_limit_v4_prefix, rate_limit_v6_prefix, max_bitrate;
             vec: listen, relay_ip, users, static_auth_secret, allowed_peer_ip, denied_peer_ip;
             flag: strict_channel_numbers, no_pin);
         Ok(base)
@@ -377,6 +401,11 @@ impl Config {
             max_channels_per_allocation: s.max_channels.unwrap_or(defaults.max_channels_per_allocation),
             software: s.software,
             nat_discovery,
+            challenge_rate: s.challenge_rate.unwrap_or(defaults.challenge_rate),
+            request_rate: s.request_rate.unwrap_or(defaults.request_rate),
+            rate_limit_v4_prefix: s.rate_limit_v4_prefix.unwrap_or(defaults.rate_limit_v4_prefix).min(32),
+            rate_limit_v6_prefix: s.rate_limit_v6_prefix.unwrap_or(defaults.rate_limit_v6_prefix).min(128),
+            max_bitrate: s.max_bitrate.unwrap_or(defaults.max_bitrate),
             ..defaults
         };
         let io_backend = match s.io_backend.as_deref().unwrap_or("auto") {

@@ -849,7 +849,7 @@ impl World {
     }
 
     fn peer_datagram(&mut self, relayed: SocketAddr, peer: SocketAddr, payload: &[u8]) {
-        match self.server.handle_peer(self.now, relayed, peer) {
+        match self.server.handle_peer(self.now, relayed, peer, 0) {
             PeerAction::Forward { five_tuple, channel } => {
                 let a = self.server.allocation(&five_tuple).expect("forward without allocation");
                 assert_eq!(a.relayed, relayed);

@@ -32,6 +32,9 @@ pub const RESERVATION_LIFETIME: Duration = Duration::from_secs(30);
 /// Candidate ports tried per Allocate before answering 508.
 const BIND_TRIES: usize = 64;
 
+/// A bound relay socket, its address, and (for EVEN-PORT's R bit) the bound next port.
+type Opened = (UdpSocket, SocketAddr, Option<(UdpSocket, SocketAddr)>);
+
 /// Which shard owns each 5-tuple with an allocation; read by shards only when a packet
 /// arrives at a shard that does not own it (never on the forwarding path).
 pub type Routes = Arc<RwLock<AHashMap<FiveTuple, usize>>>;
@@ -134,7 +137,8 @@ pub struct Control {
     config: ControlConfig,
     relay_ips: Vec<RelayIp>,
     next_relay_ip: usize,
-    reservations: HashMap<[u8; 8], SocketAddr>,
+    /// Sockets bound for EVEN-PORT reservations, held so no other process takes the port.
+    reservations: HashMap<[u8; 8], (UdpSocket, SocketAddr)>,
     reservation_expiry: VecDeque<(Instant, [u8; 8])>,
     token_state: u64,
     per_user: HashMap<String, usize>,
@@ -257,13 +261,13 @@ impl Control {
             Some(token) => self.open_reserved(token),
             None => self.open_relay(request.family, request.even_port, request.reserve_next),
         };
-        let (socket, addr) = bound.inspect_err(|e| {
+        let (socket, addr, reserved) = bound.inspect_err(|e| {
             if *e == RelayError::Exhausted {
                 self.report.port_refusals += 1;
             }
         })?;
-        if request.reserve_next {
-            let token = self.reserve(SocketAddr::new(addr.ip(), addr.port() + 1), now);
+        if let Some(next) = reserved {
+            let token = self.reserve(next, now);
             request.grant_reservation(token);
         }
         *self.per_user.entry(user.clone()).or_insert(0) += 1;
@@ -295,14 +299,15 @@ impl Control {
         }
     }
 
-    fn reserve(&mut self, addr: SocketAddr, now: Instant) -> [u8; 8] {
+    /// Holds the bound socket of a reserved port under a fresh RESERVATION-TOKEN.
+    fn reserve(&mut self, reserved: (UdpSocket, SocketAddr), now: Instant) -> [u8; 8] {
         let mut x = self.token_state;
         x ^= x << 13;
         x ^= x >> 7;
         x ^= x << 17;
         self.token_state = x;
         let token = x.to_be_bytes();
-        self.reservations.insert(token, addr);
+        self.reservations.insert(token, reserved);
         self.reservation_expiry.push_back((now + RESERVATION_LIFETIME, token));
         token
     }
@@ -313,32 +318,25 @@ impl Control {
                 break;
             }
             self.reservation_expiry.pop_front();
-            if let Some(addr) = self.reservations.remove(&token) {
+            if let Some((socket, addr)) = self.reservations.remove(&token) {
+                drop(socket);
                 self.release_port(addr);
             }
         }
     }
 
-    fn open_reserved(&mut self, token: [u8; 8]) -> Result<(UdpSocket, SocketAddr), RelayError> {
-        let addr = self
+    /// The socket reserved under `token` (RESERVATION-TOKEN, RFC 8656 §7.2).
+    fn open_reserved(&mut self, token: [u8; 8]) -> Result<Opened, RelayError> {
+        let (socket, addr) = self
             .reservations
             .remove(&token)
             .ok_or(RelayError::BadReservationToken)?;
-        match bind_udp(addr, self.config.relay_socket_buffer) {
-            Ok(s) => Ok((s, addr)),
-            Err(_) => {
-                self.release_port(addr);
-                Err(RelayError::Exhausted)
-            }
-        }
+        Ok((socket, addr, None))
     }
 
-    fn open_relay(
-        &mut self,
-        family: AddressFamily,
-        even: bool,
-        pair: bool,
-    ) -> Result<(UdpSocket, SocketAddr), RelayError> {
+    /// Binds a relay socket: the next relay IP of the family, a port from its pool (even if
+    /// asked). With `pair`, the next port is bound too and returned for a reservation.
+    fn open_relay(&mut self, family: AddressFamily, even: bool, pair: bool) -> Result<Opened, RelayError> {
         let n = self.relay_ips.len();
         let candidates: Vec<usize> = (0..n)
             .map(|i| (self.next_relay_ip + i) % n)
@@ -353,11 +351,17 @@ impl Control {
                 let Some(port) = self.relay_ips[i].pool.take(even, pair, BIND_TRIES) else {
                     break;
                 };
-                let addr = SocketAddr::new(self.relay_ips[i].ip, port);
-                match bind_udp(addr, self.config.relay_socket_buffer) {
-                    Ok(s) => return Ok((s, addr)),
+                let ip = self.relay_ips[i].ip;
+                let buffer = self.config.relay_socket_buffer;
+                let addr = SocketAddr::new(ip, port);
+                let next = SocketAddr::new(ip, port.wrapping_add(1));
+                let first = bind_udp(addr, buffer);
+                let second = if pair { Some(bind_udp(next, buffer)) } else { None };
+                match (first, second) {
+                    (Ok(s), None) => return Ok((s, addr, None)),
+                    (Ok(s), Some(Ok(r))) => return Ok((s, addr, Some((r, next)))),
                     // In use by another process: back to the end of the pool, try another.
-                    Err(_) => {
+                    _ => {
                         self.relay_ips[i].pool.put(port);
                         if pair {
                             self.relay_ips[i].pool.put(port + 1);

@@ -21,7 +21,7 @@ use crate::proto::stun::{Class, MessageType, Method};
 const MAX_WAIT: Duration = Duration::from_millis(100);
 
 /// Drop reasons in counter order.
-pub const DROP_REASONS: [DropReason; 8] = [
+pub const DROP_REASONS: [DropReason; 10] = [
     DropReason::Malformed,
     DropReason::BadFingerprint,
     DropReason::UnexpectedMessage,
@@ -30,6 +30,8 @@ pub const DROP_REASONS: [DropReason; 8] = [
     DropReason::NoPermission,
     DropReason::PeerDenied,
     DropReason::FamilyMismatch,
+    DropReason::RateLimited,
+    DropReason::BandwidthExceeded,
 ];
 
 fn drop_index(r: DropReason) -> usize {
@@ -42,6 +44,8 @@ fn drop_index(r: DropReason) -> usize {
         DropReason::NoPermission => 5,
         DropReason::PeerDenied => 6,
         DropReason::FamilyMismatch => 7,
+        DropReason::RateLimited => 8,
+        DropReason::BandwidthExceeded => 9,
     }
 }
 
@@ -59,7 +63,7 @@ pub struct ShardStats {
     /// STUN responses sent.
     pub responses: u64,
     /// Drops by reason, in [`DROP_REASONS`] order.
-    pub drops: [u64; 8],
+    pub drops: [u64; 10],
     /// Allocate tickets the control queue refused (full).
     pub control_overflow: u64,
     /// Datagrams handed to or received from another shard.
@@ -453,7 +457,7 @@ impl Core {
 
     fn peer_datagram(&mut self, d: Datagram<'_>, relayed: SocketAddr, out: &mut Vec<u8>) -> Verdict {
         self.stats.peer_rx += 1;
-        match self.server.handle_peer(self.now, relayed, d.from) {
+        match self.server.handle_peer(self.now, relayed, d.from, d.len) {
             PeerAction::Forward { five_tuple, channel } => {
                 let Some(listener) = self.listener_id(five_tuple.server) else {
                     self.count_drop(DropReason::NoAllocation);

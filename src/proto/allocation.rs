@@ -5,6 +5,7 @@ use std::time::Instant;
 
 use ahash::AHashMap;
 
+use super::rate_limit::TokenBucket;
 use super::stun::integrity::LongTermKey;
 use super::stun::TransactionId;
 
@@ -72,6 +73,10 @@ pub struct Allocation {
     pub channel_by_peer: AHashMap<SocketAddr, u16>,
     /// The instant the server's timer for this allocation is set to.
     pub(crate) timer: Instant,
+    /// Bandwidth budget client → peer, when a cap is configured.
+    pub(crate) to_peer_budget: Option<TokenBucket>,
+    /// Bandwidth budget peer → client, when a cap is configured.
+    pub(crate) to_client_budget: Option<TokenBucket>,
 }
 
 impl Allocation {

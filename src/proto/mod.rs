@@ -4,5 +4,6 @@ pub mod allocation;
 pub mod auth;
 pub mod channel_data;
 pub mod peer_policy;
+pub mod rate_limit;
 pub mod server;
 pub mod stun;

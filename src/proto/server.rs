@@ -31,6 +31,7 @@
 //! assert!(matches!(server.handle_client(now, ft, b"junk", &mut out), ClientAction::Drop(_)));
 //! ```
 
+use std::cell::RefCell;
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
@@ -42,6 +43,7 @@ use super::allocation::{Allocation, ChannelBinding, FiveTuple};
 use super::auth::{Authenticated, Credentials, NonceError, NonceIssuer};
 use super::channel_data::{self, ChannelData, MAX_CHANNEL_RFC5766, MAX_CHANNEL_STRICT, MIN_CHANNEL};
 use super::peer_policy::PeerPolicy;
+use super::rate_limit::{burst_for, PrefixLimiter, TokenBucket};
 use super::stun::attribute::{encode_password_algorithms, kind, password_algorithms};
 use super::stun::integrity::{self, LongTermKey};
 use super::stun::{
@@ -82,6 +84,18 @@ pub struct ServerConfig {
     pub software: Option<String>,
     /// RFC 5780 NAT behaviour discovery, when the server has a second IP and port.
     pub nat_discovery: Option<NatDiscovery>,
+    /// 401/438 challenges per second per source prefix (0: no limit); beyond it requests
+    /// without valid credentials are dropped silently, so spoofed requests cannot turn the
+    /// server into a reflector.
+    pub challenge_rate: u32,
+    /// STUN requests per second per source prefix, authenticated or not (0: no limit).
+    pub request_rate: u32,
+    /// Prefix length that groups IPv4 sources for both rates (32: one bucket per address).
+    pub rate_limit_v4_prefix: u8,
+    /// Prefix length that groups IPv6 sources for both rates (64: one bucket per /64).
+    pub rate_limit_v6_prefix: u8,
+    /// Bandwidth cap per allocation and direction in bits/s, payload bytes counted (0: none).
+    pub max_bitrate: u64,
 }
 
 /// The two addresses of RFC 5780 NAT behaviour discovery: the server listens on all four
@@ -164,6 +178,11 @@ impl Default for ServerConfig {
             max_channels_per_allocation: 1024,
             software: None,
             nat_discovery: None,
+            challenge_rate: 1000,
+            request_rate: 5000,
+            rate_limit_v4_prefix: 32,
+            rate_limit_v6_prefix: 64,
+            max_bitrate: 0,
         }
     }
 }
@@ -187,6 +206,10 @@ pub enum DropReason {
     PeerDenied,
     /// A Send indication whose peer address family differs from the relayed address's.
     FamilyMismatch,
+    /// The source prefix exceeded its request rate or its 401/438 challenge rate.
+    RateLimited,
+    /// The allocation exceeded its bandwidth cap in this direction.
+    BandwidthExceeded,
 }
 
 /// What the shell does with a client datagram after [`Server::handle_client`].
@@ -320,6 +343,15 @@ impl TableSizes {
     }
 }
 
+/// Why authentication did not let a request through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refusal {
+    /// An error response (400, 401, 438) is in `out`.
+    Responded,
+    /// The source prefix used up its challenge rate: drop silently.
+    RateLimited,
+}
+
 /// Which MESSAGE-INTEGRITY variant protected a request; its response uses the same.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Mac {
@@ -365,6 +397,8 @@ pub struct Server {
     timers: BinaryHeap<Reverse<(Instant, FiveTuple)>>,
     events: VecDeque<Event>,
     tid_state: u64,
+    challenge_limiter: Option<RefCell<PrefixLimiter>>,
+    request_limiter: Option<PrefixLimiter>,
 }
 
 impl Server {
@@ -382,6 +416,15 @@ impl Server {
     ) -> Self {
         let nonces = NonceIssuer::new(secret, config.nonce_lifetime.as_secs());
         let tid_state = u64::from_le_bytes(secret[..8].try_into().expect("8 bytes")) | 1;
+        let seed = u64::from_le_bytes(secret[16..24].try_into().expect("8 bytes"));
+        let limiter = |rate: u32| {
+            (rate > 0).then(|| {
+                let (v4, v6) = (config.rate_limit_v4_prefix, config.rate_limit_v6_prefix);
+                PrefixLimiter::new(rate, rate.saturating_mul(2), v4, v6, now, seed ^ rate as u64)
+            })
+        };
+        let challenge_limiter = limiter(config.challenge_rate).map(RefCell::new);
+        let request_limiter = limiter(config.request_rate);
         Server {
             config,
             credentials,
@@ -395,6 +438,8 @@ impl Server {
             timers: BinaryHeap::new(),
             events: VecDeque::new(),
             tid_state,
+            challenge_limiter,
+            request_limiter,
         }
     }
 
@@ -465,18 +510,26 @@ impl Server {
         }
     }
 
-    fn client_channel_data<'a>(&self, now: Instant, ft: FiveTuple, data: &'a [u8]) -> ClientAction<'a> {
+    fn client_channel_data<'a>(&mut self, now: Instant, ft: FiveTuple, data: &'a [u8]) -> ClientAction<'a> {
         let Ok(cd) = ChannelData::decode(data) else {
             return ClientAction::Drop(DropReason::Malformed);
         };
-        let Some(alloc) = self.allocations.get(&ft).filter(|a| a.expires > now) else {
+        let Some(alloc) = self.allocations.get_mut(&ft).filter(|a| a.expires > now) else {
             return ClientAction::Drop(DropReason::NoAllocation);
         };
-        let Some(binding) = alloc.channel(cd.channel, now) else {
+        let Some(&binding) = alloc.channel(cd.channel, now) else {
             return ClientAction::Drop(DropReason::NoChannel);
         };
         if !alloc.has_permission(binding.peer.ip(), now) {
             return ClientAction::Drop(DropReason::NoPermission);
+        }
+        if !charge(
+            &mut alloc.to_peer_budget,
+            self.config.max_bitrate,
+            cd.payload.len(),
+            now,
+        ) {
+            return ClientAction::Drop(DropReason::BandwidthExceeded);
         }
         ClientAction::Relay {
             relayed: alloc.relayed,
@@ -485,8 +538,8 @@ impl Server {
         }
     }
 
-    fn send_indication<'a>(&self, now: Instant, ft: FiveTuple, msg: &Message<'a>) -> ClientAction<'a> {
-        let Some(alloc) = self.allocations.get(&ft).filter(|a| a.expires > now) else {
+    fn send_indication<'a>(&mut self, now: Instant, ft: FiveTuple, msg: &Message<'a>) -> ClientAction<'a> {
+        let Some(alloc) = self.allocations.get_mut(&ft).filter(|a| a.expires > now) else {
             return ClientAction::Drop(DropReason::NoAllocation);
         };
         let (Some(Ok(Attribute::XorPeerAddress(peer))), Some(Ok(Attribute::Data(payload)))) =
@@ -503,6 +556,9 @@ impl Server {
         if !alloc.has_permission(peer.ip(), now) {
             return ClientAction::Drop(DropReason::NoPermission);
         }
+        if !charge(&mut alloc.to_peer_budget, self.config.max_bitrate, payload.len(), now) {
+            return ClientAction::Drop(DropReason::BandwidthExceeded);
+        }
         ClientAction::Relay {
             relayed: alloc.relayed,
             peer,
@@ -517,6 +573,11 @@ impl Server {
         msg: &Message<'_>,
         out: &mut Vec<u8>,
     ) -> ClientAction<'a> {
+        if let Some(limiter) = &mut self.request_limiter {
+            if !limiter.allow(ft.client.ip(), now) {
+                return ClientAction::Drop(DropReason::RateLimited);
+            }
+        }
         let mut reply = Reply {
             method: msg.method(),
             tid: msg.transaction_id(),
@@ -538,7 +599,8 @@ impl Server {
                 }
                 let auth = match self.authenticate(now, ft, msg, &reply, out) {
                     Ok(a) => a,
-                    Err(()) => return ClientAction::Respond,
+                    Err(Refusal::Responded) => return ClientAction::Respond,
+                    Err(Refusal::RateLimited) => return ClientAction::Drop(DropReason::RateLimited),
                 };
                 reply.auth = Some(&auth);
                 if self.unknown_attributes(msg, &reply, out) {
@@ -577,8 +639,13 @@ impl Server {
             .filter(|n| n.other_address(ft.server).is_some())
         else {
             if change_ip || change_port {
+                // No reason phrase: the 420 stays within the request plus an
+                // XOR-MAPPED-ADDRESS, as every unauthenticated answer (no amplification).
                 self.respond(out, reply, Class::Error, |b| {
-                    error_code(b, ErrorCode::UNKNOWN_ATTRIBUTE);
+                    b.attribute(&Attribute::ErrorCode {
+                        code: ErrorCode::UNKNOWN_ATTRIBUTE,
+                        reason: "",
+                    });
                     b.attribute(&Attribute::UnknownAttributes(&kind::CHANGE_REQUEST.to_be_bytes()));
                 });
                 return ClientAction::Respond;
@@ -652,8 +719,15 @@ impl Server {
         self.respond(out, reply, Class::Error, |b| error_code(b, code));
     }
 
-    /// 401 or 438 with REALM, a fresh NONCE and PASSWORD-ALGORITHMS (RFC 8489 §9.2.4).
-    fn challenge(&self, now: Instant, ft: FiveTuple, reply: &Reply<'_>, code: ErrorCode, out: &mut Vec<u8>) {
+    /// 401 or 438 with REALM, a fresh NONCE and PASSWORD-ALGORITHMS (RFC 8489 §9.2.4),
+    /// unless the source prefix has used up its challenge rate (then nothing is sent, so the
+    /// server cannot be used to reflect traffic at a spoofed source).
+    fn challenge(&self, now: Instant, ft: FiveTuple, reply: &Reply<'_>, code: ErrorCode, out: &mut Vec<u8>) -> Refusal {
+        if let Some(limiter) = &self.challenge_limiter {
+            if !limiter.borrow_mut().allow(ft.client.ip(), now) {
+                return Refusal::RateLimited;
+            }
+        }
         let nonce = self.nonces.issue(self.unix_now(now), ft.client.ip());
         let mut algs = Vec::with_capacity(8);
         encode_password_algorithms(&[PasswordAlgorithm::Md5, PasswordAlgorithm::Sha256], &mut algs);
@@ -666,6 +740,7 @@ impl Server {
                 password_algorithms(&algs).expect("valid list"),
             ));
         });
+        Refusal::Responded
     }
 
     /// Long-term credential check (RFC 8489 §9.2.4). On failure the error response is in
@@ -677,18 +752,17 @@ impl Server {
         msg: &Message<'_>,
         reply: &Reply<'_>,
         out: &mut Vec<u8>,
-    ) -> Result<Auth, ()> {
+    ) -> Result<Auth, Refusal> {
         let mac = if msg.integrity_sha256_offset().is_some() {
             Mac::Sha256
         } else if msg.integrity_offset().is_some() {
             Mac::Sha1
         } else {
-            self.challenge(now, ft, reply, ErrorCode::UNAUTHENTICATED, out);
-            return Err(());
+            return Err(self.challenge(now, ft, reply, ErrorCode::UNAUTHENTICATED, out));
         };
         let bad_request = |out: &mut Vec<u8>| {
             self.error(out, reply, ErrorCode::BAD_REQUEST);
-            Err(())
+            Err(Refusal::Responded)
         };
         // A MESSAGE-INTEGRITY that is not 20 bytes is malformed (RFC 8489 §14.5); refusing
         // it here keeps `verify_message_integrity` from slicing past the end of the message.
@@ -716,8 +790,7 @@ impl Server {
         match self.nonces.check(nonce, self.unix_now(now), ft.client.ip()) {
             Ok(()) => {}
             Err(NonceError::Expired | NonceError::Invalid) => {
-                self.challenge(now, ft, reply, ErrorCode::STALE_NONCE, out);
-                return Err(());
+                return Err(self.challenge(now, ft, reply, ErrorCode::STALE_NONCE, out));
             }
         }
         // PASSWORD-ALGORITHM must come with PASSWORD-ALGORITHMS repeating our offer
@@ -740,8 +813,7 @@ impl Server {
             _ => return bad_request(out),
         };
         if realm != self.config.realm {
-            self.challenge(now, ft, reply, ErrorCode::UNAUTHENTICATED, out);
-            return Err(());
+            return Err(self.challenge(now, ft, reply, ErrorCode::UNAUTHENTICATED, out));
         }
         let found = username.and_then(|user| {
             self.credentials
@@ -762,10 +834,7 @@ impl Server {
                 key: a.key,
                 mac,
             }),
-            None => {
-                self.challenge(now, ft, reply, ErrorCode::UNAUTHENTICATED, out);
-                Err(())
-            }
+            None => Err(self.challenge(now, ft, reply, ErrorCode::UNAUTHENTICATED, out)),
         }
     }
 
@@ -984,6 +1053,8 @@ impl Server {
                 channels: AHashMap::new(),
                 channel_by_peer: AHashMap::new(),
                 timer: expires,
+                to_peer_budget: None,
+                to_client_budget: None,
             },
         );
         self.push_timer(expires, ft);
@@ -1189,14 +1260,14 @@ impl Server {
         ClientAction::Respond
     }
 
-    /// Handles a datagram from `peer` arriving on the relayed transport address `relayed`
-    /// (RFC 8656 §11.3): checks the peer policy and the permission, then says which client
-    /// gets it and how it is framed.
-    pub fn handle_peer(&self, now: Instant, relayed: SocketAddr, peer: SocketAddr) -> PeerAction {
+    /// Handles a datagram of `len` payload bytes from `peer` arriving on the relayed transport
+    /// address `relayed` (RFC 8656 §11.3): checks the peer policy, the permission and the
+    /// bandwidth cap, then says which client gets it and how it is framed.
+    pub fn handle_peer(&mut self, now: Instant, relayed: SocketAddr, peer: SocketAddr, len: usize) -> PeerAction {
         let Some(ft) = self.by_relay.get(&relayed) else {
             return PeerAction::Drop(DropReason::NoAllocation);
         };
-        let Some(alloc) = self.allocations.get(ft).filter(|a| a.expires > now) else {
+        let Some(alloc) = self.allocations.get_mut(ft).filter(|a| a.expires > now) else {
             return PeerAction::Drop(DropReason::NoAllocation);
         };
         if self.policy.check(peer).is_err() {
@@ -1204,6 +1275,9 @@ impl Server {
         }
         if !alloc.has_permission(peer.ip(), now) {
             return PeerAction::Drop(DropReason::NoPermission);
+        }
+        if !charge(&mut alloc.to_client_budget, self.config.max_bitrate, len, now) {
+            return PeerAction::Drop(DropReason::BandwidthExceeded);
         }
         PeerAction::Forward {
             five_tuple: *ft,
@@ -1304,6 +1378,20 @@ impl Server {
     pub fn poll_event(&mut self) -> Option<Event> {
         self.events.pop_front()
     }
+}
+
+/// Charges `len` payload bytes to an allocation's bucket for one direction under a cap of
+/// `max_bitrate` bits/s (0: no cap, nothing charged); the bucket holds 100 ms of traffic
+/// (at least 64 KiB) so bursts of a video frame pass.
+fn charge(bucket: &mut Option<TokenBucket>, max_bitrate: u64, len: usize, now: Instant) -> bool {
+    if max_bitrate == 0 {
+        return true;
+    }
+    let rate = max_bitrate as f64 / 8.0;
+    let burst = burst_for(max_bitrate / 8, Duration::from_millis(100));
+    bucket
+        .get_or_insert_with(|| TokenBucket::new(burst, now))
+        .take(len, now, rate, burst)
 }
 
 fn error_code(b: &mut MessageBuilder, code: ErrorCode) {

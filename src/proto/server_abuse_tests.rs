@@ -229,7 +229,7 @@ impl Matrix {
             Outcome::Drop(DropReason::PeerDenied) => "denied",
             other => panic!("Send to {peer}: {other:?}"),
         };
-        let peer_data = match self.h.server.handle_peer(now, relayed, peer) {
+        let peer_data = match self.h.server.handle_peer(now, relayed, peer, 0) {
             PeerAction::Forward { .. } => "forwarded",
             PeerAction::Drop(DropReason::PeerDenied) => "denied",
             other => panic!("data from {peer}: {other:?}"),
@@ -442,7 +442,7 @@ fn permission_for_an_allowed_ip_does_not_open_the_own_listener() {
         Outcome::Drop(DropReason::PeerDenied)
     ));
     assert_eq!(
-        h.server.handle_peer(now, relayed, sa(listener)),
+        h.server.handle_peer(now, relayed, sa(listener), 0),
         PeerAction::Drop(DropReason::PeerDenied)
     );
     assert_error(
@@ -853,7 +853,7 @@ fn permission_expiry_while_the_channel_is_still_bound() {
         Outcome::Relay { .. }
     ));
     assert_eq!(
-        h.server.handle_peer(t, relay(1), p1),
+        h.server.handle_peer(t, relay(1), p1, 0),
         PeerAction::Forward {
             five_tuple: c.ft,
             channel: Some(0x4000)
@@ -868,7 +868,7 @@ fn permission_expiry_while_the_channel_is_still_bound() {
         Outcome::Drop(DropReason::NoPermission)
     ));
     assert_eq!(
-        h.server.handle_peer(t, relay(1), p1),
+        h.server.handle_peer(t, relay(1), p1, 0),
         PeerAction::Drop(DropReason::NoPermission)
     );
     let a = h.server.allocation(&c.ft).unwrap();
@@ -887,7 +887,7 @@ fn permission_expiry_while_the_channel_is_still_bound() {
     assert_success(&h.create_permission(t, &mut c, &[p1]), Method::CreatePermission);
     assert!(matches!(h.send(t, c.ft, &channel_data(0x4000, b"x")), Outcome::Relay { peer, .. } if peer == p1));
     assert_eq!(
-        h.server.handle_peer(t, relay(1), p1),
+        h.server.handle_peer(t, relay(1), p1, 0),
         PeerAction::Forward {
             five_tuple: c.ft,
             channel: Some(0x4000)
@@ -903,7 +903,7 @@ fn permission_expiry_while_the_channel_is_still_bound() {
         Outcome::Drop(DropReason::NoChannel)
     ));
     assert_eq!(
-        h.server.handle_peer(t, relay(1), p1),
+        h.server.handle_peer(t, relay(1), p1, 0),
         PeerAction::Forward {
             five_tuple: c.ft,
             channel: None
@@ -913,7 +913,7 @@ fn permission_expiry_while_the_channel_is_still_bound() {
     assert_success(&h.channel_bind(t, &mut c, 0x4000, p2), Method::ChannelBind);
     assert_success(&h.channel_bind(t, &mut c, 0x4001, p1), Method::ChannelBind);
     assert_eq!(
-        h.server.handle_peer(t, relay(1), p1),
+        h.server.handle_peer(t, relay(1), p1, 0),
         PeerAction::Forward {
             five_tuple: c.ft,
             channel: Some(0x4001)

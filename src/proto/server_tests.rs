@@ -1523,7 +1523,7 @@ fn requests_without_allocation_are_437() {
         Outcome::Drop(DropReason::NoAllocation)
     ));
     assert_eq!(
-        h.server.handle_peer(now, relay(1), sa(P1)),
+        h.server.handle_peer(now, relay(1), sa(P1), 0),
         PeerAction::Drop(DropReason::NoAllocation)
     );
 }
@@ -1559,7 +1559,7 @@ fn allocation_expires_exactly_at_its_lifetime() {
     assert!(h.events().is_empty(), "AllocationClosed exactly once");
     assert_eq!(h.server.five_tuple_for_relay(&relay(1)), None);
     assert_eq!(
-        h.server.handle_peer(h.at(601), relay(1), sa(P1)),
+        h.server.handle_peer(h.at(601), relay(1), sa(P1), 0),
         PeerAction::Drop(DropReason::NoAllocation)
     );
 }
@@ -1718,25 +1718,25 @@ fn permissions_send_and_data_indications() {
 
     // Peer to client: permitted, no channel -> Data indication.
     assert_eq!(
-        h.server.handle_peer(now, relay(1), p1),
+        h.server.handle_peer(now, relay(1), p1, 0),
         PeerAction::Forward {
             five_tuple: c.ft,
             channel: None
         }
     );
     assert_eq!(
-        h.server.handle_peer(now, relay(1), other_port),
+        h.server.handle_peer(now, relay(1), other_port, 0),
         PeerAction::Forward {
             five_tuple: c.ft,
             channel: None
         }
     );
     assert_eq!(
-        h.server.handle_peer(now, relay(1), p3),
+        h.server.handle_peer(now, relay(1), p3, 0),
         PeerAction::Drop(DropReason::NoPermission)
     );
     assert_eq!(
-        h.server.handle_peer(now, relay(2), p1),
+        h.server.handle_peer(now, relay(2), p1, 0),
         PeerAction::Drop(DropReason::NoAllocation)
     );
 
@@ -1778,7 +1778,7 @@ fn permission_expires_after_300s() {
         Outcome::Relay { .. }
     ));
     assert!(matches!(
-        h.server.handle_peer(h.at(299), relay(1), p1),
+        h.server.handle_peer(h.at(299), relay(1), p1, 0),
         PeerAction::Forward { .. }
     ));
     // Expired at 300 s, with or without handle_timeout.
@@ -1787,7 +1787,7 @@ fn permission_expires_after_300s() {
         Outcome::Drop(DropReason::NoPermission)
     ));
     assert_eq!(
-        h.server.handle_peer(h.at(300), relay(1), p1),
+        h.server.handle_peer(h.at(300), relay(1), p1, 0),
         PeerAction::Drop(DropReason::NoPermission)
     );
     h.server.handle_timeout(h.at(300));
@@ -1863,7 +1863,7 @@ fn channel_bind_and_channel_data() {
     ));
 
     assert_eq!(
-        h.server.handle_peer(now, relay(1), p1),
+        h.server.handle_peer(now, relay(1), p1, 0),
         PeerAction::Forward {
             five_tuple: c.ft,
             channel: Some(0x4000)
@@ -1872,7 +1872,7 @@ fn channel_bind_and_channel_data() {
     // Same IP, other port: permitted, but not the bound transport address.
     let p1_other = SocketAddr::new(p1.ip(), 4001);
     assert_eq!(
-        h.server.handle_peer(now, relay(1), p1_other),
+        h.server.handle_peer(now, relay(1), p1_other, 0),
         PeerAction::Forward {
             five_tuple: c.ft,
             channel: None
@@ -1894,7 +1894,7 @@ fn channel_bind_and_channel_data() {
     // Another port of the same IP is another transport address: its own channel is fine.
     assert_success(&h.channel_bind(now, &mut c, 0x4001, p1_other), Method::ChannelBind);
     assert_eq!(
-        h.server.handle_peer(now, relay(1), p1_other),
+        h.server.handle_peer(now, relay(1), p1_other, 0),
         PeerAction::Forward {
             five_tuple: c.ft,
             channel: Some(0x4001)
@@ -1975,7 +1975,7 @@ fn channel_binding_expires_after_600s() {
         Outcome::Relay { .. }
     ));
     assert_eq!(
-        h.server.handle_peer(h.at(599), relay(1), p1),
+        h.server.handle_peer(h.at(599), relay(1), p1, 0),
         PeerAction::Forward {
             five_tuple: c.ft,
             channel: Some(0x4000)
@@ -1988,7 +1988,7 @@ fn channel_binding_expires_after_600s() {
         Outcome::Drop(DropReason::NoChannel)
     ));
     assert_eq!(
-        h.server.handle_peer(h.at(600), relay(1), p1),
+        h.server.handle_peer(h.at(600), relay(1), p1, 0),
         PeerAction::Forward {
             five_tuple: c.ft,
             channel: None
@@ -2070,7 +2070,7 @@ fn default_policy_refuses_special_ipv4_peers() {
     assert!(a.permissions.is_empty() && a.channels.is_empty());
     // Data from a denied peer is dropped before the permission check.
     assert_eq!(
-        h.server.handle_peer(now, relay(1), sa("127.0.0.1:5000")),
+        h.server.handle_peer(now, relay(1), sa("127.0.0.1:5000"), 0),
         PeerAction::Drop(DropReason::PeerDenied)
     );
 }
@@ -2148,7 +2148,7 @@ fn loopback_allowed_by_operator_policy() {
     assert_success(&h.create_permission(now, &mut c, &[lo]), Method::CreatePermission);
     assert!(matches!(h.send(now, c.ft, &send_indication(lo, b"x")), Outcome::Relay { peer, .. } if peer == lo));
     assert_eq!(
-        h.server.handle_peer(now, relay(1), lo),
+        h.server.handle_peer(now, relay(1), lo, 0),
         PeerAction::Forward {
             five_tuple: c.ft,
             channel: None
@@ -2567,7 +2567,7 @@ proptest! {
             SocketAddr::new(std::net::Ipv4Addr::from(ip4).into(), port)
         };
         let now = h.at(secs);
-        let action = h.server.handle_peer(now, relayed, peer);
+        let action = h.server.handle_peer(now, relayed, peer, 0);
         if let PeerAction::Forward { five_tuple, channel } = action {
             prop_assert_eq!(relayed, relay(1));
             prop_assert_eq!(five_tuple, c.ft);
@@ -2585,3 +2585,6 @@ proptest! {
 
 #[path = "server_abuse_tests.rs"]
 mod abuse;
+
+#[path = "server_limits_tests.rs"]
+mod limits;

@@ -163,7 +163,23 @@ fn allocations_expiring_under_load() {
 #[test]
 fn ten_thousand_allocations_while_two_shards_forward() {
     turnpike::dataplane::io::sys::raise_nofile_limit();
-    let server = Server::start(&["--shards", "2"]);
+    // A relay IP of its own: 10,000 relay ports would crowd the tests that run beside it.
+    let args: Vec<String> = [
+        "--listen",
+        "127.0.0.1:0",
+        "--relay-ip",
+        "127.0.0.9",
+        "--allowed-peer-ip",
+        "127.0.0.0/8",
+        "--user",
+        &format!("{USER}:{PASSWORD}"),
+        "--shards",
+        "2",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let server = Server::start_with(&args);
     let echo_stop = Arc::new(AtomicBool::new(false));
     let (peer, echo) = echo_peer(echo_stop.clone());
     let stream_stop = Arc::new(AtomicBool::new(false));
