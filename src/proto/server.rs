@@ -629,7 +629,13 @@ impl Server {
             None => (false, false),
             Some(Ok(Attribute::ChangeRequest(flags))) => (flags & 0x4 != 0, flags & 0x2 != 0),
             Some(_) => {
-                self.error(out, reply, ErrorCode::BAD_REQUEST);
+                // No reason phrase: unauthenticated, so no amplification (see below).
+                self.respond(out, reply, Class::Error, |b| {
+                    b.attribute(&Attribute::ErrorCode {
+                        code: ErrorCode::BAD_REQUEST,
+                        reason: "",
+                    });
+                });
                 return ClientAction::Respond;
             }
         };

@@ -560,6 +560,23 @@ fn regression_binding_420_amplification() {
     }
 }
 
+/// Bug: a Binding with a malformed CHANGE-REQUEST (24 bytes) was answered with a 400 of 40
+/// bytes (the reason phrase "Bad Request"), more than the request plus an
+/// XOR-MAPPED-ADDRESS. Found by `binding_response_never_larger_than_request_plus_xor_mapped_address`.
+#[test]
+fn regression_binding_400_amplification_on_malformed_change_request() {
+    let mut h = Harness::new();
+    let ft = five_tuple("203.0.113.10:40000");
+    for value in [&[][..], &[0, 0], &[0, 0, 0, 4, 0, 0, 0, 0]] {
+        let req = build(Method::Binding, Class::Request, fresh_tid(), |b| {
+            b.raw_attribute(kind::CHANGE_REQUEST, value);
+        });
+        let r = h.send(h.t0, ft, &req).response();
+        assert_error(&r, Method::Binding, 400);
+        assert!(r.len() <= req.len() + 12, "{} bytes answered with {}", req.len(), r.len());
+    }
+}
+
 fn binding_attribute() -> impl Strategy<Value = (u16, Vec<u8>)> {
     let kinds = prop_oneof![
         Just(kind::SOFTWARE),
