@@ -28,3 +28,9 @@ mod dataplane;
 
 #[path = "it/nat_discovery.rs"]
 mod nat_discovery;
+
+#[path = "it/abuse_cli.rs"]
+mod abuse_cli;
+
+#[path = "it/floods.rs"]
+mod floods;

@@ -83,6 +83,11 @@ impl Server {
         }
     }
 
+    /// The process ID (for `/proc/<pid>/status` in the resource tests).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Waits up to `timeout` for a log line containing `needle`; returns it.
     pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> Option<String> {
         let deadline = std::time::Instant::now() + timeout;
