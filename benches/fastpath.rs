@@ -167,5 +167,9 @@ fn fast_path(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, codec, fast_path);
-criterion_main!(benches);
+#[allow(missing_docs)]
+mod groups {
+    use super::*;
+    criterion_group!(benches, codec, fast_path);
+}
+criterion_main!(groups::benches);
