@@ -86,6 +86,8 @@ fn main() -> Result<()> {
         control_overflow = s.control_overflow,
         quota_refusals = report.control.quota_refusals,
         port_refusals = report.control.port_refusals,
+        kernel_rcvbuf_errors = report.kernel_rcvbuf_errors,
+        kernel_sndbuf_errors = report.kernel_sndbuf_errors,
         drops = ?report.drops,
         "shut down"
     );

@@ -38,6 +38,27 @@ pub struct Report {
     pub drops: HashMap<DropReason, u64>,
     /// The control thread's accounting.
     pub control: ControlReport,
+    /// UDP datagrams the kernel dropped for a full receive buffer while the server ran
+    /// (`RcvbufErrors` of /proc/net/snmp: host-wide, so other UDP users count too).
+    pub kernel_rcvbuf_errors: u64,
+    /// UDP datagrams the kernel dropped for a full send buffer while the server ran
+    /// (`SndbufErrors`, host-wide).
+    pub kernel_sndbuf_errors: u64,
+}
+
+/// The kernel's UDP `RcvbufErrors` and `SndbufErrors` counters (/proc/net/snmp).
+pub fn kernel_udp_buffer_errors() -> Option<(u64, u64)> {
+    let text = std::fs::read_to_string("/proc/net/snmp").ok()?;
+    let mut lines = text.lines().filter(|l| l.starts_with("Udp:"));
+    let names: Vec<&str> = lines.next()?.split_whitespace().collect();
+    let values: Vec<&str> = lines.next()?.split_whitespace().collect();
+    let get = |name: &str| {
+        names
+            .iter()
+            .position(|n| *n == name)
+            .and_then(|i| values.get(i)?.parse().ok())
+    };
+    Some((get("RcvbufErrors")?, get("SndbufErrors")?))
 }
 
 /// The configured server, bound and ready to run.
@@ -205,6 +226,7 @@ impl Runtime {
     /// # Errors
     /// When a shard's backend fails.
     pub fn run(self, shutdown: Arc<AtomicBool>) -> Result<Report> {
+        let kernel_before = kernel_udp_buffer_errors();
         let cores = if self.pin {
             core_affinity::get_core_ids().unwrap_or_default()
         } else {
@@ -251,6 +273,10 @@ impl Runtime {
             if report.stats.drops[i] > 0 {
                 report.drops.insert(*r, report.stats.drops[i]);
             }
+        }
+        if let (Some(before), Some(after)) = (kernel_before, kernel_udp_buffer_errors()) {
+            report.kernel_rcvbuf_errors = after.0.saturating_sub(before.0);
+            report.kernel_sndbuf_errors = after.1.saturating_sub(before.1);
         }
         if let Some(e) = failure {
             return Err(e.into());
