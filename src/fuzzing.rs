@@ -24,7 +24,9 @@ use crate::proto::allocation::FiveTuple;
 use crate::proto::auth::{rest_api_password, Credentials, NonceIssuer};
 use crate::proto::channel_data::{self, ChannelData};
 use crate::proto::peer_policy::{canonicalize, Cidr, PeerPolicy};
-use crate::proto::server::{AllocateRequest, ClientAction, Event, PeerAction, RelayError, Server, ServerConfig};
+use crate::proto::server::{
+    AllocateRequest, ClientAction, Event, NatDiscovery, PeerAction, RelayError, Server, ServerConfig,
+};
 use crate::proto::stun::attribute::{kind, password_algorithms};
 use crate::proto::stun::integrity::{self, userhash, LongTermKey};
 use crate::proto::stun::message::looks_like_stun;
@@ -161,6 +163,18 @@ pub fn listen_addr() -> SocketAddr {
     SocketAddr::new(IpAddr::V4(Ipv4Addr::new(45, 33, 32, 1)), 3478)
 }
 
+/// The RFC 5780 alternate address (another IP and port of the server).
+pub fn alt_addr() -> SocketAddr {
+    SocketAddr::new(IpAddr::V4(Ipv4Addr::new(45, 33, 32, 9)), 3479)
+}
+
+fn nat() -> NatDiscovery {
+    NatDiscovery {
+        primary: listen_addr(),
+        alternate: alt_addr(),
+    }
+}
+
 fn relay_v4_ip() -> IpAddr {
     IpAddr::V4(Ipv4Addr::new(45, 33, 32, 2))
 }
@@ -169,7 +183,8 @@ fn relay_v6_ip() -> IpAddr {
     IpAddr::V6(Ipv6Addr::new(0x2600, 0x3c00, 0, 0, 0, 0, 0, 2))
 }
 
-/// The client 5-tuples the script can speak from (index = `Op` client selector).
+/// The client 5-tuples the script can speak from (index = `Op` client selector); client 4
+/// talks to the RFC 5780 alternate address.
 pub fn clients() -> [FiveTuple; 6] {
     let c = |s: &str| FiveTuple::udp(s.parse().expect("address"), listen_addr());
     [
@@ -177,7 +192,7 @@ pub fn clients() -> [FiveTuple; 6] {
         c("203.0.113.20:40000"),
         c("[2001:db8::10]:40000"),
         c("203.0.113.10:40001"),
-        c("198.51.100.7:9"),
+        FiveTuple::udp("198.51.100.7:9".parse().expect("address"), alt_addr()),
         c("[::ffff:203.0.113.10]:40000"),
     ]
 }
@@ -219,6 +234,8 @@ pub fn peers() -> Vec<SocketAddr> {
         "[2600:3c00::2]:50000",
         "100.64.0.1:5000",
         "255.255.255.255:5000",
+        "45.33.32.9:3479",
+        "45.33.32.1:3479",
     ]
     .iter()
     .map(|s| s.parse().expect("address"))
@@ -226,13 +243,13 @@ pub fn peers() -> Vec<SocketAddr> {
 }
 
 /// The peer address policy of the fuzzed server: defaults, an operator-denied range
-/// (9.9.9.0/24), the listen and relay IPs as own addresses, the listener.
+/// (9.9.9.0/24), the listen, alternate and relay IPs as own addresses, the four listeners.
 pub fn policy() -> PeerPolicy {
     PeerPolicy::new(
         vec![],
         vec!["9.9.9.0/24".parse::<Cidr>().expect("cidr")],
-        vec![listen_addr().ip(), relay_v4_ip(), relay_v6_ip()],
-        vec![listen_addr()],
+        vec![listen_addr().ip(), alt_addr().ip(), relay_v4_ip(), relay_v6_ip()],
+        nat().addresses().to_vec(),
     )
 }
 
@@ -242,6 +259,10 @@ fn config() -> ServerConfig {
         max_channels_per_allocation: 4,
         user_quota: 3,
         total_quota: 5,
+        nat_discovery: Some(nat()),
+        challenge_rate: 100,
+        request_rate: 400,
+        max_bitrate: 100_000,
         ..ServerConfig::default()
     }
 }
@@ -606,8 +627,9 @@ fn obviously_internal(peer: SocketAddr) -> bool {
     }
 }
 
-fn xor_mapped_len(client: SocketAddr) -> usize {
-    4 + if client.is_ipv4() { 8 } else { 20 }
+/// Size of an address attribute (XOR-MAPPED-ADDRESS, RESPONSE-ORIGIN, OTHER-ADDRESS).
+fn address_attribute_len(a: SocketAddr) -> usize {
+    4 + if a.is_ipv4() { 8 } else { 20 }
 }
 
 impl World {
@@ -684,8 +706,19 @@ impl World {
             .is_ok_and(|m| m.integrity_offset().is_some() || m.integrity_sha256_offset().is_some());
         let mut out = std::mem::take(&mut self.out);
         let action = self.server.handle_client(self.now, ft, data, &mut out);
+        let moved = match action {
+            ClientAction::RespondFrom(origin) => Some(origin),
+            _ => None,
+        };
         match action {
             ClientAction::Respond | ClientAction::RespondFrom(_) => {
+                if let Some(origin) = moved {
+                    assert!(nat().addresses().contains(&origin), "response from {origin}");
+                    assert_ne!(origin, ft.server);
+                    let req = request.as_ref().expect("only requests are answered");
+                    assert_eq!(req.method(), Method::Binding, "only CHANGE-REQUEST moves a response");
+                    assert!(req.get(kind::CHANGE_REQUEST).is_some());
+                }
                 let req = request.as_ref().expect("only requests are answered");
                 assert!(!bad_fp, "a request with a bad FINGERPRINT was answered");
                 let resp = Message::decode(&out).expect("the response decodes");
@@ -702,8 +735,13 @@ impl World {
                     assert_eq!(resp.class(), Class::Error);
                 }
                 if req.method() == Method::Binding {
+                    // RFC 5780 adds RESPONSE-ORIGIN and OTHER-ADDRESS on its addresses.
+                    let rfc5780 = match nat().other_address(ft.server) {
+                        Some(other) => address_attribute_len(ft.server) + address_attribute_len(other),
+                        None => 0,
+                    };
                     assert!(
-                        out.len() <= data.len() + xor_mapped_len(ft.client),
+                        out.len() <= data.len() + address_attribute_len(ft.client) + rfc5780,
                         "Binding response of {} bytes to a {}-byte request",
                         out.len(),
                         data.len()
@@ -849,7 +887,7 @@ impl World {
     }
 
     fn peer_datagram(&mut self, relayed: SocketAddr, peer: SocketAddr, payload: &[u8]) {
-        match self.server.handle_peer(self.now, relayed, peer, 0) {
+        match self.server.handle_peer(self.now, relayed, peer, payload.len()) {
             PeerAction::Forward { five_tuple, channel } => {
                 let a = self.server.allocation(&five_tuple).expect("forward without allocation");
                 assert_eq!(a.relayed, relayed);
@@ -1333,6 +1371,19 @@ pub fn server_seeds() -> Vec<(&'static str, Vec<u8>)> {
                 .into_bytes(),
         ),
     ];
+    seeds.push((
+        "rfc5780-change-request",
+        [0u32, 2, 4, 6, 1]
+            .iter()
+            .fold(Script::default(), |s, &flags| {
+                let v = flags.to_be_bytes();
+                s.op(binding(4, true, &[(kind::CHANGE_REQUEST, &v)]))
+                    .op(binding(0, false, &[(kind::CHANGE_REQUEST, &v)]))
+                    .op(binding(2, true, &[(kind::CHANGE_REQUEST, &v)]))
+            })
+            .op(binding(4, false, &[(kind::CHANGE_REQUEST, &[0, 0])]))
+            .into_bytes(),
+    ));
     // Every named peer through every path.
     let mut denied = Script::default();
     for p in 0..peers().len() as u8 {
