@@ -816,3 +816,85 @@ fn random_garbage_flood_then_the_server_still_works() {
     assert!(sent >= 1000, "only {sent} datagrams sent");
     assert!(rss_after <= rss_before + 4096, "RSS {rss_before} -> {rss_after} KiB");
 }
+
+/// On the wire, with the default configuration: a Binding response is the request plus an
+/// XOR-MAPPED-ADDRESS (12 bytes for IPv4) and nothing more, also for a 420 or 400; the
+/// sizes of the other unauthenticated answers are printed for the record.
+#[test]
+fn binding_answers_on_the_wire_are_not_amplified() {
+    let server = Server::start(&[]);
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let mut buf = [0u8; 1500];
+    let mut exchange = |method: Method, attrs: &[(u16, &[u8])], fingerprint: bool, n: u8| {
+        let mut req = Vec::new();
+        let mut b = MessageBuilder::new(
+            &mut req,
+            MessageType::new(method, Class::Request),
+            TransactionId([n; 12]),
+        );
+        for (k, v) in attrs {
+            b.raw_attribute(*k, v);
+        }
+        if fingerprint {
+            b.fingerprint();
+        }
+        sock.send_to(&req, server.addr).unwrap();
+        let (len, _) = sock.recv_from(&mut buf).expect("an answer");
+        let m = Message::decode(&buf[..len]).unwrap();
+        assert_eq!(m.transaction_id(), TransactionId([n; 12]));
+        let code = match m.get(kind::ERROR_CODE) {
+            Some(Ok(Attribute::ErrorCode { code, .. })) => Some(code.0),
+            _ => None,
+        };
+        (req.len(), len, code)
+    };
+    let cases: [(&str, Method, &[(u16, &[u8])], bool); 6] = [
+        ("Binding", Method::Binding, &[], false),
+        ("Binding with FINGERPRINT", Method::Binding, &[], true),
+        ("Binding, unknown attribute", Method::Binding, &[(0x7FF0, &[])], false),
+        (
+            "Binding, malformed CHANGE-REQUEST",
+            Method::Binding,
+            &[(kind::CHANGE_REQUEST, &[])],
+            false,
+        ),
+        (
+            "Binding, CHANGE-REQUEST change port",
+            Method::Binding,
+            &[(kind::CHANGE_REQUEST, &[0, 0, 0, 2])],
+            false,
+        ),
+        (
+            "Binding, SOFTWARE and PADDING",
+            Method::Binding,
+            &[(kind::SOFTWARE, b"x"), (kind::PADDING, &[0; 64])],
+            false,
+        ),
+    ];
+    for (i, (what, method, attrs, fp)) in cases.iter().enumerate() {
+        let (req, resp, code) = exchange(*method, attrs, *fp, i as u8);
+        eprintln!("{what}: {req} -> {resp} bytes ({code:?})");
+        assert!(resp <= req + 12, "{what}: {req} bytes answered with {resp}");
+    }
+    let (req, resp, code) = exchange(Method::Binding, &[], false, 40);
+    assert_eq!(
+        (resp, code),
+        (req + 12, None),
+        "a plain Binding: exactly the request plus 12"
+    );
+    let transport: &[(u16, &[u8])] = &[(kind::REQUESTED_TRANSPORT, &[17, 0, 0, 0])];
+    let others: [(&str, Method, &[(u16, &[u8])], u8); 3] = [
+        ("Allocate without credentials", Method::Allocate, transport, 50),
+        ("Refresh without credentials", Method::Refresh, &[], 51),
+        ("unknown method 0x0FF", Method::Other(0x0FF), &[], 52),
+    ];
+    for (what, method, attrs, n) in others {
+        let (req, resp, code) = exchange(method, attrs, false, n);
+        eprintln!(
+            "{what}: {req} -> {resp} bytes ({code:?}), x{:.1}",
+            resp as f64 / req as f64
+        );
+    }
+    stop_clean(server);
+}
