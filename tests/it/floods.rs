@@ -817,6 +817,9 @@ fn random_garbage_flood_then_the_server_still_works() {
     assert!(rss_after <= rss_before + 4096, "RSS {rss_before} -> {rss_after} KiB");
 }
 
+/// Raw attributes of a request: (type, value).
+type RawAttrs<'a> = &'a [(u16, &'a [u8])];
+
 /// On the wire, with the default configuration: a Binding response is the request plus an
 /// XOR-MAPPED-ADDRESS (12 bytes for IPv4) and nothing more, also for a 420 or 400; the
 /// sizes of the other unauthenticated answers are printed for the record.
@@ -826,7 +829,7 @@ fn binding_answers_on_the_wire_are_not_amplified() {
     let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
     sock.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
     let mut buf = [0u8; 1500];
-    let mut exchange = |method: Method, attrs: &[(u16, &[u8])], fingerprint: bool, n: u8| {
+    let mut exchange = |method: Method, attrs: RawAttrs<'_>, fingerprint: bool, n: u8| {
         let mut req = Vec::new();
         let mut b = MessageBuilder::new(
             &mut req,
@@ -849,7 +852,7 @@ fn binding_answers_on_the_wire_are_not_amplified() {
         };
         (req.len(), len, code)
     };
-    let cases: [(&str, Method, &[(u16, &[u8])], bool); 6] = [
+    let cases: [(&str, Method, RawAttrs<'_>, bool); 6] = [
         ("Binding", Method::Binding, &[], false),
         ("Binding with FINGERPRINT", Method::Binding, &[], true),
         ("Binding, unknown attribute", Method::Binding, &[(0x7FF0, &[])], false),
@@ -883,8 +886,8 @@ fn binding_answers_on_the_wire_are_not_amplified() {
         (req + 12, None),
         "a plain Binding: exactly the request plus 12"
     );
-    let transport: &[(u16, &[u8])] = &[(kind::REQUESTED_TRANSPORT, &[17, 0, 0, 0])];
-    let others: [(&str, Method, &[(u16, &[u8])], u8); 3] = [
+    let transport: RawAttrs<'_> = &[(kind::REQUESTED_TRANSPORT, &[17, 0, 0, 0])];
+    let others: [(&str, Method, RawAttrs<'_>, u8); 3] = [
         ("Allocate without credentials", Method::Allocate, transport, 50),
         ("Refresh without credentials", Method::Refresh, &[], 51),
         ("unknown method 0x0FF", Method::Other(0x0FF), &[], 52),
