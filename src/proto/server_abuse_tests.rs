@@ -573,7 +573,12 @@ fn regression_binding_400_amplification_on_malformed_change_request() {
         });
         let r = h.send(h.t0, ft, &req).response();
         assert_error(&r, Method::Binding, 400);
-        assert!(r.len() <= req.len() + 12, "{} bytes answered with {}", req.len(), r.len());
+        assert!(
+            r.len() <= req.len() + 12,
+            "{} bytes answered with {}",
+            req.len(),
+            r.len()
+        );
     }
 }
 
