@@ -128,7 +128,16 @@ struct Prober {
 }
 
 impl Prober {
+    /// One Binding transaction: `tries` sends, `rto` apart. No answer is a result (the NAT
+    /// or the server's CHANGE-REQUEST behaviour), not an error.
     fn binding(&mut self, to: SocketAddr, change: u32) -> Result<Option<Answer>> {
+        self.transaction(to, change, self.tries, false)
+    }
+
+    /// Like [`Prober::binding`], with `backoff` doubling the wait after each send (RFC 8489
+    /// §6.2.1), for the first Binding: no answer there ends the probe, and a server that is
+    /// slow to answer at first (just started, a loaded host) costs nothing to wait for.
+    fn transaction(&mut self, to: SocketAddr, change: u32, tries: u32, backoff: bool) -> Result<Option<Answer>> {
         self.counter += 1;
         let mut t = [0u8; 12];
         t[..8].copy_from_slice(&self.counter.to_be_bytes());
@@ -141,9 +150,13 @@ impl Prober {
         }
         b.fingerprint();
         let mut buf = [0u8; 1500];
-        for _ in 0..self.tries {
+        let mut rto = self.rto;
+        for _ in 0..tries {
             self.sock.send_to(&out, to)?;
-            let deadline = Instant::now() + self.rto;
+            let deadline = Instant::now() + rto;
+            if backoff {
+                rto *= 2;
+            }
             while let Some(left) = deadline.checked_duration_since(Instant::now()) {
                 self.sock.set_read_timeout(Some(left.max(Duration::from_millis(1))))?;
                 let Ok((n, from)) = self.sock.recv_from(&mut buf) else {
@@ -202,7 +215,8 @@ pub fn run(server: SocketAddr, local: SocketAddr, rto: Duration, tries: u32) -> 
         tries,
         counter: 0,
     };
-    let Some(first) = p.binding(server, 0)? else {
+    // The connectivity test: patient (RTO, 2 RTO, 4 RTO, ...: 9.3 s with the defaults).
+    let Some(first) = p.transaction(server, 0, tries + 2, true)? else {
         bail!("no answer from {server}");
     };
     let mut report = Report {
@@ -229,16 +243,30 @@ pub fn run(server: SocketAddr, local: SocketAddr, rto: Duration, tries: u32) -> 
             }
         });
         // Filtering (RFC 5780 §4.4): answers from the other IP and port, then the other port.
-        let changed_both = p.binding(server, 0x6)?.filter(|a| a.from == other);
+        // "These tests are sensitive to prior state on the NAT": the mapping tests above have
+        // sent to the other IP, which an address-dependent filter then admits from any port
+        // (a restricted cone would pass for a full cone). So they run on a fresh socket, a
+        // fresh mapping that has only ever sent to the primary address (test I).
+        let mut f = Prober {
+            sock: UdpSocket::bind(SocketAddr::new(local.ip(), 0)).context("binding the probe socket")?,
+            rto,
+            tries,
+            counter: p.counter,
+        };
+        if f.binding(server, 0)?.is_none() {
+            bail!("no answer from {server} to the filtering test's first Binding");
+        }
+        let changed_both = f.binding(server, 0x6)?.filter(|a| a.from == other);
         report.filtering = Some(if changed_both.is_some() {
             Behaviour::EndpointIndependent
         } else {
             let port_only = SocketAddr::new(server.ip(), other.port());
-            match p.binding(server, 0x2)?.filter(|a| a.from == port_only) {
+            match f.binding(server, 0x2)?.filter(|a| a.from == port_only) {
                 Some(_) => Behaviour::AddressDependent,
                 None => Behaviour::AddressAndPortDependent,
             }
         });
+        p.counter = f.counter;
     }
     // Hairpinning (RFC 5780 §4.5): a second socket sends to our mapped address.
     let other_sock = UdpSocket::bind(SocketAddr::new(local.ip(), 0))?;
