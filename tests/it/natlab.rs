@@ -6,6 +6,10 @@
 //! predict hole punching works (type numbers 1..4 adding up to at most 6), else a pair through
 //! turnpike's relay, which turnpike's counters confirm.
 //!
+//! The `probe_classifies_*` tests run the lab's probe mode: one site behind one router, turnpike
+//! with its RFC 5780 alternate address (`--alt-listen`), and `turnpike probe` from the site's
+//! host must name the router's mapping, filtering, hairpinning and classic NAT type.
+//!
 //! Needs root (CI has it) and iproute2, iptables, conntrack, aioice: `scripts/test.sh`
 //! installs them. A missing one fails the test.
 
@@ -56,8 +60,9 @@ fn leftover_namespaces() -> Vec<String> {
         .collect()
 }
 
-#[test]
-fn nat_lab_matrix() {
+/// Runs natlab.py with `args` (root and tools checked first) under a time limit; returns its
+/// stdout once it succeeded and left no namespace behind.
+fn natlab(limit_s: u32, lab_args: &[&str]) -> String {
     assert!(
         is_root(),
         "the NAT lab needs root for network namespaces (CI runs scripts/test.sh as root)"
@@ -72,10 +77,15 @@ fn nat_lab_matrix() {
     );
 
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/natlab/natlab.py");
-    let mut args: Vec<String> = ["-k", "10", "150", "python3", script, "--turnpike"]
-        .map(String::from)
-        .to_vec();
-    args.push(env!("CARGO_BIN_EXE_turnpike").to_string());
+    let mut args: Vec<String> = vec![
+        "-k".into(),
+        "10".into(),
+        limit_s.to_string(),
+        "python3".into(),
+        script.into(),
+    ];
+    args.extend(["--turnpike", env!("CARGO_BIN_EXE_turnpike")].map(String::from));
+    args.extend(lab_args.iter().map(|a| a.to_string()));
     // The data-plane configuration the rest of the suite runs under, as the harness does.
     if let Ok(extra) = std::env::var("TURNPIKE_TEST_SERVER_ARGS") {
         args.extend(extra.split_whitespace().map(|w| format!("--turnpike-arg={w}")));
@@ -91,6 +101,84 @@ fn nat_lab_matrix() {
         "natlab.py failed ({}):\n{stdout}\n{stderr}",
         out.status
     );
+    stdout
+}
+
+/// Probe mode for one router: `turnpike probe` from the host behind it must print `expected`
+/// (mapping behaviour, filtering behaviour, hairpinning, NAT type).
+fn probe_classifies(nat: &str, expected: [&str; 4]) {
+    let stdout = natlab(60, &["--probe-router", nat]);
+    let row: HashMap<&str, &str> = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("NATPROBE "))
+        .unwrap_or_else(|| panic!("no NATPROBE line:\n{stdout}"))
+        .split_whitespace()
+        .filter_map(|kv| kv.split_once('='))
+        .collect();
+    assert_eq!(row.get("nat"), Some(&nat), "{stdout}");
+    assert_eq!(
+        row.get("router"),
+        Some(&behaviour(nat)),
+        "router measured by natcheck.py"
+    );
+    // The probe's own lines, as it printed them.
+    let probe: Vec<&str> = stdout.lines().filter_map(|l| l.strip_prefix("  probe: ")).collect();
+    let field = |label: &str| {
+        probe
+            .iter()
+            .find_map(|l| l.strip_prefix(label).filter(|rest| rest.starts_with(' ')))
+            .map(str::trim)
+            .unwrap_or_else(|| panic!("no {label:?} line in the probe's output:\n{stdout}"))
+    };
+    assert_eq!(
+        field("server other address"),
+        "198.51.100.2:3479",
+        "turnpike's --alt-listen"
+    );
+    assert!(field("mapped address").starts_with("198.51.100.11:"), "{stdout}");
+    let got = [
+        field("mapping behaviour"),
+        field("filtering behaviour"),
+        field("hairpinning"),
+        field("NAT type"),
+    ];
+    assert_eq!(
+        got, expected,
+        "{nat}: mapping, filtering, hairpinning, NAT type:\n{stdout}"
+    );
+    assert_eq!(row.get("ok"), Some(&"true"), "natlab.py's own verdict");
+}
+
+#[test]
+fn probe_classifies_full_cone() {
+    let ei = "endpoint-independent";
+    probe_classifies("full-cone", [ei, ei, "yes", "full cone"]);
+}
+
+#[test]
+fn probe_classifies_restricted_cone() {
+    let ei = "endpoint-independent";
+    probe_classifies("restricted-cone", [ei, "address-dependent", "no", "restricted cone"]);
+}
+
+#[test]
+fn probe_classifies_port_restricted_cone() {
+    let ei = "endpoint-independent";
+    probe_classifies(
+        "port-restricted-cone",
+        [ei, "address-and-port-dependent", "no", "port-restricted cone"],
+    );
+}
+
+#[test]
+fn probe_classifies_symmetric() {
+    let apd = "address-and-port-dependent";
+    probe_classifies("symmetric", [apd, apd, "no", "symmetric"]);
+}
+
+#[test]
+fn nat_lab_matrix() {
+    let stdout = natlab(150, &[]);
 
     let rows: Vec<HashMap<&str, &str>> = stdout
         .lines()

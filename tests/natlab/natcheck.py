@@ -13,8 +13,9 @@ from that socket to the requester's observed address.
              second: address-dependent; neither: address-and-port-dependent.
 It prints one line: "NATCHECK mapping=... filtering=... mapped=IP:PORT".
 
-The reflector addresses are fixed by the lab: R1=198.51.100.1, R2=198.51.100.2,
-R3=198.51.100.3, P1=3479, P2=3480, P3=3481.
+The reflector addresses are fixed by the lab: R1=198.51.100.4, R2=198.51.100.5,
+R3=198.51.100.6, P1=3479, P2=3480, P3=3481 (198.51.100.1 and .2 are turnpike's: its RFC 5780
+listeners take ports 3478 and 3479 on both).
 """
 
 import select
@@ -22,7 +23,7 @@ import socket
 import sys
 import time
 
-R1, R2, R3 = "198.51.100.1", "198.51.100.2", "198.51.100.3"
+R1, R2, R3 = "198.51.100.4", "198.51.100.5", "198.51.100.6"
 P1, P2, P3 = 3479, 3480, 3481
 REFLECTOR = [(R1, P1), (R1, P2), (R1, P3), (R2, P1), (R3, P1)]
 

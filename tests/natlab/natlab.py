@@ -8,7 +8,8 @@ none of them connected to the host's interfaces:
 
     ha (10.0.1.2) -- ra [NAT A] 198.51.100.11 --+
                                                  br0 in "pub": turnpike 198.51.100.1:3478 (STUN+TURN)
-    hb (10.0.2.2) -- rb [NAT B] 198.51.100.12 --+
+    hb (10.0.2.2) -- rb [NAT B] 198.51.100.12 --+   RFC 5780 alternate 198.51.100.2:3479
+                                                    natcheck reflector 198.51.100.4-.6:3479-3481
 
 The public segment uses 198.51.100.0/24 (TEST-NET-2, RFC 5737): never routed anywhere, so
 nothing can leak even in principle. turnpike's peer policy refuses documentation ranges by
@@ -21,6 +22,7 @@ NAT behaviours (RFC 4787 terms; the classic names of RFC 3489):
   full-cone             EIM + endpoint-independent filtering. netfilter: MASQUERADE (Linux keeps
                         the source port when it can: endpoint-independent mapping) plus a DMZ
                         rule, DNAT of every inbound UDP packet to the inside host, same port.
+                        The only router with hairpinning (DNAT + MASQUERADE on the LAN side).
   restricted-cone       EIM + address-dependent filtering. Our own program, userspace_nat.py
                         (conntrack cannot admit "any port of an IP I sent to").
   port-restricted-cone  EIM + address-and-port-dependent filtering. netfilter: MASQUERADE.
@@ -36,7 +38,14 @@ candidate on turnpike.
 Output: one "NATLAB key=value ..." line per combination, then the matrix. Exit status 0 when
 every combination exchanged all its data and matched the prediction.
 
+Probe mode (--probe-router NAT, repeatable): instead of the ICE matrix, builds the public
+segment and one site behind a router of that kind, checks the router with natcheck.py, and runs
+`turnpike probe --server 198.51.100.1:3478` (RFC 5780 NAT behaviour discovery against turnpike's
+four listeners) in the site's host. Prints the probe's output and one "NATPROBE key=value ..."
+line per router; exit status 0 when each router was classified as configured.
+
 usage: natlab.py --turnpike PATH [--jobs N] [--count N] [--settle S] [--only A:B ...]
+       natlab.py --turnpike PATH --probe-router NAT [--probe-router NAT ...]
 """
 
 import argparse
@@ -48,12 +57,18 @@ import signal
 import sys
 import time
 
+import natcheck
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 NATS = ["full-cone", "restricted-cone", "port-restricted-cone", "symmetric"]
 RANK = {name: i + 1 for i, name in enumerate(NATS)}
 PUBLIC_CIDR = "198.51.100.0/24"
 TURN_IP = "198.51.100.1"
 TURN_PORT = 3478
+# turnpike's RFC 5780 alternate address (--alt-listen): with the primary it listens on
+# 198.51.100.1 and .2, ports 3478 and 3479 each.
+TURN_ALT_IP = "198.51.100.2"
+TURN_ALT_PORT = 3479
 USER, PASSWORD = "natlab", "natlab-password"
 PREFIX = "tpnl"
 SITES = {"a": 1, "b": 2}
@@ -64,9 +79,17 @@ BEHAVIOUR = {
     "port-restricted-cone": ("endpoint-independent", "address-and-port-dependent"),
     "symmetric": ("address-and-port-dependent", "address-and-port-dependent"),
 }
-# Extra public addresses on the segment: natcheck.py's reflector uses .1-.3 ports 3479-3481;
-# .2 and .3 are also there for an RFC 5780 server's alternate address (--turnpike-arg).
-EXTRA_PUBLIC_IPS = ["198.51.100.2", "198.51.100.3"]
+# Extra public addresses on the segment: turnpike's alternate address, and natcheck.py's
+# reflector (.4-.6, ports 3479-3481, clear of turnpike's four listeners).
+EXTRA_PUBLIC_IPS = [TURN_ALT_IP, natcheck.R1, natcheck.R2, natcheck.R3]
+# What `turnpike probe` must print for each router: mapping, filtering (RFC 5780 / 4787),
+# hairpinning (only the full-cone router has it), the RFC 3489 name.
+PROBE_EXPECTED = {
+    "full-cone": ("endpoint-independent", "endpoint-independent", "yes", "full cone"),
+    "restricted-cone": ("endpoint-independent", "address-dependent", "no", "restricted cone"),
+    "port-restricted-cone": ("endpoint-independent", "address-and-port-dependent", "no", "port-restricted cone"),
+    "symmetric": ("address-and-port-dependent", "address-and-port-dependent", "no", "symmetric"),
+}
 
 
 def predicted(nat_a: str, nat_b: str) -> str:
@@ -151,12 +174,14 @@ async def stop(proc, grace: float = 3.0) -> None:
 
 
 class Lab:
-    """One combination's namespaces and processes; close() removes all of it."""
+    """One combination's namespaces and processes; close() removes all of it. `nats` maps
+    each site ("a", "b", or only "a" in probe mode) to its router's NAT kind."""
 
-    def __init__(self, index: int, nat_a: str, nat_b: str, turnpike: str, turnpike_args=()):
+    def __init__(self, index: int, nats: dict, turnpike: str, turnpike_args=()):
         base = f"{PREFIX}{os.getpid()}-{index}"
-        self.ns = {k: f"{base}-{k}" for k in ("pub", "ra", "rb", "ha", "hb")}
-        self.nat = {"a": nat_a, "b": nat_b}
+        self.sites = {site: SITES[site] for site in nats}
+        self.ns = {k: f"{base}-{k}" for k in ["pub"] + [f"{r}{s}" for s in nats for r in "rh"]}
+        self.nat = dict(nats)
         self.turnpike_bin = turnpike
         self.turnpike_args = list(turnpike_args)
         self.procs = []
@@ -177,7 +202,7 @@ class Lab:
         for ip in EXTRA_PUBLIC_IPS:
             await run("ip", "-n", pub, "addr", "add", f"{ip}/24", "dev", "br0")
         await run("ip", "-n", pub, "link", "set", "br0", "up")
-        for site, n in SITES.items():
+        for site, n in self.sites.items():
             r, h = self.ns[f"r{site}"], self.ns[f"h{site}"]
             wan_ip = f"198.51.100.{10 + n}"
             await run("ip", "-n", r, "link", "add", "wan", "type", "veth",
@@ -197,7 +222,8 @@ class Lab:
         # turnpike on the public segment.
         self.turnpike = await spawn(
             pub, self.turnpike_bin,
-            "--listen", f"{TURN_IP}:{TURN_PORT}", "--relay-ip", TURN_IP,
+            "--listen", f"{TURN_IP}:{TURN_PORT}", "--alt-listen", f"{TURN_ALT_IP}:{TURN_ALT_PORT}",
+            "--relay-ip", TURN_IP,
             "--realm", "natlab", "--user", f"{USER}:{PASSWORD}",
             "--allowed-peer-ip", PUBLIC_CIDR, *self.turnpike_args,
         )
@@ -209,6 +235,21 @@ class Lab:
         self.procs.append(reflector)
         await read_until(reflector.stdout, "ready", 10, [])
 
+    async def await_nat_discovery(self, timeout: float = 15) -> None:
+        """Waits until turnpike answers NAT discovery on all four listeners: `turnpike probe`
+        from the public segment itself (no NAT) must find the alternate address and classify
+        "open internet", which takes answers from .1:3478, .2:3478 and, by CHANGE-REQUEST,
+        from .2:3479 and .1:3479."""
+        deadline = time.monotonic() + timeout
+        while True:
+            out = await nsx(self.ns["pub"], self.turnpike_bin, "probe", "--server", f"{TURN_IP}:{TURN_PORT}",
+                            check=False)
+            if f"other address {TURN_ALT_IP}:{TURN_ALT_PORT}" in out and "open internet" in out:
+                return
+            if time.monotonic() > deadline:
+                raise CommandError(f"turnpike's NAT discovery not answering from the public segment: {out}")
+            await asyncio.sleep(0.2)
+
     async def natcheck(self) -> dict:
         """Each router's mapping and filtering behaviour as natcheck.py measures it."""
 
@@ -218,12 +259,12 @@ class Lab:
             line = next((l for l in out.splitlines() if l.startswith("NATCHECK ")), "")
             return dict(w.split("=", 1) for w in line.split()[1:] if "=" in w)
 
-        return dict(zip(SITES, await asyncio.gather(*(one(site) for site in SITES))))
+        return dict(zip(self.sites, await asyncio.gather(*(one(site) for site in self.sites))))
 
     async def probe(self, template: str) -> dict:
         """Runs a command (part of the NAT behaviour discovery work) in each site's host."""
         out = {}
-        for site in SITES:
+        for site in self.sites:
             cmd = template.format(stun=f"{TURN_IP}:{TURN_PORT}", turn_ip=TURN_IP, turn_port=TURN_PORT)
             out[site] = (await nsx(self.ns[f"h{site}"], "sh", "-c", cmd, check=False)).strip()
         return out
@@ -257,6 +298,13 @@ class Lab:
             await run(*ipt, "-t", "nat", "-A", "POSTROUTING", "-o", "wan", "-j", "MASQUERADE")
             await run(*ipt, "-t", "nat", "-A", "PREROUTING", "-i", "wan", "-p", "udp",
                       "-j", "DNAT", "--to-destination", f"10.0.{n}.2")
+            # Hairpinning ("NAT loopback", RFC 4787 REQ-9), so that the probe's hairpinning
+            # test has a router that passes it: a LAN packet to the public address goes back
+            # in to the host, from the router's LAN address.
+            await run(*ipt, "-t", "nat", "-A", "PREROUTING", "-i", "lan", "-d", wan_ip, "-p", "udp",
+                      "-j", "DNAT", "--to-destination", f"10.0.{n}.2")
+            await run(*ipt, "-t", "nat", "-A", "POSTROUTING", "-o", "lan", "-s", f"10.0.{n}.0/24",
+                      "-d", f"10.0.{n}.2", "-j", "MASQUERADE")
         else:
             raise ValueError(nat)
         await nsx(r, "conntrack", "-F", check=False)
@@ -324,7 +372,7 @@ def cand(c) -> str:
 
 async def run_combination(index: int, nat_a: str, nat_b: str, args, sem) -> dict:
     async with sem:
-        lab = Lab(index, nat_a, nat_b, args.turnpike, args.turnpike_arg)
+        lab = Lab(index, {"a": nat_a, "b": nat_b}, args.turnpike, args.turnpike_arg)
         row = {"site_a": nat_a, "site_b": nat_b, "expected": predicted(nat_a, nat_b)}
         t0 = time.monotonic()
         try:
@@ -350,6 +398,125 @@ async def run_combination(index: int, nat_a: str, nat_b: str, args, sem) -> dict
                 row[f"nat_{site}"] = lines[-1] if lines else ""
         row["seconds"] = round(time.monotonic() - t0, 1)
         return row
+
+
+# `turnpike probe` output lines (label, key).
+PROBE_FIELDS = [
+    ("local address", "local"),
+    ("mapped address", "mapped"),
+    ("server other address", "other"),
+    ("mapping behaviour", "mapping"),
+    ("filtering behaviour", "filtering"),
+    ("hairpinning", "hairpinning"),
+    ("NAT type", "type"),
+    ("verdict", "verdict"),
+]
+
+
+def parse_probe(text: str) -> dict:
+    fields = {}
+    for line in text.splitlines():
+        for label, key in PROBE_FIELDS:
+            if line.startswith(label + " "):
+                fields[key] = line[len(label):].strip()
+                break
+    return fields
+
+
+async def run_probe_router(index: int, nat: str, args, sem) -> dict:
+    """Probe mode: one site behind `nat`; natcheck.py, then `turnpike probe` from its host."""
+    async with sem:
+        lab = Lab(index, {"a": nat}, args.turnpike, args.turnpike_arg)
+        row = {"nat": nat, "errors": []}
+        t0 = time.monotonic()
+        try:
+            await lab.setup()
+            row["natcheck"] = (await lab.natcheck())["a"]
+            await lab.await_nat_discovery()
+            # A negative test (no answer) waits RTO x TRIES; generous so that a loaded machine
+            # (the suite runs tests in parallel) cannot turn a late answer into a missing one.
+            proc = await asyncio.create_subprocess_exec(
+                "ip", "netns", "exec", lab.ns["ha"], args.turnpike,
+                "probe", "--server", f"{TURN_IP}:{TURN_PORT}", "--rto-ms", "500", "--tries", "4",
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+                preexec_fn=die_with_parent,
+            )
+            out, err = await asyncio.wait_for(proc.communicate(), 30)
+            row["output"] = out.decode(errors="replace").rstrip()
+            if proc.returncode != 0:
+                row["errors"].append(f"turnpike probe exited {proc.returncode}: "
+                                     f"{err.decode(errors='replace').strip()}")
+            row["fields"] = parse_probe(row["output"])
+        except Exception as exc:
+            row["errors"].append(f"{type(exc).__name__}: {exc}")
+        finally:
+            await lab.close()
+            if lab.nat_logs.get("a"):
+                row["nat_log"] = lab.nat_logs["a"]
+        row["seconds"] = round(time.monotonic() - t0, 1)
+        return row
+
+
+def summarize_probe(row: dict) -> dict:
+    nat, f, check = row["nat"], row.get("fields", {}), row.get("natcheck", {})
+    errors = list(row["errors"])
+    router = f"{check.get('mapping', '?')}/{check.get('filtering', '?')}"
+    if (check.get("mapping"), check.get("filtering")) != BEHAVIOUR[nat]:
+        errors.append(f"router ({nat}) measured {router} by natcheck.py, want {'/'.join(BEHAVIOUR[nat])}")
+    got = (f.get("mapping"), f.get("filtering"), f.get("hairpinning"), f.get("type"))
+    if got != PROBE_EXPECTED[nat]:
+        errors.append(f"turnpike probe classified {nat} as {'/'.join(map(str, got))}, "
+                      f"want {'/'.join(PROBE_EXPECTED[nat])}")
+    return {
+        "nat": nat,
+        "router": router,
+        "mapping": f.get("mapping", "?"),
+        "filtering": f.get("filtering", "?"),
+        "hairpinning": f.get("hairpinning", "?"),
+        "classified": (f.get("type") or "?").replace(" ", "-"),
+        "mapped": f.get("mapped", "?"),
+        "other": f.get("other", "?").split()[0],
+        "seconds": row["seconds"],
+        "ok": str(not errors).lower(),
+        "errors": errors,
+    }
+
+
+def probe_table(rows: list, summaries: list) -> str:
+    head = ("router", "mapping", "filtering", "hairpinning", "NAT type (probe)")
+    rows = [(s["nat"], s["mapping"], s["filtering"], s["hairpinning"],
+             row.get("fields", {}).get("type", "?") + ("" if s["ok"] == "true" else " !"))
+            for row, s in zip(rows, summaries)]
+    widths = [max(len(r[i]) for r in [head] + rows) + 2 for i in range(len(head))]
+    return "\n".join("".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [head] + rows)
+
+
+async def probe_main(args, sem) -> int:
+    t0 = time.monotonic()
+    tasks = [asyncio.create_task(run_probe_router(i, nat, args, sem))
+             for i, nat in enumerate(args.probe_router)]
+    rows = await gather_or_cancel(tasks)
+    if rows is None:
+        return 130
+    summaries = [summarize_probe(r) for r in rows]
+    for row, s in zip(rows, summaries):
+        errors = s.pop("errors")
+        print("NATPROBE " + " ".join(f"{k}={v}" for k, v in s.items()))
+        for e in errors:
+            print(f"  error: {e}")
+        for line in row.get("output", "").splitlines():
+            print(f"  probe: {line}")
+        if row.get("nat_log") and (errors or os.environ.get("NATLAB_VERBOSE")):
+            for line in row["nat_log"][-20:]:
+                print(f"  nat: {line}")
+    print()
+    print("turnpike probe from the host behind each router (RFC 5780 against turnpike's "
+          f"{TURN_IP}:{TURN_PORT} + {TURN_ALT_IP}:{TURN_ALT_PORT}); '!' marks a misclassification.")
+    print(probe_table(rows, summaries))
+    bad = [s for s in summaries if s["ok"] != "true"]
+    print(f"natlab: {len(summaries) - len(bad)}/{len(summaries)} routers classified as configured "
+          f"in {time.monotonic() - t0:.1f}s")
+    return 1 if bad else 0
 
 
 def summarize(row: dict) -> dict:
@@ -443,36 +610,12 @@ def matrix(summaries: list) -> str:
     return "\n".join(lines)
 
 
-async def main() -> int:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--turnpike", required=True)
-    parser.add_argument("--jobs", type=int, default=4)
-    parser.add_argument("--count", type=int, default=100)
-    parser.add_argument("--settle", type=float, default=2.5)
-    parser.add_argument("--only", action="append", default=[], help="NAT_A:NAT_B")
-    parser.add_argument("--turnpike-arg", action="append", default=[],
-                        help="extra turnpike flag (repeat; e.g. an RFC 5780 alternate address)")
-    parser.add_argument("--probe-cmd", default="",
-                        help="shell command run in each site's host before ICE; {stun} is "
-                             "turnpike's address (for the NAT behaviour discovery probe)")
-    args = parser.parse_args()
-    if os.geteuid() != 0:
-        print("natlab: needs root (network namespaces, iptables)", file=sys.stderr)
-        return 2
-    args.turnpike = os.path.abspath(args.turnpike)
-    await cleanup_stale()
-    combos = [(a, b) for a in NATS for b in NATS]
-    if args.only:
-        combos = [tuple(o.split(":")) for o in args.only]
-    sem = asyncio.Semaphore(max(1, args.jobs))
-    t0 = time.monotonic()
-    tasks = [
-        asyncio.create_task(run_combination(i, a, b, args, sem)) for i, (a, b) in enumerate(combos)
-    ]
+async def gather_or_cancel(tasks: list):
+    """Awaits the tasks; SIGTERM/SIGINT/SIGHUP cancel them (each removes its namespaces in its
+    finally block). Returns their results, or None when interrupted."""
     interrupted = []
 
     def on_signal(sig):
-        # Cancel the combinations; each removes its namespaces in its finally block.
         interrupted.append(sig)
         for t in tasks:
             t.cancel()
@@ -486,10 +629,47 @@ async def main() -> int:
         await remove_own_namespaces()
     if interrupted:
         print(f"natlab: interrupted by signal {interrupted[0]}; namespaces removed", file=sys.stderr)
-        return 130
+        return None
     for r in rows:
         if isinstance(r, BaseException):
             raise r
+    return rows
+
+
+async def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--turnpike", required=True)
+    parser.add_argument("--jobs", type=int, default=4)
+    parser.add_argument("--count", type=int, default=100)
+    parser.add_argument("--settle", type=float, default=2.5)
+    parser.add_argument("--only", action="append", default=[], help="NAT_A:NAT_B")
+    parser.add_argument("--turnpike-arg", action="append", default=[],
+                        help="extra turnpike flag (repeat; e.g. a data-plane setting)")
+    parser.add_argument("--probe-cmd", default="",
+                        help="shell command run in each site's host before ICE; {stun} is "
+                             "turnpike's address (for the NAT behaviour discovery probe)")
+    parser.add_argument("--probe-router", action="append", default=[], choices=NATS,
+                        help="probe mode: one site behind this router, `turnpike probe` from its "
+                             "host instead of ICE (repeat for several routers)")
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        print("natlab: needs root (network namespaces, iptables)", file=sys.stderr)
+        return 2
+    args.turnpike = os.path.abspath(args.turnpike)
+    await cleanup_stale()
+    sem = asyncio.Semaphore(max(1, args.jobs))
+    if args.probe_router:
+        return await probe_main(args, sem)
+    combos = [(a, b) for a in NATS for b in NATS]
+    if args.only:
+        combos = [tuple(o.split(":")) for o in args.only]
+    t0 = time.monotonic()
+    tasks = [
+        asyncio.create_task(run_combination(i, a, b, args, sem)) for i, (a, b) in enumerate(combos)
+    ]
+    rows = await gather_or_cancel(tasks)
+    if rows is None:
+        return 130
     summaries = [summarize(r) for r in rows]
     for row, s in zip(rows, summaries):
         errors = s.pop("errors")
