@@ -48,6 +48,42 @@ pub fn proc_sample(pid: u32) -> Option<(f64, u64)> {
     Some((ticks as f64 / sys::clock_ticks(), rss))
 }
 
+/// Per-thread scheduler statistics of process `pid` (`None`: this process): thread id →
+/// (ns on a CPU, ns runnable but waiting for a CPU), from /proc/PID/task/*/schedstat.
+pub fn thread_schedstats(pid: Option<u32>) -> std::collections::HashMap<String, (u64, u64)> {
+    let dir = match pid {
+        Some(p) => format!("/proc/{p}/task"),
+        None => "/proc/self/task".to_string(),
+    };
+    let mut out = std::collections::HashMap::new();
+    let Ok(rd) = std::fs::read_dir(dir) else { return out };
+    for e in rd.flatten() {
+        if let Ok(s) = std::fs::read_to_string(e.path().join("schedstat")) {
+            let mut f = s.split_whitespace().map(|v| v.parse::<u64>().unwrap_or(0));
+            let (run, wait) = (f.next().unwrap_or(0), f.next().unwrap_or(0));
+            out.insert(e.file_name().to_string_lossy().into_owned(), (run, wait));
+        }
+    }
+    out
+}
+
+/// Of the threads in both samples, the one that ran most between them: its time waiting
+/// for a CPU in between, seconds. This is how long the busiest thread (a server's relay
+/// thread, loadgen's worker) was held up by other processes on its core.
+pub fn busiest_thread_wait(
+    before: &std::collections::HashMap<String, (u64, u64)>,
+    after: &std::collections::HashMap<String, (u64, u64)>,
+) -> Option<f64> {
+    after
+        .iter()
+        .filter_map(|(tid, (run1, wait1))| {
+            let (run0, wait0) = before.get(tid)?;
+            Some((run1.saturating_sub(*run0), wait1.saturating_sub(*wait0)))
+        })
+        .max_by_key(|(run, _)| *run)
+        .map(|(_, wait)| wait as f64 / 1e9)
+}
+
 fn open_peer(ip: std::net::Ipv4Addr) -> Result<(UdpSocket, SocketAddrV4)> {
     let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
     s.set_nonblocking(true)?;
@@ -164,6 +200,7 @@ pub fn run(plan: Plan, command: String, interrupt: Arc<AtomicBool>, quiet: bool)
     let mut traffic_secs = 0.0;
     let mut server_cpu = None;
     let mut loadgen_cpu = 0.0;
+    let mut waits: (Option<f64>, Option<f64>) = (None, None);
     if !interrupt.load(Relaxed) && !plan.duration.is_zero() {
         let pb = bar(quiet);
         pb.set_prefix("traffic");
@@ -175,6 +212,10 @@ pub fn run(plan: Plan, command: String, interrupt: Arc<AtomicBool>, quiet: bool)
             .traffic_end_ns
             .store(start_ns + plan.duration.as_nanos() as u64, Relaxed);
         let cpu0 = plan.server_pid.and_then(proc_sample).map(|s| s.0);
+        let sched0 = (
+            thread_schedstats(None),
+            plan.server_pid.map(|p| thread_schedstats(Some(p))),
+        );
         let (u0, s0) = sys::process_cpu_seconds();
         shared.phase.store(worker::PH_TRAFFIC, Relaxed);
         let end = start + plan.duration;
@@ -205,6 +246,14 @@ pub fn run(plan: Plan, command: String, interrupt: Arc<AtomicBool>, quiet: bool)
         traffic_secs = stop.saturating_duration_since(start).as_secs_f64();
         let (u1, s1) = sys::process_cpu_seconds();
         loadgen_cpu = (u1 - u0) + (s1 - s0);
+        let sched1 = (
+            thread_schedstats(None),
+            plan.server_pid.map(|p| thread_schedstats(Some(p))),
+        );
+        waits = (
+            busiest_thread_wait(&sched0.0, &sched1.0),
+            sched0.1.zip(sched1.1).and_then(|(a, b)| busiest_thread_wait(&a, &b)),
+        );
         let cpu1 = plan.server_pid.and_then(proc_sample).map(|s| s.0);
         if let (Some(a), Some(b)) = (cpu0, cpu1) {
             server_cpu = Some(b - a);
@@ -239,6 +288,7 @@ pub fn run(plan: Plan, command: String, interrupt: Arc<AtomicBool>, quiet: bool)
         traffic_secs,
         loadgen_cpu,
         server_cpu,
+        waits,
         (rss_before, rss_after),
         c,
         &rtt,
@@ -254,6 +304,7 @@ fn build_report(
     traffic_secs: f64,
     loadgen_cpu: f64,
     server_cpu: Option<f64>,
+    waits: (Option<f64>, Option<f64>),
     rss: (Option<u64>, Option<u64>),
     c: Counters,
     rtt: &hdrhistogram::Histogram<u64>,
@@ -284,6 +335,7 @@ fn build_report(
             pid,
             cpu_seconds: cpu,
             cpu_utilization: if traffic_secs > 0.0 { cpu / secs } else { 0.0 },
+            run_queue_wait_fraction: waits.1.map(|w| w / secs).unwrap_or(0.0),
             relayed_per_cpu_second: if cpu > 0.0 { delivered as f64 / cpu } else { 0.0 },
             rss_before_kib: before,
             rss_after_setup_kib: after,
@@ -349,6 +401,7 @@ fn build_report(
             garbage: c.garbage,
             window_stalls: c.window_stalls,
             loadgen_cpu_utilization: lg_util,
+            loadgen_run_queue_wait_fraction: waits.0.map(|w| w / secs).unwrap_or(0.0),
             loadgen_saturated: !rate_kept || lg_util >= 0.95 * plan.threads as f64,
         },
         rtt_us: Rtt::from_histogram(rtt),

@@ -77,6 +77,10 @@ pub struct Traffic {
     pub window_stalls: u64,
     /// loadgen's own CPU time during traffic over wall time (1.0 = one core busy).
     pub loadgen_cpu_utilization: f64,
+    /// Time loadgen's busiest thread was runnable but waiting for a CPU during traffic, over
+    /// wall time (other processes on its core; 0 on a quiet machine).
+    #[serde(default)]
+    pub loadgen_run_queue_wait_fraction: f64,
     /// loadgen used all the CPU its threads can get, or missed the fixed rate: the numbers
     /// describe loadgen's limit, not (only) the server's.
     pub loadgen_saturated: bool,
@@ -151,6 +155,11 @@ pub struct ServerProcess {
     pub cpu_seconds: f64,
     /// `cpu_seconds` over traffic wall time (1.0 = one core).
     pub cpu_utilization: f64,
+    /// Time the server's busiest thread was runnable but waiting for a CPU during traffic,
+    /// over wall time (competition from other processes or its own threads; 0 on a quiet
+    /// machine).
+    #[serde(default)]
+    pub run_queue_wait_fraction: f64,
     /// `relayed_pps * seconds / cpu_seconds`: datagrams delivered per server CPU-second.
     pub relayed_per_cpu_second: f64,
     /// Resident memory before setup, KiB.
@@ -284,8 +293,9 @@ impl Report {
             &mut s,
             "loadgen CPU",
             format!(
-                "{:.0} %{}",
+                "{:.0} % (waited for a CPU {:.0} % of the time){}",
                 t.loadgen_cpu_utilization * 100.0,
+                t.loadgen_run_queue_wait_fraction * 100.0,
                 if t.loadgen_saturated {
                     "  (LOADGEN SATURATED: this measures loadgen)"
                 } else {
@@ -332,9 +342,10 @@ impl Report {
                 &mut s,
                 "server CPU during traffic",
                 format!(
-                    "{:.2} s ({:.0} % of a core), {}packets per CPU-second",
+                    "{:.2} s ({:.0} % of a core, waited for a CPU {:.0} % of the time), {}packets per CPU-second",
                     p.cpu_seconds,
                     p.cpu_utilization * 100.0,
+                    p.run_queue_wait_fraction * 100.0,
                     si(p.relayed_per_cpu_second)
                 ),
             );

@@ -976,13 +976,13 @@ impl Worker {
                         self.c.stray_responses += 1;
                     }
                 } else {
-                    self.on_payload(a, d, None, now_ns);
+                    self.on_payload(a, d, None, now, now_ns);
                 }
             }
             Mode::Turn => {
                 if channel_data::is_channel_data(d) {
                     match ChannelData::decode(d) {
-                        Ok(cd) => self.on_payload(a, cd.payload, Some(cd.channel), now_ns),
+                        Ok(cd) => self.on_payload(a, cd.payload, Some(cd.channel), now, now_ns),
                         Err(_) => self.c.garbage += 1,
                     }
                     return;
@@ -993,7 +993,7 @@ impl Worker {
                 };
                 match msg.class() {
                     Class::Indication if msg.method() == Method::Data => match msg.get(kind::DATA) {
-                        Some(Ok(Attribute::Data(p))) => self.on_payload(a, p, None, now_ns),
+                        Some(Ok(Attribute::Data(p))) => self.on_payload(a, p, None, now, now_ns),
                         _ => self.c.garbage += 1,
                     },
                     Class::Success | Class::Error => self.on_response(a, &msg, now),
@@ -1003,7 +1003,7 @@ impl Worker {
         }
     }
 
-    fn on_payload(&mut self, a: usize, p: &[u8], channel: Option<u16>, now_ns: u64) {
+    fn on_payload(&mut self, a: usize, p: &[u8], channel: Option<u16>, now: Instant, now_ns: u64) {
         let Some(h) = payload::read(p) else {
             self.c.garbage += 1;
             return;
@@ -1029,7 +1029,7 @@ impl Worker {
         }
         ch.rx += 1;
         self.c.client_rx += 1;
-        self.last_rx = Instant::now();
+        self.last_rx = now;
         self.rtt.saturating_record(now_ns.saturating_sub(h.sent_ns).max(1));
     }
 
