@@ -3,6 +3,10 @@
 # bounded time each; fails on the first crash. See fuzz/README.md.
 #
 # usage: scripts/fuzz.sh [SECONDS_PER_TARGET (default 60)] [TARGET...]
+#
+# FUZZ_SANITIZER=address runs under AddressSanitizer (about 5 times slower on server_input);
+# the default is none: turnpike has no unsafe code, and overflow checks and debug assertions
+# are on either way.
 set -euo pipefail
 cd "$(dirname "$0")/../fuzz"
 
@@ -19,14 +23,15 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
 fi
 
 export RUSTC_BOOTSTRAP=1
-echo "== cargo fuzz build"
-cargo fuzz build -O
+sanitizer="${FUZZ_SANITIZER:-none}"
+echo "== cargo fuzz build (sanitizer: $sanitizer)"
+cargo fuzz build -O -s "$sanitizer"
 for t in "${targets[@]}"; do
   echo "== fuzz $t for ${secs}s"
   mkdir -p "corpus-work/$t"
   # New inputs go to corpus-work/ (ignored by git); corpus/ is the committed seed corpus.
   set +e
-  cargo fuzz run -O "$t" "corpus-work/$t" "corpus/$t" -- \
+  cargo fuzz run -O -s "$sanitizer" "$t" "corpus-work/$t" "corpus/$t" -- \
     -max_total_time="$secs" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 2>&1 \
     | grep -E '^(#[0-9]+[[:space:]]+(INITED|DONE)|stat::(number_of_executed_units|average_exec_per_sec|peak_rss_mb)|==[0-9]+==|SUMMARY|thread .* panicked|Test unit written|Done [0-9]+ runs)'
   rc=${PIPESTATUS[0]}
