@@ -161,7 +161,9 @@ impl NonceIssuer {
 
     /// A fresh nonce for `client_ip` at unix time `unix_now`.
     pub fn issue(&self, unix_now: u64, client_ip: IpAddr) -> String {
-        let expiry = unix_now + self.lifetime_secs;
+        // Saturating: a `--nonce-lifetime` near u64::MAX must not overflow (a panic in
+        // debug builds, an already expired nonce in release builds).
+        let expiry = unix_now.saturating_add(self.lifetime_secs);
         let mut s = String::with_capacity(NONCE_LEN);
         s.push_str(NONCE_COOKIE);
         s.push_str(NONCE_FEATURES);
@@ -255,6 +257,20 @@ mod tests {
         );
         assert_eq!(n.check("garbage", 1_000, ip), Err(NonceError::Invalid));
         assert_eq!(n.check(&"x".repeat(NONCE_LEN), 1_000, ip), Err(NonceError::Invalid));
+    }
+
+    /// Bug: `--nonce-lifetime 18446744073709551615` overflowed `unix_now + lifetime` on the
+    /// first 401 and panicked the shard thread (debug builds); release builds wrapped to an
+    /// expired nonce, so every request got 438.
+    #[test]
+    fn regression_nonce_lifetime_overflow() {
+        let ip: IpAddr = "192.0.2.1".parse().unwrap();
+        for lifetime in [u64::MAX, u64::MAX - 1, u64::MAX / 2] {
+            let n = NonceIssuer::new([7; 32], lifetime);
+            let nonce = n.issue(1_700_000_000, ip);
+            assert_eq!(nonce.len(), NONCE_LEN);
+            assert_eq!(n.check(&nonce, 1_700_000_000, ip), Ok(()));
+        }
     }
 
     #[test]
