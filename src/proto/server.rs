@@ -847,12 +847,14 @@ impl Server {
     /// The granted lifetime for a requested one (RFC 8656 §7.2 and §8): the request capped
     /// at the maximum, and never below the default; 0 stays 0 for Refresh.
     fn granted_lifetime(&self, requested: Option<u32>) -> Duration {
+        // LIFETIME has 32 bits on the wire: longer configured lifetimes are capped there
+        // (instead of being reported truncated, or overflowing the clock).
+        let max = self.config.max_lifetime.min(Duration::from_secs(u32::MAX as u64));
+        let default = self.config.default_lifetime.min(max);
         match requested {
-            None => self.config.default_lifetime.min(self.config.max_lifetime),
+            None => default,
             Some(0) => Duration::ZERO,
-            Some(s) => Duration::from_secs(s as u64)
-                .min(self.config.max_lifetime)
-                .max(self.config.default_lifetime.min(self.config.max_lifetime)),
+            Some(s) => Duration::from_secs(s as u64).min(max).max(default),
         }
     }
 

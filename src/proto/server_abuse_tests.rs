@@ -855,6 +855,33 @@ fn regression_default_lifetime_above_max_lifetime() {
     assert_eq!(h.server.allocation(&c.ft).unwrap().expires, h.at(302));
 }
 
+/// Bug: configured lifetimes beyond 32 bits of seconds (`--default-lifetime` /
+/// `--max-lifetime` 18446744073709551615) overflowed `now + lifetime` (a panic on every
+/// Allocate without LIFETIME) and would have been reported truncated to 32 bits. They are
+/// now capped at u32::MAX seconds, the largest LIFETIME on the wire.
+#[test]
+fn regression_lifetime_config_beyond_32_bits() {
+    let mut h = Harness::with_config(ServerConfig {
+        default_lifetime: Duration::from_secs(u64::MAX),
+        max_lifetime: Duration::from_secs(u64::MAX),
+        ..ServerConfig::default()
+    });
+    let mut c = Client::alice();
+    let r = h.allocate_with(h.t0, &mut c, &[], relay(1));
+    assert_success(&r, Method::Allocate);
+    assert_eq!(lifetime_of(&r), u32::MAX);
+    assert_eq!(lifetime_of(&h.refresh(h.at(1), &mut c, None)), u32::MAX);
+    assert_eq!(lifetime_of(&h.refresh(h.at(2), &mut c, Some(5))), u32::MAX);
+    let mut h = Harness::with_config(ServerConfig {
+        default_lifetime: Duration::from_secs(600),
+        max_lifetime: Duration::from_secs(1 << 40),
+        ..ServerConfig::default()
+    });
+    let mut c = Client::alice();
+    let r = h.allocate_with(h.t0, &mut c, &[Attribute::Lifetime(u32::MAX)], relay(1));
+    assert_eq!(lifetime_of(&r), u32::MAX);
+}
+
 /// RFC 8656 §12: a channel binding outlives its permission (600 s against 300 s). Once
 /// the permission expires, ChannelData and peer data stop, yet the channel stays bound to
 /// its peer (no rebinding to another peer, nor the peer to another number); a new
