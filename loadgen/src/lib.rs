@@ -275,10 +275,12 @@ pub fn run(plan: Plan, command: String, interrupt: Arc<AtomicBool>, quiet: bool)
 
     let mut c = Counters::default();
     let mut rtt = worker::new_histogram();
+    let mut stun_rtt = worker::new_histogram();
     for h in handles {
         let out = h.join().map_err(|_| anyhow::anyhow!("worker thread panicked"))??;
         c.merge(&out.counters);
         rtt.add(&out.rtt).context("merging histograms")?;
+        stun_rtt.add(&out.stun_rtt).context("merging histograms")?;
     }
     Ok(build_report(
         &plan,
@@ -292,6 +294,7 @@ pub fn run(plan: Plan, command: String, interrupt: Arc<AtomicBool>, quiet: bool)
         (rss_before, rss_after),
         c,
         &rtt,
+        &stun_rtt,
     ))
 }
 
@@ -308,6 +311,7 @@ fn build_report(
     rss: (Option<u64>, Option<u64>),
     c: Counters,
     rtt: &hdrhistogram::Histogram<u64>,
+    stun_rtt: &hdrhistogram::Histogram<u64>,
 ) -> Report {
     let secs = traffic_secs.max(1e-9);
     let c2p = Direction::new(c.client_tx, c.peer_rx);
@@ -414,6 +418,7 @@ fn build_report(
             refresh_failed: c.refresh_failed,
             released: c.released,
             release_failed: c.release_failed,
+            transaction_us: Rtt::from_histogram(stun_rtt),
         },
         server_process,
     }

@@ -144,6 +144,9 @@ pub struct Stun {
     pub released: u64,
     /// Releases that failed or timed out.
     pub release_failed: u64,
+    /// Answered transactions, first transmission to answer (retransmissions included), µs.
+    #[serde(default)]
+    pub transaction_us: Rtt,
 }
 
 /// The server process, sampled from /proc (`--server-pid`).
@@ -329,6 +332,15 @@ impl Report {
             format!(
                 "retransmits {}  nonce retries {}  refresh ok/failed {}/{}  released {} (failed {})",
                 st.retransmits, st.nonce_retries, st.refresh_ok, st.refresh_failed, st.released, st.release_failed
+            ),
+        );
+        let tr = &st.transaction_us;
+        row(
+            &mut s,
+            "STUN transaction time µs",
+            format!(
+                "p50 {:.1}  p99 {:.1}  max {:.1}  ({} answered)",
+                tr.p50, tr.p99, tr.max, tr.count
             ),
         );
         if self.errors.is_empty() {

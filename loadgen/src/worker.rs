@@ -153,6 +153,8 @@ pub struct Outcome {
     pub counters: Counters,
     /// Round-trip times in ns.
     pub rtt: Histogram<u64>,
+    /// STUN transaction times (first transmission to answer) in ns.
+    pub stun_rtt: Histogram<u64>,
 }
 
 /// A new RTT histogram: 1 ns to 60 s, 3 significant digits.
@@ -183,6 +185,7 @@ enum Step {
 
 struct Txn {
     tid: [u8; 12],
+    first_sent: Instant,
     serial: u32,
     tries: u8,
     authed: bool,
@@ -232,6 +235,7 @@ pub struct Worker {
     serial: u32,
     c: Counters,
     rtt: Histogram<u64>,
+    stun_rtt: Histogram<u64>,
     // setup bookkeeping
     started: usize,
     settled: usize,
@@ -312,6 +316,7 @@ impl Worker {
             serial: 0,
             c: Counters::default(),
             rtt: new_histogram(),
+            stun_rtt: new_histogram(),
             started: 0,
             settled: 0,
             outstanding: 0,
@@ -388,6 +393,7 @@ impl Worker {
         Ok(Outcome {
             counters: self.c,
             rtt: self.rtt,
+            stun_rtt: self.stun_rtt,
         })
     }
 
@@ -506,6 +512,7 @@ impl Worker {
         al.step = step;
         al.txn = Some(Txn {
             tid,
+            first_sent: now,
             serial,
             tries: 1,
             authed,
@@ -693,7 +700,11 @@ impl Worker {
     fn on_response(&mut self, a: usize, msg: &Message<'_>, now: Instant) {
         let tid = msg.transaction_id().0;
         let authed = match &self.allocs[a].txn {
-            Some(t) if t.tid == tid => t.authed,
+            Some(t) if t.tid == tid => {
+                let ns = now.saturating_duration_since(t.first_sent).as_nanos() as u64;
+                self.stun_rtt.saturating_record(ns.max(1));
+                t.authed
+            }
             _ => {
                 self.c.stray_responses += 1;
                 return;
@@ -970,7 +981,10 @@ impl Worker {
                         _ => None,
                     };
                     if self.allocs[a].txn.is_some() && expect == Some(id) {
-                        self.allocs[a].txn = None;
+                        if let Some(t) = self.allocs[a].txn.take() {
+                            let ns = now.saturating_duration_since(t.first_sent).as_nanos() as u64;
+                            self.stun_rtt.saturating_record(ns.max(1));
+                        }
                         self.step_succeeded(a, &dummy_message(), now);
                     } else {
                         self.c.stray_responses += 1;
