@@ -80,23 +80,26 @@ fn start(bin: &std::path::Path, args: &[&str]) -> Proc {
 }
 
 fn turnpike() -> Proc {
-    start(
-        &turnpike_bin(),
-        &[
-            "--listen",
-            "127.0.0.1:0",
-            "--relay-ip",
-            "127.0.0.1",
-            "--allowed-peer-ip",
-            "127.0.0.0/8",
-            "--user",
-            "alice:secret",
-            "--static-auth-secret",
-            "s3cret",
-            "--log-level",
-            "info",
-        ],
-    )
+    turnpike_with(&[])
+}
+
+fn turnpike_with(extra: &[&str]) -> Proc {
+    let mut args = vec![
+        "--listen",
+        "127.0.0.1:0",
+        "--relay-ip",
+        "127.0.0.1",
+        "--allowed-peer-ip",
+        "127.0.0.0/8",
+        "--user",
+        "alice:secret",
+        "--static-auth-secret",
+        "s3cret",
+        "--log-level",
+        "info",
+    ];
+    args.extend_from_slice(extra);
+    start(&turnpike_bin(), &args)
 }
 
 /// Runs loadgen with `args` plus `--json --quiet`; returns the parsed report.
@@ -206,6 +209,34 @@ fn rest_credentials_send_indications_and_refreshes() {
     assert!(r.stun.refresh_ok >= 10, "refreshes ran: {:?}", r.stun);
     assert_eq!(r.stun.refresh_failed, 0);
     assert_eq!(r.stun.released, 10);
+}
+
+/// The loss accounting is not blind: a relay that drops (here turnpike's per-allocation
+/// bandwidth cap: 80 kbit/s after a 64 KiB burst, against 1.6 Mbit/s offered per channel)
+/// shows up as lost packets.
+#[test]
+fn drops_in_the_relay_are_counted_as_loss() {
+    let server = turnpike_with(&["--max-bitrate", "80000"]);
+    let addr = server.addr.to_string();
+    let r = loadgen(&s(&[
+        "--server",
+        &addr,
+        "--channels",
+        "2",
+        "--rate",
+        "400",
+        "--size",
+        "1000",
+        "--duration",
+        "2",
+        "--drain-ms",
+        "1000",
+    ]));
+    assert_eq!(r.setup.allocations_ok, 2);
+    let t = &r.traffic;
+    assert!(t.client_to_peer.lost > 0, "the cap must drop packets: {t:?}");
+    assert!(t.loss_ratio > 0.1, "{t:?}");
+    assert_eq!(r.rtt_us.count, t.peer_to_client.received);
 }
 
 #[test]
