@@ -20,6 +20,7 @@ use crate::proto::server::{NatDiscovery, ServerConfig};
 #[command(
     name = "turnpike",
     version,
+    args_override_self = true,
     about = "A high-throughput TURN relay (RFC 8656) and STUN server (RFC 8489)"
 )]
 #[serde(default, deny_unknown_fields, rename_all = "kebab-case")]

@@ -81,6 +81,8 @@ fn main() -> Result<()> {
         to_client = s.to_client,
         responses = s.responses,
         send_errors = s.io.send_errors,
+        last_send_errno = s.io.last_send_errno,
+        sync_sends = s.io.sync_sends,
         truncated = s.io.truncated,
         handovers = s.handovers,
         control_overflow = s.control_overflow,

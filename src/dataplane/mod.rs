@@ -313,6 +313,8 @@ fn add(total: &mut ShardStats, s: &ShardStats) {
     total.io.rx += s.io.rx;
     total.io.tx += s.io.tx;
     total.io.send_errors += s.io.send_errors;
+    total.io.last_send_errno = total.io.last_send_errno.max(s.io.last_send_errno);
+    total.io.sync_sends += s.io.sync_sends;
     total.io.truncated += s.io.truncated;
     total.io.batches += s.io.batches;
 }

@@ -127,13 +127,13 @@ impl MmsgIo {
         self.epoll_add(fd, id as u64)
     }
 
-    /// Stops watching `fd`.
-    pub fn deregister(&mut self, fd: RawFd) {
+    /// Stops watching socket `id` (descriptor `fd`).
+    pub fn deregister(&mut self, id: SocketId, fd: RawFd) {
         // SAFETY: EPOLL_CTL_DEL ignores the event pointer on current kernels; a valid one is
         // passed anyway for old ones.
         let mut ev = libc::epoll_event { events: 0, u64: 0 };
         unsafe { libc::epoll_ctl(self.epfd, libc::EPOLL_CTL_DEL, fd, &mut ev) };
-        if let Some(slot) = self.fds.iter_mut().find(|f| **f == fd) {
+        if let Some(slot) = self.fds.get_mut(id as usize) {
             *slot = -1;
         }
     }
@@ -318,6 +318,7 @@ impl MmsgIo {
                 if r <= 0 {
                     // The first remaining datagram failed (buffer full, unreachable): drop it.
                     self.stats.send_errors += 1;
+                    self.stats.last_send_errno = io::Error::last_os_error().raw_os_error().unwrap_or(0);
                     done += 1;
                 } else {
                     self.stats.tx += r as u64;

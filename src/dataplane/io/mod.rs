@@ -72,6 +72,10 @@ pub struct IoStats {
     pub tx: u64,
     /// Sends the kernel refused (buffer full, unreachable, ...).
     pub send_errors: u64,
+    /// The errno of the last refused send (0 if none), to tell the causes apart.
+    pub last_send_errno: i32,
+    /// Sends made with a plain sendto(2) because every io_uring send slot was in flight.
+    pub sync_sends: u64,
     /// Datagrams longer than [`MAX_PAYLOAD`], dropped.
     pub truncated: u64,
     /// Receive or send batches submitted.
@@ -144,7 +148,7 @@ impl Io {
     pub fn deregister(&mut self, id: SocketId, fd: RawFd) {
         match self {
             Io::Uring(u) => u.deregister(id),
-            Io::Mmsg(m) => m.deregister(fd),
+            Io::Mmsg(m) => m.deregister(id, fd),
         }
     }
 

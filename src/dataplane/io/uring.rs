@@ -394,7 +394,7 @@ impl UringIo {
 
     fn queue_reply(&mut self, socket: SocketId, to: std::net::SocketAddr, data: &[u8]) {
         let Some(&slot) = self.free_slots.last() else {
-            self.stats.send_errors += 1;
+            self.send_sync(socket, to, data);
             return;
         };
         let n = data.len().min(REPLY_SLOT);
@@ -404,7 +404,28 @@ impl UringIo {
         self.queue_send(socket, to, ptr, n, None);
     }
 
-    /// Queues a SendMsg of `len` bytes at `ptr`; `false` when no slot is free.
+    /// Sends at once with sendto(2): the fallback when every send slot is in flight (a
+    /// burst of more than [`SEND_SLOTS`] datagrams before their completions come back).
+    fn send_sync(&mut self, socket: SocketId, to: std::net::SocketAddr, data: &[u8]) {
+        let fd = match self.sockets.get(socket as usize) {
+            Some(SockState::Armed(fd)) | Some(SockState::NeedsArm(fd)) => *fd,
+            _ => {
+                self.stats.send_errors += 1;
+                return;
+            }
+        };
+        self.stats.sync_sends += 1;
+        match sys::send_to(fd, data, to) {
+            Ok(_) => self.stats.tx += 1,
+            Err(e) => {
+                self.stats.send_errors += 1;
+                self.stats.last_send_errno = e.raw_os_error().unwrap_or(0);
+            }
+        }
+    }
+
+    /// Queues a SendMsg of `len` bytes at `ptr`, or sends at once when no slot is free;
+    /// `false` when the buffer is no longer needed (sent at once, or the send failed).
     fn queue_send(
         &mut self,
         socket: SocketId,
@@ -421,7 +442,10 @@ impl UringIo {
             }
         };
         let Some(slot) = self.free_slots.pop() else {
-            self.stats.send_errors += 1;
+            // SAFETY: `ptr..ptr+len` lies in `bufs` or `replies` (the callers' contract) and
+            // is not written during this call.
+            let data = unsafe { std::slice::from_raw_parts(ptr, len) };
+            self.send_sync(socket, to, data);
             return false;
         };
         let s = &mut self.slots[slot as usize];
@@ -445,6 +469,7 @@ impl UringIo {
     fn on_send(&mut self, slot: u16, res: i32) {
         if res < 0 {
             self.stats.send_errors += 1;
+            self.stats.last_send_errno = -res;
         } else {
             self.stats.tx += 1;
         }
