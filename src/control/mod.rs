@@ -87,15 +87,29 @@ pub struct ShardHandle {
 impl ShardHandle {
     /// Queues `msg` and wakes the shard; `false` when the queue is full (counted by the caller).
     pub fn send(&self, msg: ShardMessage) -> bool {
+        let queued = self.queue(msg);
+        if queued {
+            self.wake();
+        }
+        queued
+    }
+
+    /// Queues `msg` without waking the shard (call [`ShardHandle::wake`] after a batch).
+    pub fn queue(&self, msg: ShardMessage) -> bool {
         match self.tx.try_send(msg) {
-            Ok(()) => {
-                sys::wake(self.waker);
-                true
-            }
+            Ok(()) => true,
             Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => false,
         }
     }
+
+    /// Wakes the shard.
+    pub fn wake(&self) {
+        sys::wake(self.waker);
+    }
 }
+
+/// Requests handled before the shards that got answers are woken (one wake-up each).
+const BATCH: usize = 256;
 
 /// Settings of the control thread.
 #[derive(Debug, Clone)]
@@ -191,9 +205,26 @@ impl Control {
 
     /// Serves requests until `shutdown` is set and the queue is drained.
     pub fn run(mut self, rx: Receiver<ControlRequest>, shutdown: &AtomicBool) -> ControlReport {
+        let mut woken = vec![false; self.shards.len()];
         loop {
             match rx.recv_timeout(Duration::from_millis(100)) {
-                Ok(req) => self.handle(req, Instant::now()),
+                Ok(req) => {
+                    // Take what else is queued, then wake each answered shard once: a burst
+                    // of Allocates costs one wake-up per batch, not one per answer.
+                    let now = Instant::now();
+                    self.handle_batched(req, now, &mut woken);
+                    for _ in 1..BATCH {
+                        match rx.try_recv() {
+                            Ok(req) => self.handle_batched(req, now, &mut woken),
+                            Err(_) => break,
+                        }
+                    }
+                    for (i, w) in woken.iter_mut().enumerate() {
+                        if std::mem::take(w) {
+                            self.shards[i].wake();
+                        }
+                    }
+                }
                 Err(RecvTimeoutError::Timeout) => {
                     if shutdown.load(Ordering::Relaxed) && rx.is_empty() {
                         break;
@@ -218,8 +249,19 @@ impl Control {
         }
     }
 
-    /// Handles one request.
+    /// Handles one request and wakes the shard it answers.
     pub fn handle(&mut self, req: ControlRequest, now: Instant) {
+        let mut woken = vec![false; self.shards.len()];
+        self.handle_batched(req, now, &mut woken);
+        for (i, w) in woken.iter().enumerate() {
+            if *w {
+                self.shards[i].wake();
+            }
+        }
+    }
+
+    /// Handles one request; marks in `woken` the shard that must be woken for its answer.
+    fn handle_batched(&mut self, req: ControlRequest, now: Instant, woken: &mut [bool]) {
         match req {
             ControlRequest::Allocate { shard, mut request } => {
                 let result = self.allocate(shard, &mut request, now);
@@ -227,7 +269,10 @@ impl Control {
                 let delivered = self
                     .shards
                     .get(shard)
-                    .is_some_and(|h| h.send(ShardMessage::Allocated { request, result }));
+                    .is_some_and(|h| h.queue(ShardMessage::Allocated { request, result }));
+                if let Some(w) = woken.get_mut(shard) {
+                    *w |= delivered;
+                }
                 if !delivered {
                     // The shard's inbox is full: the client retransmits and gets a fresh
                     // attempt. Give back what was taken for this one (the socket is closed).
