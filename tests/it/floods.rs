@@ -227,7 +227,7 @@ struct FloodStats {
 
 /// Sends `total` unauthenticated Allocates from `sockets` source ports, `burst` at a time per
 /// socket (at most `burst` outstanding), and checks that every answer is a 401 to one of
-/// them. Stops early at `deadline`.
+/// them.
 fn unauthenticated_allocates(server: SocketAddr, total: usize, sockets: usize, burst: usize, seed: u64) -> FloodStats {
     let socks: Vec<UdpSocket> = (0..sockets)
         .map(|_| {
