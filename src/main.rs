@@ -12,6 +12,7 @@ use tracing_subscriber::EnvFilter;
 use turnpike::config::{Command, Config, Settings};
 use turnpike::dataplane::Runtime;
 
+#[cfg(not(feature = "system-allocator"))]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
