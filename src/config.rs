@@ -369,6 +369,15 @@ impl Config {
         if relay_ips.iter().any(|ip| ip.is_unspecified()) {
             bail!("--relay-ip must be a concrete address clients can reach, not 0.0.0.0 or ::");
         }
+        for (flag, value) in [
+            ("default-lifetime", s.default_lifetime),
+            ("max-lifetime", s.max_lifetime),
+            ("nonce-lifetime", s.nonce_lifetime),
+        ] {
+            if value == Some(0) {
+                bail!("--{flag} must be at least 1 second (0 would expire every allocation or nonce at once)");
+            }
+        }
         let ports = (s.min_port.unwrap_or(49152), s.max_port.unwrap_or(65535));
         if ports.0 == 0 || ports.0 > ports.1 {
             bail!("relay port range {}-{} is empty or starts at 0", ports.0, ports.1);
@@ -481,6 +490,8 @@ mod tests {
         assert!(err(&["--denied-peer-ip", "nonsense"]).contains("denied-peer-ip"));
         assert!(err(&["--user", "nopassword"]).contains("NAME:PASSWORD"));
         assert!(err(&["--min-port", "6000", "--max-port", "5000"]).contains("port range"));
+        assert!(err(&["--default-lifetime", "0"]).contains("default-lifetime"));
+        assert!(err(&["--nonce-lifetime", "0"]).contains("nonce-lifetime"));
         assert!(Settings::from_toml("no-such-key = 1").is_err());
     }
 }

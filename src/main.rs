@@ -12,7 +12,7 @@ use tracing_subscriber::EnvFilter;
 use turnpike::config::{Command, Config, Settings};
 use turnpike::dataplane::Runtime;
 
-#[cfg(not(feature = "system-allocator"))]
+#[cfg(feature = "mimalloc")]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
