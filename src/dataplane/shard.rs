@@ -263,21 +263,35 @@ impl Shard {
             }
             ShardMessage::Handover { five_tuple, data } => {
                 self.core.stats.handovers += 1;
-                let Some(listener) = self.core.listener_id(five_tuple.server) else {
-                    return;
-                };
-                let mut buf = vec![0u8; HEADROOM + data.len()];
-                buf[HEADROOM..].copy_from_slice(&data);
-                let d = Datagram {
-                    socket: listener,
-                    from: five_tuple.client,
-                    len: data.len(),
-                    buf: &mut buf,
-                };
-                let verdict = self.core.handle(d, &mut self.scratch);
-                self.send_verdict(verdict, &buf);
+                self.handle_copied(five_tuple, &data);
             }
         }
+    }
+
+    /// Handles a datagram that did not come through this shard's backend (a handover from
+    /// another shard) as if it had arrived on the listener of `five_tuple.server`.
+    fn handle_copied(&mut self, five_tuple: FiveTuple, data: &[u8]) {
+        let Some(listener) = self.core.listener_id(five_tuple.server) else {
+            return;
+        };
+        let mut buf = vec![0u8; HEADROOM + data.len()];
+        buf[HEADROOM..].copy_from_slice(data);
+        let d = Datagram {
+            socket: listener,
+            from: five_tuple.client,
+            len: data.len(),
+            buf: &mut buf,
+        };
+        let verdict = self.core.handle(d, &mut self.scratch);
+        self.send_verdict(verdict, &buf);
+    }
+
+    /// Runs `data` from `five_tuple.client` through this shard as if the kernel had
+    /// delivered it to this shard's listener for `five_tuple.server` (for tests of the
+    /// hand-over of datagrams that reach a shard not owning their allocation).
+    #[doc(hidden)]
+    pub fn inject(&mut self, five_tuple: FiveTuple, data: &[u8]) {
+        self.handle_copied(five_tuple, data);
     }
 
     fn send_verdict(&mut self, verdict: Verdict, buf: &[u8]) {
