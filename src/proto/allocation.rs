@@ -77,6 +77,10 @@ pub struct Allocation {
     pub(crate) to_peer_budget: Option<TokenBucket>,
     /// Bandwidth budget peer → client, when a cap is configured.
     pub(crate) to_client_budget: Option<TokenBucket>,
+    /// The RESERVATION-TOKEN of the first success response, repeated on a retransmission.
+    pub(crate) reservation_token: Option<[u8; 8]>,
+    /// The family refused with ADDRESS-ERROR-CODE in the first success response.
+    pub(crate) refused_family: Option<super::stun::AddressFamily>,
 }
 
 impl Allocation {

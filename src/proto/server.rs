@@ -374,6 +374,19 @@ struct Grant {
     token: Option<[u8; 8]>,
 }
 
+impl Grant {
+    /// The answer to a retransmission of the Allocate that created `alloc`: the same
+    /// attributes as the first answer, with the lifetime that remains (RFC 8656 §7.2).
+    fn repeated(alloc: &Allocation, now: Instant) -> Grant {
+        Grant {
+            relayed: alloc.relayed,
+            lifetime: alloc.expires.saturating_duration_since(now),
+            refused_family: alloc.refused_family,
+            token: alloc.reservation_token,
+        }
+    }
+}
+
 /// How to answer one request: the request's identity plus the integrity to apply.
 struct Reply<'r> {
     method: Method,
@@ -870,13 +883,7 @@ impl Server {
         if let Some(alloc) = self.allocations.get(&ft) {
             if alloc.allocate_tid == reply.tid && alloc.username == auth.username {
                 // A retransmission of the Allocate that created it: same answer (RFC 8656 §7.2).
-                let (relayed, remaining) = (alloc.relayed, alloc.expires.saturating_duration_since(now));
-                let grant = Grant {
-                    relayed,
-                    lifetime: remaining,
-                    refused_family: None,
-                    token: None,
-                };
+                let grant = Grant::repeated(alloc, now);
                 self.allocate_success(out, reply, ft, grant);
             } else {
                 self.error(out, reply, ErrorCode::ALLOCATION_MISMATCH);
@@ -1021,13 +1028,7 @@ impl Server {
         };
         if let Some(existing) = self.allocations.get(&ft) {
             if existing.allocate_tid == request.tid {
-                let (r, remaining) = (existing.relayed, existing.expires.saturating_duration_since(now));
-                let grant = Grant {
-                    relayed: r,
-                    lifetime: remaining,
-                    refused_family: request.additional_family_refused,
-                    token: None,
-                };
+                let grant = Grant::repeated(existing, now);
                 self.allocate_success(out, &reply, ft, grant);
             } else {
                 self.error(out, &reply, ErrorCode::ALLOCATION_MISMATCH);
@@ -1063,6 +1064,8 @@ impl Server {
                 timer: expires,
                 to_peer_budget: None,
                 to_client_budget: None,
+                reservation_token: request.granted_token,
+                refused_family: request.additional_family_refused,
             },
         );
         self.push_timer(expires, ft);

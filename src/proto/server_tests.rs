@@ -2588,3 +2588,43 @@ mod abuse;
 
 #[path = "server_limits_tests.rs"]
 mod limits;
+
+// ---------------------------------------------------------------------------------------
+// A retransmitted Allocate gets the first answer again (RFC 8656 §7.2)
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn retransmitted_allocate_repeats_reservation_token_and_address_error() {
+    let mut h = Harness::new();
+    let now = h.t0;
+    let mut c = Client::alice();
+    let tid = fresh_tid();
+    let attrs = [
+        Attribute::RequestedTransport(17),
+        Attribute::EvenPort(true),
+        Attribute::AdditionalAddressFamily(AddressFamily::V6),
+    ];
+    let mut req = h.request(now, &mut c, Method::Allocate, tid, &attrs).allocate();
+    req.grant_reservation([7; 8]);
+    let (first, _) = h.complete(now, &c, req, Ok(relay(3)));
+    assert_success(&first, Method::Allocate);
+    // The same request again (a retransmission: same transaction ID) 10 s later.
+    let later = h.at(10);
+    let again = h
+        .send(later, c.ft, &c.authenticated(Method::Allocate, tid, &attrs))
+        .response();
+    assert_success(&again, Method::Allocate);
+    c.verify(&again);
+    let m = decode(&again);
+    assert_eq!(get(&m, kind::RESERVATION_TOKEN), Attribute::ReservationToken([7; 8]));
+    assert!(matches!(
+        get(&m, kind::ADDRESS_ERROR_CODE),
+        Attribute::AddressErrorCode {
+            family: AddressFamily::V6,
+            code: crate::proto::stun::ErrorCode(440),
+            ..
+        }
+    ));
+    assert_eq!(relayed_of(&again), relay(3));
+    assert_eq!(lifetime_of(&again), 590, "the lifetime that remains");
+}
