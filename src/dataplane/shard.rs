@@ -126,17 +126,16 @@ pub struct ShardParts {
     pub routes: Routes,
 }
 
-/// Whether a client datagram needs an existing allocation (and so its owning shard):
-/// ChannelData and every STUN message but Binding and Allocate requests.
-fn needs_owner(data: &[u8]) -> bool {
-    if channel_data::is_channel_data(data) {
-        return true;
-    }
-    if data.len() < 2 {
+/// Whether a client datagram is a STUN request that needs an existing allocation (and so
+/// its owning shard): every request but Binding and Allocate. ChannelData and Send
+/// indications are checked only after the server found no allocation for them, so the
+/// forwarding path pays no extra lookup.
+fn request_needs_owner(data: &[u8]) -> bool {
+    if data.len() < 2 || channel_data::is_channel_data(data) {
         return false;
     }
     match MessageType::from_u16(u16::from_be_bytes([data[0], data[1]])) {
-        Some(t) => !(t.class == Class::Request && matches!(t.method, Method::Binding | Method::Allocate)),
+        Some(t) => t.class == Class::Request && !matches!(t.method, Method::Binding | Method::Allocate),
         None => false,
     }
 }
@@ -384,11 +383,8 @@ impl Core {
         self.stats.client_rx += 1;
         let ft = FiveTuple::udp(d.from, server);
         let data = &d.buf[HEADROOM..HEADROOM + d.len];
-        if self.peers.len() > 1
-            && needs_owner(data)
-            && self.server.allocation(&ft).is_none()
-            && self.hand_over(ft, data)
-        {
+        let sharded = self.peers.len() > 1;
+        if sharded && request_needs_owner(data) && self.server.allocation(&ft).is_none() && self.hand_over(ft, data) {
             return Verdict::Drop;
         }
         let base = d.buf.as_ptr() as usize;
@@ -440,6 +436,8 @@ impl Core {
                 }
                 Verdict::Drop
             }
+            // ChannelData or a Send indication for an allocation another shard may own.
+            ClientAction::Drop(DropReason::NoAllocation) if sharded && self.hand_over(ft, data) => Verdict::Drop,
             ClientAction::Drop(reason) => {
                 self.count_drop(reason);
                 Verdict::Drop

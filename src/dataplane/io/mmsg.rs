@@ -100,6 +100,8 @@ impl MmsgIo {
             send_hdrs: (0..BATCH).map(|_| zeroed_hdr()).collect(),
             stats: IoStats::default(),
         };
+        sys::prefault(&mut io.bufs);
+        sys::prefault(&mut io.reply_bufs);
         io.epoll_add(waker, WAKER)?;
         Ok(io)
     }

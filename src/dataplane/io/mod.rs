@@ -367,6 +367,16 @@ pub mod sys {
         unsafe { libc::read(fd, (&mut v as *mut u64).cast(), 8) };
     }
 
+    /// Writes one byte per page of `buf` so the kernel backs it now: a backend's fixed
+    /// buffers are then part of the resident memory from the start instead of growing it
+    /// during the first burst that reaches them.
+    pub fn prefault(buf: &mut [u8]) {
+        for i in (0..buf.len()).step_by(4096) {
+            // SAFETY: `i` is in bounds; volatile so the write is not elided for zeroed memory.
+            unsafe { std::ptr::write_volatile(buf.as_mut_ptr().add(i), 0) };
+        }
+    }
+
     /// close(2).
     pub fn close(fd: RawFd) {
         // SAFETY: the caller owns `fd`.

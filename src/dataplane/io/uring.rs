@@ -165,6 +165,8 @@ impl UringIo {
             cqes: Vec::with_capacity(CQE_BATCH),
             stats: IoStats::default(),
         };
+        sys::prefault(&mut io.bufs);
+        sys::prefault(&mut io.replies);
         for bid in 0..BUFFERS {
             io.give_back(bid);
         }
