@@ -11,4 +11,6 @@ pub mod dataplane;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod probe;
-pub mod proto;
+/// The sans-IO protocol core, its own crate (`turnpike-proto`) so that the build enforces the
+/// rule: no socket, clock, thread or io_uring dependency, and `#![forbid(unsafe_code)]`.
+pub use turnpike_proto as proto;

@@ -18,8 +18,8 @@
 //!
 //! ```
 //! use std::time::Instant;
-//! use turnpike::proto::{allocation::FiveTuple, auth::Credentials, peer_policy::PeerPolicy};
-//! use turnpike::proto::server::{ClientAction, Server, ServerConfig};
+//! use turnpike_proto::{allocation::FiveTuple, auth::Credentials, peer_policy::PeerPolicy};
+//! use turnpike_proto::server::{ClientAction, Server, ServerConfig};
 //!
 //! let now = Instant::now();
 //! let config = ServerConfig::default();

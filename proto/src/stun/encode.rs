@@ -12,7 +12,7 @@ use super::{MessageType, TransactionId, HEADER_LEN, MAGIC_COOKIE};
 /// the order MESSAGE-INTEGRITY, MESSAGE-INTEGRITY-SHA256, FINGERPRINT (RFC 8489 §14.5-14.7).
 ///
 /// ```
-/// use turnpike::proto::stun::{Attribute, Class, MessageBuilder, MessageType, Method, TransactionId};
+/// use turnpike_proto::stun::{Attribute, Class, MessageBuilder, MessageType, Method, TransactionId};
 /// let mut buf = Vec::new();
 /// let mut b = MessageBuilder::new(&mut buf, MessageType::new(Method::Binding, Class::Request), TransactionId([7; 12]));
 /// b.attribute(&Attribute::Software("example"));

@@ -15,7 +15,7 @@ use std::time::Duration;
 use proptest::prelude::*;
 
 use super::*;
-use crate::proto::peer_policy::Cidr;
+use crate::peer_policy::Cidr;
 
 // ---------------------------------------------------------------------------------------
 // The peer-address matrix
@@ -668,7 +668,7 @@ fn binding_success_is_exactly_request_plus_xor_mapped_address() {
 #[test]
 fn unauthenticated_allocates_from_many_sources_keep_no_state() {
     let mut h = Harness::new();
-    let foreign = crate::proto::auth::NonceIssuer::new([9; 32], 600);
+    let foreign = crate::auth::NonceIssuer::new([9; 32], 600);
     let mut sizes = std::collections::BTreeSet::new();
     for i in 0..5_000u32 {
         let ip = Ipv4Addr::from_bits(0x0b00_0000 + i * 7919);

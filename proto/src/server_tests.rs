@@ -12,13 +12,13 @@ use std::time::{Duration, Instant};
 use proptest::prelude::*;
 
 use super::{AllocateRequest, ClientAction, DropReason, Event, PeerAction, RelayError, Server, ServerConfig};
-use crate::proto::allocation::FiveTuple;
-use crate::proto::auth::{self, Credentials, NONCE_COOKIE};
-use crate::proto::channel_data::ChannelData;
-use crate::proto::peer_policy::PeerPolicy;
-use crate::proto::stun::attribute::{kind, password_algorithms};
-use crate::proto::stun::integrity::{self, IntegrityError, LongTermKey};
-use crate::proto::stun::{
+use crate::allocation::FiveTuple;
+use crate::auth::{self, Credentials, NONCE_COOKIE};
+use crate::channel_data::ChannelData;
+use crate::peer_policy::PeerPolicy;
+use crate::stun::attribute::{kind, password_algorithms};
+use crate::stun::integrity::{self, IntegrityError, LongTermKey};
+use crate::stun::{
     AddressFamily, Attribute, Class, Message, MessageBuilder, MessageType, Method, PasswordAlgorithm, TransactionId,
 };
 
@@ -2494,7 +2494,7 @@ fn stunify(data: &mut Vec<u8>) {
         data.truncate(20 + ((data.len() - 20) & !3));
         let len = (data.len() - 20) as u16;
         data[2..4].copy_from_slice(&len.to_be_bytes());
-        data[4..8].copy_from_slice(&crate::proto::stun::MAGIC_COOKIE.to_be_bytes());
+        data[4..8].copy_from_slice(&crate::stun::MAGIC_COOKIE.to_be_bytes());
     }
 }
 
@@ -2621,7 +2621,7 @@ fn retransmitted_allocate_repeats_reservation_token_and_address_error() {
         get(&m, kind::ADDRESS_ERROR_CODE),
         Attribute::AddressErrorCode {
             family: AddressFamily::V6,
-            code: crate::proto::stun::ErrorCode(440),
+            code: crate::stun::ErrorCode(440),
             ..
         }
     ));

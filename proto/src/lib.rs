@@ -1,5 +1,7 @@
 //! Sans-IO protocol logic: bytes and an `Instant` in, bytes, routing decisions and timers
-//! out. Nothing here touches a socket, a clock or a thread.
+//! out. Nothing here touches a socket, a clock or a thread: this crate's dependencies are
+//! hashing and encoding only, and it forbids `unsafe`.
+#![forbid(unsafe_code)]
 pub mod allocation;
 pub mod auth;
 pub mod channel_data;
