@@ -10,7 +10,7 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 use serde::Deserialize;
 
-use crate::proto::auth::Credentials;
+use crate::proto::auth::{Credentials, RestPolicy, RestUsernameOrder, DEFAULT_REST_MAX_AHEAD_SECS};
 use crate::proto::peer_policy::{Cidr, PeerPolicy};
 use crate::proto::server::{NatDiscovery, ServerConfig};
 
@@ -91,13 +91,24 @@ pub struct Settings {
     #[arg(long)]
     pub strict_channel_numbers: bool,
 
-    /// Allocations one user may hold at once, 0 for no limit (486 beyond) [default: 0].
+    /// Allocations one user may hold at once, 0 for no limit (486 beyond); an EVEN-PORT
+    /// reservation counts as one until redeemed [default: 10].
     #[arg(long)]
     pub user_quota: Option<usize>,
 
     /// Allocations the server holds at once, 0 for no limit (508 beyond) [default: 0].
     #[arg(long)]
     pub total_quota: Option<usize>,
+
+    /// Where TURN REST API usernames carry their expiry: `expiry-first` (`EXPIRY:NAME`, as
+    /// coturn's use-auth-secret) or `expiry-last` (`NAME:EXPIRY`) [default: expiry-first].
+    #[arg(long)]
+    pub rest_username_order: Option<String>,
+
+    /// Longest time a TURN REST API expiry may lie ahead of now, seconds; later ones are
+    /// refused (401) [default: 604800, 7 days].
+    #[arg(long)]
+    pub rest_max_ahead: Option<u64>,
 
     /// Permissions per allocation (508 beyond) [default: 256].
     #[arg(long)]
@@ -219,7 +230,8 @@ impl Settings {
         };
         base.config = cli.config.clone();
         overlay!(base, cli;
-            opt: alt_listen, realm, min_port, max_port, log_level, user_quota, total_quota, max_permissions, max_channels,
+            opt: alt_listen, realm, min_port, max_port, log_level, user_quota, total_quota, rest_username_order,
+                 rest_max_ahead, max_permissions, max_channels,
                  default_lifetime, max_lifetime, nonce_lifetime, software, socket_buffer,
                  relay_socket_buffer, shards, io_backend, ring_entries, challenge_rate, request_rate,
                  rate_limit_v4_prefix, rate_limit_v6_prefix, max_bitrate;
@@ -237,6 +249,10 @@ impl Settings {
     }
 }
 
+/// Default `--user-quota`: allocations one user may hold at once (eturnal's default; a
+/// browser call needs one or two).
+pub const DEFAULT_USER_QUOTA: usize = 10;
+
 /// The resolved configuration the server runs with.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -250,6 +266,10 @@ pub struct Config {
     pub log_level: String,
     /// Protocol settings.
     pub server: ServerConfig,
+    /// Allocations per user, 0 for no limit (enforced by the control thread's relay allocator).
+    pub user_quota: usize,
+    /// Allocations in total, 0 for no limit.
+    pub total_quota: usize,
     /// Users and secrets.
     pub credentials: Credentials,
     /// Number of static users.
@@ -405,8 +425,6 @@ impl Config {
                 .map(Duration::from_secs)
                 .unwrap_or(defaults.nonce_lifetime),
             strict_channel_numbers: s.strict_channel_numbers,
-            user_quota: s.user_quota.unwrap_or(defaults.user_quota),
-            total_quota: s.total_quota.unwrap_or(defaults.total_quota),
             max_permissions_per_allocation: s.max_permissions.unwrap_or(defaults.max_permissions_per_allocation),
             max_channels_per_allocation: s.max_channels.unwrap_or(defaults.max_channels_per_allocation),
             software: s.software,
@@ -431,13 +449,24 @@ impl Config {
         };
         let user_count = users.len();
         let secret_count = s.static_auth_secret.len();
-        let credentials = Credentials::new(users, s.static_auth_secret, &realm);
+        let order = match s.rest_username_order.as_deref().unwrap_or("expiry-first") {
+            "expiry-first" => RestUsernameOrder::ExpiryFirst,
+            "expiry-last" => RestUsernameOrder::ExpiryLast,
+            other => bail!("--rest-username-order {other:?}: expected expiry-first or expiry-last"),
+        };
+        let rest = RestPolicy {
+            order,
+            max_ahead_secs: s.rest_max_ahead.unwrap_or(DEFAULT_REST_MAX_AHEAD_SECS),
+        };
+        let credentials = Credentials::new(users, s.static_auth_secret, &realm).with_rest_policy(rest);
         Ok(Config {
             listen,
             relay_ips,
             ports,
             log_level: s.log_level.unwrap_or_else(|| "info".into()),
             server,
+            user_quota: s.user_quota.unwrap_or(DEFAULT_USER_QUOTA),
+            total_quota: s.total_quota.unwrap_or(0),
             credentials,
             user_count,
             secret_count,

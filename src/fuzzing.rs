@@ -257,8 +257,6 @@ fn config() -> ServerConfig {
     ServerConfig {
         max_permissions_per_allocation: 8,
         max_channels_per_allocation: 4,
-        user_quota: 3,
-        total_quota: 5,
         nat_discovery: Some(nat()),
         challenge_rate: 100,
         request_rate: 400,
@@ -860,7 +858,10 @@ impl World {
         self.allocations_high = self.allocations_high.max(sizes.allocations);
         assert_eq!(sizes.allocations, sizes.relays);
         assert_eq!(sizes.allocations, self.relays.in_use.len(), "relay accounting");
-        assert!(sizes.users <= sizes.allocations);
+        assert!(
+            sizes.pending <= self.clients.len(),
+            "at most one pending Allocate per 5-tuple"
+        );
         assert!(
             sizes.timers <= 2 * self.allocations_high + 65,
             "timer heap {} for at most {} allocations",
@@ -925,9 +926,9 @@ impl World {
         let key = LongTermKey::derive(alg, &user, realm, &password);
         let unix = self.unix_now();
         let nonce = match (flags >> 4) & 3 {
-            0 => Some(self.nonces.issue(unix, ft.client.ip())),
-            1 => Some(self.nonces.issue(unix.saturating_sub(700), ft.client.ip())),
-            2 => Some(self.foreign.issue(unix, ft.client.ip())),
+            0 => Some(self.nonces.issue(unix, ft.client)),
+            1 => Some(self.nonces.issue(unix.saturating_sub(700), ft.client)),
+            2 => Some(self.foreign.issue(unix, ft.client)),
             _ => None,
         };
         let method = METHODS[method as usize % METHODS.len()];
@@ -1101,7 +1102,7 @@ impl World {
             self.relays.in_use
         );
         let sizes = self.server.table_sizes();
-        assert_eq!((sizes.users, sizes.events), (0, 0));
+        assert_eq!(sizes.events, 0);
     }
 }
 

@@ -97,6 +97,9 @@ fn turnpike_with(extra: &[&str]) -> Proc {
         "s3cret",
         "--log-level",
         "info",
+        // loadgen runs thousands of allocations as one user (the default quota is 10).
+        "--user-quota",
+        "0",
     ];
     args.extend_from_slice(extra);
     start(&turnpike_bin(), &args)

@@ -591,6 +591,14 @@ impl PeerPolicy {
                 return true;
             }
         }
+        // `0.0.0.0` (and `::`) as a destination means this host: `0.0.0.0:3478` reaches a
+        // listener on any local address, whatever IP it is bound to (coturn's CVE-2020-26262).
+        let unspecified = f.v4.is_some_and(|v4| v4 >> 24 == 0) || (f.v4.is_none() && f.v6 == Some(0));
+        if unspecified
+            && (self.listeners_v4.iter().any(|&(_, p)| p == port) || self.listeners_v6.iter().any(|&(_, p)| p == port))
+        {
+            return true;
+        }
         if self.wildcard_ports.contains(&port) {
             let local_v4 = f.v4.is_some_and(|v4| {
                 let first = v4 >> 24;
@@ -1022,6 +1030,34 @@ mod tests {
         let p = PeerPolicy::new(vec![], vec![], vec![], vec![sa("2606:4700::1", 3478)]);
         assert_eq!(p.check(sa("2606:4700::1", 3478)), Err(PeerDenied::OwnListener));
         assert_eq!(p.check(sa("2606:4700::1", 3479)), Ok(()));
+    }
+
+    /// Defect 9 of the review: with `0.0.0.0/0` allowed, `0.0.0.0:<listen port>` reached a
+    /// listener bound to a specific IP (sending to 0.0.0.0 delivers to this host), the
+    /// mechanism of coturn's CVE-2020-26262.
+    #[test]
+    fn regression_unspecified_peer_reaches_own_listener() {
+        let p = PeerPolicy::new(
+            vec![cidr("0.0.0.0/0"), cidr("::/0")],
+            vec![],
+            vec![],
+            vec![sa("203.0.113.10", 3478), sa("2001:db8::10", 5349)],
+        );
+        for peer in [
+            sa("0.0.0.0", 3478),
+            sa("0.1.2.3", 3478),
+            sa("::ffff:0.0.0.0", 3478),
+            sa("::", 3478),
+            sa("::", 5349),
+            sa("0.0.0.0", 5349),
+        ] {
+            assert_eq!(p.check(peer), Err(PeerDenied::OwnListener), "{peer}");
+        }
+        assert_eq!(
+            p.check(sa("0.0.0.0", 3479)),
+            Ok(()),
+            "allowed by the operator, not a listener"
+        );
     }
 
     #[test]

@@ -13,8 +13,9 @@ const SLOTS: usize = 16_384;
 #[derive(Debug, Clone, Copy)]
 struct Slot {
     tokens: f32,
-    /// Milliseconds since the limiter's epoch at the last refill.
-    last_ms: u32,
+    /// Milliseconds since the limiter's epoch at the last refill (64 bits: a `u32` saturated
+    /// after 49.7 days of uptime and the buckets never refilled again).
+    last_ms: u64,
 }
 
 /// A rate limit per source prefix: `rate` events/s with bursts of `burst`, in a fixed table.
@@ -84,11 +85,12 @@ impl PrefixLimiter {
         let now_ms = now
             .saturating_duration_since(self.epoch)
             .as_millis()
-            .min(u32::MAX as u128) as u32;
+            .min(u64::MAX as u128) as u64;
         let i = self.slot(ip);
         let (rate, burst) = (self.rate, self.burst);
         let s = &mut self.slots[i];
-        let elapsed = now_ms.saturating_sub(s.last_ms) as f32 / 1000.0;
+        // Capped before the conversion: a bucket idle for days is simply full.
+        let elapsed = now_ms.saturating_sub(s.last_ms).min(3_600_000) as f32 / 1000.0;
         s.tokens = (s.tokens + elapsed * rate).min(burst);
         s.last_ms = now_ms;
         if s.tokens >= 1.0 {
@@ -160,6 +162,27 @@ mod tests {
         let v6_same: IpAddr = "2001:db8:1:2:ffff::9".parse().unwrap();
         assert_eq!((0..30).filter(|_| l.allow(v6, t1)).count(), 20);
         assert!(!l.allow(v6_same, t1));
+    }
+
+    /// Defect 1 of the review: milliseconds since start were held in a `u32` that saturated
+    /// after 49.7 days, after which no bucket refilled (no 401, Binding or Refresh answered
+    /// until restart).
+    #[test]
+    fn regression_rate_limiter_refills_after_49_7_days() {
+        let t0 = Instant::now();
+        let mut l = PrefixLimiter::new(10, 20, 32, 64, t0, 7);
+        let a: IpAddr = "203.0.113.5".parse().unwrap();
+        for days in [1u64, 49, 50, 100] {
+            let t = t0 + Duration::from_secs(days * 86_400);
+            assert_eq!((0..100).filter(|_| l.allow(a, t)).count(), 20, "burst at day {days}");
+            assert!(!l.allow(a, t), "empty at day {days}");
+            let later = t + Duration::from_millis(500);
+            assert_eq!(
+                (0..100).filter(|_| l.allow(a, later)).count(),
+                5,
+                "refill at day {days}"
+            );
+        }
     }
 
     #[test]

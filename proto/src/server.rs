@@ -38,6 +38,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use ahash::AHashMap;
+use rand_chacha::rand_core::{RngCore, SeedableRng};
+use rand_chacha::ChaCha8Rng;
 
 use super::allocation::{Allocation, ChannelBinding, FiveTuple};
 use super::auth::{Authenticated, Credentials, NonceError, NonceIssuer};
@@ -53,6 +55,12 @@ use super::stun::{
 
 /// UDP's IANA protocol number, the only REQUESTED-TRANSPORT accepted (RFC 8656 §7.2).
 pub const PROTOCOL_UDP: u8 = 17;
+
+/// How long a retransmitted Allocate waits for its first transmission's ticket before a new
+/// ticket is sent (the first was lost in a full queue).
+const PENDING_TIMEOUT: Duration = Duration::from_secs(5);
+/// Outstanding Allocate tickets per server at most (each from an authenticated request).
+const MAX_PENDING_ALLOCATES: usize = 4096;
 
 /// Server settings that the protocol logic needs.
 #[derive(Debug, Clone)]
@@ -72,10 +80,6 @@ pub struct ServerConfig {
     /// Accept only RFC 8656 channel numbers 0x4000-0x4FFF. Off by default: RFC 5766 clients
     /// in the field pick from 0x4000-0x7FFF.
     pub strict_channel_numbers: bool,
-    /// Allocations one user may hold at once (486 beyond); 0 means no limit.
-    pub user_quota: usize,
-    /// Allocations the server holds at once (508 beyond); 0 means no limit.
-    pub total_quota: usize,
     /// Permissions per allocation (508 beyond).
     pub max_permissions_per_allocation: usize,
     /// Channel bindings per allocation (508 beyond).
@@ -172,8 +176,6 @@ impl Default for ServerConfig {
             channel_lifetime: Duration::from_secs(600),
             nonce_lifetime: Duration::from_secs(600),
             strict_channel_numbers: false,
-            user_quota: 0,
-            total_quota: 0,
             max_permissions_per_allocation: 256,
             max_channels_per_allocation: 1024,
             software: None,
@@ -210,6 +212,11 @@ pub enum DropReason {
     RateLimited,
     /// The allocation exceeded its bandwidth cap in this direction.
     BandwidthExceeded,
+    /// An indication with an unknown comprehension-required attribute (RFC 8489 §6.3.2).
+    UnknownAttribute,
+    /// A retransmitted Allocate whose first transmission is still waiting for its relayed
+    /// transport address; the client retransmits again and gets that answer (RFC 8656 §7.2).
+    AllocatePending,
 }
 
 /// What the shell does with a client datagram after [`Server::handle_client`].
@@ -328,8 +335,8 @@ pub struct TableSizes {
     pub allocations: usize,
     /// Relayed transport address index.
     pub relays: usize,
-    /// Users holding allocations.
-    pub users: usize,
+    /// Allocate tickets awaiting a relayed transport address.
+    pub pending: usize,
     /// Timer heap entries, superseded ones included.
     pub timers: usize,
     /// Events not yet polled.
@@ -339,7 +346,7 @@ pub struct TableSizes {
 impl TableSizes {
     /// All entries together.
     pub fn total(&self) -> usize {
-        self.allocations + self.relays + self.users + self.timers + self.events
+        self.allocations + self.relays + self.pending + self.timers + self.events
     }
 }
 
@@ -406,10 +413,12 @@ pub struct Server {
     epoch_unix: u64,
     allocations: AHashMap<FiveTuple, Allocation>,
     by_relay: AHashMap<SocketAddr, FiveTuple>,
-    per_user: AHashMap<String, usize>,
     timers: BinaryHeap<Reverse<(Instant, FiveTuple)>>,
     events: VecDeque<Event>,
-    tid_state: u64,
+    /// Transaction IDs of Data indications (RFC 8489 §5: cryptographically random).
+    tid_rng: ChaCha8Rng,
+    /// Allocate tickets with the control thread: 5-tuple to (transaction ID, when sent).
+    pending_allocates: AHashMap<FiveTuple, (TransactionId, Instant)>,
     challenge_limiter: Option<RefCell<PrefixLimiter>>,
     request_limiter: Option<PrefixLimiter>,
 }
@@ -428,7 +437,6 @@ impl Server {
         unix_now: u64,
     ) -> Self {
         let nonces = NonceIssuer::new(secret, config.nonce_lifetime.as_secs());
-        let tid_state = u64::from_le_bytes(secret[..8].try_into().expect("8 bytes")) | 1;
         let seed = u64::from_le_bytes(secret[16..24].try_into().expect("8 bytes"));
         let limiter = |rate: u32| {
             (rate > 0).then(|| {
@@ -447,13 +455,21 @@ impl Server {
             epoch_unix: unix_now,
             allocations: AHashMap::new(),
             by_relay: AHashMap::new(),
-            per_user: AHashMap::new(),
             timers: BinaryHeap::new(),
             events: VecDeque::new(),
-            tid_state,
+            tid_rng: ChaCha8Rng::from_seed(derive_seed(&secret)),
+            pending_allocates: AHashMap::new(),
             challenge_limiter,
             request_limiter,
         }
+    }
+
+    /// Seeds the generator of Data indication transaction IDs (ChaCha8) with `seed`; the
+    /// shell gives each shard its own from the OS CSPRNG. Without it the seed is derived
+    /// from the server secret, which every shard shares.
+    pub fn with_tid_seed(mut self, seed: [u8; 32]) -> Self {
+        self.tid_rng = ChaCha8Rng::from_seed(seed);
+        self
     }
 
     /// The settings.
@@ -483,7 +499,7 @@ impl Server {
         TableSizes {
             allocations: self.allocations.len(),
             relays: self.by_relay.len(),
-            users: self.per_user.len(),
+            pending: self.pending_allocates.len(),
             timers: self.timers.len(),
             events: self.events.len(),
         }
@@ -555,6 +571,11 @@ impl Server {
         let Some(alloc) = self.allocations.get_mut(&ft).filter(|a| a.expires > now) else {
             return ClientAction::Drop(DropReason::NoAllocation);
         };
+        // RFC 8489 §6.3.2: "If the indication contains unknown comprehension-required
+        // attributes, the indication is discarded and processing ceases."
+        if msg.unknown_comprehension_required().next().is_some() {
+            return ClientAction::Drop(DropReason::UnknownAttribute);
+        }
         let (Some(Ok(Attribute::XorPeerAddress(peer))), Some(Ok(Attribute::Data(payload)))) =
             (msg.get(kind::XOR_PEER_ADDRESS), msg.get(kind::DATA))
         else {
@@ -587,7 +608,7 @@ impl Server {
         out: &mut Vec<u8>,
     ) -> ClientAction<'a> {
         if let Some(limiter) = &mut self.request_limiter {
-            if !limiter.allow(ft.client.ip(), now) {
+            if !limiter.allow(ft.client.ip(), now) && !self.from_owner(ft, msg) {
                 return ClientAction::Drop(DropReason::RateLimited);
             }
         }
@@ -603,6 +624,13 @@ impl Server {
                     return ClientAction::Respond;
                 }
                 self.binding(ft, msg, &reply, out)
+            }
+            Method::Allocate if msg.raw(kind::REQUESTED_TRANSPORT).is_none() => {
+                // RFC 8656 §7.2 bullet 3: 400 without REQUESTED-TRANSPORT. Checked before
+                // authentication so that the answer carries no REALM and NONCE: 28 bytes, not
+                // a 401 of 88 bytes for a 20-byte request.
+                self.error(out, &reply, ErrorCode::BAD_REQUEST);
+                ClientAction::Respond
             }
             Method::Allocate | Method::Refresh | Method::CreatePermission | Method::ChannelBind => {
                 // An expired allocation is gone even before `handle_timeout` has run, as for
@@ -630,6 +658,24 @@ impl Server {
                 self.error(out, &reply, ErrorCode::BAD_REQUEST);
                 ClientAction::Respond
             }
+        }
+    }
+
+    /// Whether `msg` comes from the 5-tuple of a live allocation and carries integrity that
+    /// verifies with the allocation's key: such a request passes the per-source request
+    /// limit, so a flood from another port of the owner's IP (or spoofed from it) cannot
+    /// starve the owner's Refreshes. Costs one HMAC, only for 5-tuples with an allocation.
+    fn from_owner(&self, ft: FiveTuple, msg: &Message<'_>) -> bool {
+        let Some(alloc) = self.allocations.get(&ft) else {
+            return false;
+        };
+        if msg.integrity_sha256_offset().is_some() {
+            integrity::verify_message_integrity_sha256(msg, alloc.key.as_bytes()).is_ok()
+        } else {
+            matches!(
+                msg.get(kind::MESSAGE_INTEGRITY),
+                Some(Ok(Attribute::MessageIntegrity(_)))
+            ) && integrity::verify_message_integrity(msg, alloc.key.as_bytes()).is_ok()
         }
     }
 
@@ -720,10 +766,11 @@ impl Server {
     fn respond(&self, out: &mut Vec<u8>, reply: &Reply<'_>, class: Class, fill: impl FnOnce(&mut MessageBuilder)) {
         let mut b = MessageBuilder::new(out, MessageType::new(reply.method, class), reply.tid);
         fill(&mut b);
-        if let Some(sw) = &self.config.software {
-            b.attribute(&Attribute::Software(sw));
-        }
         if let Some(auth) = reply.auth {
+            // SOFTWARE only where the sender proved who it is (no amplification).
+            if let Some(sw) = &self.config.software {
+                b.attribute(&Attribute::Software(sw));
+            }
             match auth.mac {
                 Mac::Sha1 => b.message_integrity(auth.key.as_bytes()),
                 Mac::Sha256 => b.message_integrity_sha256(auth.key.as_bytes()),
@@ -734,8 +781,14 @@ impl Server {
         }
     }
 
+    /// An error response with `code`. The reason phrase goes only into authenticated
+    /// answers: an unauthenticated sender never gets an answer larger than its request plus
+    /// an XOR-MAPPED-ADDRESS (no amplification), except the 401/438 challenge.
     fn error(&self, out: &mut Vec<u8>, reply: &Reply<'_>, code: ErrorCode) {
-        self.respond(out, reply, Class::Error, |b| error_code(b, code));
+        let reason = if reply.auth.is_some() { code.reason() } else { "" };
+        self.respond(out, reply, Class::Error, |b| {
+            b.attribute(&Attribute::ErrorCode { code, reason });
+        });
     }
 
     /// 401 or 438 with REALM, a fresh NONCE and PASSWORD-ALGORITHMS (RFC 8489 §9.2.4),
@@ -747,12 +800,12 @@ impl Server {
                 return Refusal::RateLimited;
             }
         }
-        let nonce = self.nonces.issue(self.unix_now(now), ft.client.ip());
+        let nonce = self.nonces.issue(self.unix_now(now), ft.client);
         let mut algs = Vec::with_capacity(8);
         encode_password_algorithms(&[PasswordAlgorithm::Md5, PasswordAlgorithm::Sha256], &mut algs);
         let unauthenticated = Reply { auth: None, ..*reply };
         self.respond(out, &unauthenticated, Class::Error, |b| {
-            error_code(b, code);
+            b.attribute(&Attribute::ErrorCode { code, reason: "" });
             b.attribute(&Attribute::Realm(&self.config.realm));
             b.attribute(&Attribute::Nonce(&nonce));
             b.attribute(&Attribute::PasswordAlgorithms(
@@ -806,7 +859,7 @@ impl Server {
             (None, Some(Ok(Attribute::Userhash(h)))) => self.credentials.username_for_hash(h),
             _ => return bad_request(out),
         };
-        match self.nonces.check(nonce, self.unix_now(now), ft.client.ip()) {
+        match self.nonces.check(nonce, self.unix_now(now), ft.client) {
             Ok(()) => {}
             Err(NonceError::Expired | NonceError::Invalid) => {
                 return Err(self.challenge(now, ft, reply, ErrorCode::STALE_NONCE, out));
@@ -890,6 +943,15 @@ impl Server {
             }
             return ClientAction::Respond;
         }
+        if self
+            .pending_allocates
+            .get(&ft)
+            .is_some_and(|&(tid, sent)| tid == reply.tid && now.saturating_duration_since(sent) < PENDING_TIMEOUT)
+        {
+            // RFC 8656 §7.2: a retransmission gets the first transmission's answer, which is
+            // not known yet: no second ticket (it could be answered differently, e.g. 486).
+            return ClientAction::Drop(DropReason::AllocatePending);
+        }
         let mut err = |code| {
             self.error(out, reply, code);
             ClientAction::Respond
@@ -935,9 +997,6 @@ impl Server {
             });
             return ClientAction::Respond;
         }
-        if let Err(code) = self.check_quota(&auth.username) {
-            return err(code);
-        }
         let requested = match msg.get(kind::LIFETIME) {
             None => None,
             Some(Ok(Attribute::Lifetime(s))) => Some(s),
@@ -947,6 +1006,15 @@ impl Server {
             Duration::ZERO => self.granted_lifetime(None),
             l => l,
         };
+        if self.pending_allocates.len() >= MAX_PENDING_ALLOCATES {
+            // Tickets lost on the way (a full queue) leave entries behind: drop the stale ones.
+            self.pending_allocates
+                .retain(|_, (_, sent)| now.saturating_duration_since(*sent) < PENDING_TIMEOUT);
+        }
+        if self.pending_allocates.len() >= MAX_PENDING_ALLOCATES {
+            return ClientAction::Drop(DropReason::AllocatePending);
+        }
+        self.pending_allocates.insert(ft, (reply.tid, now));
         ClientAction::Allocate(AllocateRequest {
             five_tuple: ft,
             family: requested_family.unwrap_or(AddressFamily::V4),
@@ -960,17 +1028,6 @@ impl Server {
             fingerprint: reply.fingerprint,
             additional_family_refused: additional,
         })
-    }
-
-    fn check_quota(&self, username: &str) -> Result<(), ErrorCode> {
-        let user = self.per_user.get(username).copied().unwrap_or(0);
-        if self.config.user_quota != 0 && user >= self.config.user_quota {
-            return Err(ErrorCode::ALLOCATION_QUOTA_REACHED);
-        }
-        if self.config.total_quota != 0 && self.allocations.len() >= self.config.total_quota {
-            return Err(ErrorCode::INSUFFICIENT_CAPACITY);
-        }
-        Ok(())
     }
 
     fn allocate_success(&self, out: &mut Vec<u8>, reply: &Reply<'_>, ft: FiveTuple, grant: Grant) {
@@ -1011,6 +1068,24 @@ impl Server {
             fingerprint: request.fingerprint,
             auth: Some(&request.auth),
         };
+        if self
+            .pending_allocates
+            .get(&ft)
+            .is_some_and(|&(tid, _)| tid == request.tid)
+        {
+            self.pending_allocates.remove(&ft);
+        }
+        if let Some(existing) = self.allocations.get(&ft) {
+            // Another ticket of this 5-tuple got there first: the same transaction gets that
+            // answer whatever this ticket's result (RFC 8656 §7.2), another one 437.
+            if existing.allocate_tid == request.tid {
+                let grant = Grant::repeated(existing, now);
+                self.allocate_success(out, &reply, ft, grant);
+            } else {
+                self.error(out, &reply, ErrorCode::ALLOCATION_MISMATCH);
+            }
+            return result.ok();
+        }
         let relayed = match result {
             Ok(a) => a,
             Err(RelayError::FamilyNotSupported) => {
@@ -1026,19 +1101,6 @@ impl Server {
                 return None;
             }
         };
-        if let Some(existing) = self.allocations.get(&ft) {
-            if existing.allocate_tid == request.tid {
-                let grant = Grant::repeated(existing, now);
-                self.allocate_success(out, &reply, ft, grant);
-            } else {
-                self.error(out, &reply, ErrorCode::ALLOCATION_MISMATCH);
-            }
-            return Some(relayed);
-        }
-        if let Err(code) = self.check_quota(&request.auth.username) {
-            self.error(out, &reply, code);
-            return Some(relayed);
-        }
         let expires = now + request.lifetime;
         let grant = Grant {
             relayed,
@@ -1047,7 +1109,6 @@ impl Server {
             token: request.granted_token,
         };
         self.allocate_success(out, &reply, ft, grant);
-        *self.per_user.entry(request.auth.username.clone()).or_insert(0) += 1;
         self.by_relay.insert(relayed, ft);
         self.allocations.insert(
             ft,
@@ -1169,7 +1230,9 @@ impl Server {
                     if let Err(code) = self.check_peer(relayed, probe) {
                         failure.get_or_insert(code);
                     }
-                    peers.push(peer.ip());
+                    if !peers.contains(&peer.ip()) {
+                        peers.push(peer.ip());
+                    }
                 }
                 _ => {
                     failure = Some(ErrorCode::BAD_REQUEST);
@@ -1306,16 +1369,10 @@ impl Server {
     }
 
     fn next_tid(&mut self) -> TransactionId {
-        // xorshift64*: indication transaction IDs need only be unique, not secret.
-        let mut x = self.tid_state;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.tid_state = x;
-        let v = x.wrapping_mul(0x2545_F491_4F6C_DD1D);
+        // RFC 8489 §5: the transaction ID "MUST be uniformly and randomly chosen from the
+        // interval 0 .. 2**96-1, and MUST be cryptographically random".
         let mut tid = [0u8; 12];
-        tid[..8].copy_from_slice(&v.to_le_bytes());
-        tid[8..].copy_from_slice(&(x as u32).to_le_bytes());
+        self.tid_rng.fill_bytes(&mut tid);
         TransactionId(tid)
     }
 
@@ -1344,12 +1401,6 @@ impl Server {
     fn remove_allocation(&mut self, ft: FiveTuple) {
         if let Some(alloc) = self.allocations.remove(&ft) {
             self.by_relay.remove(&alloc.relayed);
-            if let Some(n) = self.per_user.get_mut(&alloc.username) {
-                *n -= 1;
-                if *n == 0 {
-                    self.per_user.remove(&alloc.username);
-                }
-            }
             self.events.push_back(Event::AllocationClosed {
                 five_tuple: ft,
                 relayed: alloc.relayed,
@@ -1403,6 +1454,15 @@ fn charge(bucket: &mut Option<TokenBucket>, max_bitrate: u64, len: usize, now: I
     bucket
         .get_or_insert_with(|| TokenBucket::new(burst, now))
         .take(len, now, rate, burst)
+}
+
+/// A ChaCha seed derived from the server secret (HMAC-SHA256 with a label), so that it
+/// reveals nothing of the nonce key.
+fn derive_seed(secret: &[u8; 32]) -> [u8; 32] {
+    use hmac::{Hmac, Mac as _};
+    let mut mac = <Hmac<sha2::Sha256> as hmac::Mac>::new_from_slice(secret).expect("HMAC takes any key length");
+    mac.update(b"turnpike data indication transaction ids");
+    mac.finalize().into_bytes().into()
 }
 
 fn error_code(b: &mut MessageBuilder, code: ErrorCode) {

@@ -676,19 +676,35 @@ fn unauthenticated_allocates_from_many_sources_keep_no_state() {
         let ft = FiveTuple::udp(client, sa(SERVER_ADDR));
         let mut c = Client::new(&client.to_string(), "alice", "wrong");
         let r = match i % 4 {
-            0 => h.send(h.t0, ft, &c.unauthenticated(Method::Allocate, fresh_tid(), &[])),
+            0 => h.send(
+                h.t0,
+                ft,
+                &c.unauthenticated(Method::Allocate, fresh_tid(), &[Attribute::RequestedTransport(17)]),
+            ),
             1 => {
-                c.nonce = Some(h.server.nonces.issue(UNIX_NOW, ip.into()));
-                h.send(h.t0, ft, &c.authenticated(Method::Allocate, fresh_tid(), &[]))
+                c.nonce = Some(h.server.nonces.issue(UNIX_NOW, client));
+                h.send(
+                    h.t0,
+                    ft,
+                    &c.authenticated(Method::Allocate, fresh_tid(), &[Attribute::RequestedTransport(17)]),
+                )
             }
             2 => {
-                c.nonce = Some(foreign.issue(UNIX_NOW, ip.into()));
-                h.send(h.t0, ft, &c.authenticated(Method::Allocate, fresh_tid(), &[]))
+                c.nonce = Some(foreign.issue(UNIX_NOW, client));
+                h.send(
+                    h.t0,
+                    ft,
+                    &c.authenticated(Method::Allocate, fresh_tid(), &[Attribute::RequestedTransport(17)]),
+                )
             }
             _ => {
                 c.username = format!("nobody{i}");
-                c.nonce = Some(h.server.nonces.issue(UNIX_NOW - 700, ip.into()));
-                h.send(h.t0, ft, &c.authenticated(Method::Allocate, fresh_tid(), &[]))
+                c.nonce = Some(h.server.nonces.issue(UNIX_NOW - 700, client));
+                h.send(
+                    h.t0,
+                    ft,
+                    &c.authenticated(Method::Allocate, fresh_tid(), &[Attribute::RequestedTransport(17)]),
+                )
             }
         };
         let r = r.response();

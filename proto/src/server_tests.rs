@@ -386,7 +386,11 @@ impl Harness {
     fn challenge(&mut self, now: Instant, c: &mut Client) -> Vec<u8> {
         let tid = fresh_tid();
         let resp = self
-            .send(now, c.ft, &c.unauthenticated(Method::Allocate, tid, &[]))
+            .send(
+                now,
+                c.ft,
+                &c.unauthenticated(Method::Allocate, tid, &[Attribute::RequestedTransport(17)]),
+            )
             .response();
         assert_error(&resp, Method::Allocate, 401);
         assert_eq!(decode(&resp).transaction_id(), tid);
@@ -524,7 +528,7 @@ fn binding_returns_xor_mapped_address_and_fingerprint() {
 }
 
 #[test]
-fn binding_carries_software_when_configured() {
+fn software_only_in_authenticated_responses() {
     let mut h = Harness::with_config(ServerConfig {
         software: Some("turnpike-test".into()),
         ..ServerConfig::default()
@@ -537,10 +541,12 @@ fn binding_carries_software_when_configured() {
         )
         .response();
     assert_success(&resp, Method::Binding);
-    assert_eq!(
-        get(&decode(&resp), kind::SOFTWARE),
-        Attribute::Software("turnpike-test")
-    );
+    // Unauthenticated answers stay within the request plus an XOR-MAPPED-ADDRESS.
+    assert!(!has(&resp, kind::SOFTWARE));
+    let mut c = Client::alice();
+    let r = h.respond(h.t0, &mut c, Method::Refresh, &[]);
+    assert_error(&r, Method::Refresh, 437);
+    assert_eq!(get(&decode(&r), kind::SOFTWARE), Attribute::Software("turnpike-test"));
 }
 
 #[test]
@@ -874,15 +880,18 @@ fn nonce_is_bound_to_the_client_ip() {
         )
         .response();
     assert_challenge(&r, Method::Allocate, 438);
-    // Another port on the same IP may reuse it.
+    // Defect 2 of the review: another port on the same IP could reuse it, so an
+    // authenticated request captured on one port was accepted byte for byte from another
+    // (with a user quota of 1 that locked the victim out with 486). RFC 8489 §9.2.4: "The
+    // server MUST NOT choose the same NONCE for two requests unless they have the same
+    // source IP address and port."
     let mut port = c.clone();
     port.ft = five_tuple("203.0.113.10:40001");
-    let out = h.send(
-        now,
-        port.ft,
-        &port.authenticated(Method::Allocate, fresh_tid(), &[Attribute::RequestedTransport(17)]),
-    );
-    assert!(matches!(out, Outcome::Allocate(_)), "{out:?}");
+    let captured = c.authenticated(Method::Allocate, fresh_tid(), &[Attribute::RequestedTransport(17)]);
+    let r = h.send(now, port.ft, &captured).response();
+    assert_challenge(&r, Method::Allocate, 438);
+    assert_ne!(nonce_of(&r), c.nonce.clone().unwrap(), "each port gets its own nonce");
+    assert!(matches!(h.send(now, c.ft, &captured), Outcome::Allocate(_)));
 }
 
 #[test]
@@ -1070,7 +1079,12 @@ fn retransmission_racing_complete_allocate_releases_the_second_address() {
     let tid = fresh_tid();
     let original = c.authenticated(Method::Allocate, tid, &[Attribute::RequestedTransport(17)]);
     let first = h.send(now, c.ft, &original).allocate();
-    let second = h.send(now, c.ft, &original).allocate();
+    assert!(matches!(
+        h.send(now, c.ft, &original),
+        Outcome::Drop(DropReason::AllocatePending)
+    ));
+    // After 5 s the retransmission is taken as a lost ticket and sent again.
+    let second = h.send(now + Duration::from_secs(5), c.ft, &original).allocate();
     let (r1, rel1) = h.complete(now, &c, first, Ok(relay(1)));
     assert_eq!(rel1, None);
     assert_success(&r1, Method::Allocate);
@@ -1322,77 +1336,110 @@ fn complete_allocate_errors() {
 }
 
 // ---------------------------------------------------------------------------------------
-// 8. Quotas
+// 8. Quotas live in the relay allocator (src/control/allocator.rs); here only how the
+//    server answers its refusals and races between tickets of one transaction.
 // ---------------------------------------------------------------------------------------
 
 #[test]
-fn user_quota_is_486() {
-    let mut h = Harness::with_config(ServerConfig {
-        user_quota: 1,
-        ..ServerConfig::default()
-    });
+fn relay_refusals_are_486_and_508() {
+    let mut h = Harness::new();
     let now = h.t0;
-    let mut a1 = Client::alice();
-    h.allocate_ok(now, &mut a1, relay(1));
-    let mut a2 = Client::new("203.0.113.11:40000", "alice", "alice-pw");
-    let r = h.respond(now, &mut a2, Method::Allocate, &[Attribute::RequestedTransport(17)]);
-    assert_error(&r, Method::Allocate, 486);
-    // Another user is not affected.
-    let mut b = Client::bob();
-    h.allocate_ok(now, &mut b, relay(2));
-    // Once alice's allocation is deleted, she may allocate again.
-    assert_success(&h.refresh(now, &mut a1, Some(0)), Method::Refresh);
-    h.allocate_ok(now, &mut a2, relay(3));
+    for (err, code) in [
+        (RelayError::UserQuota, 486),
+        (RelayError::TotalQuota, 508),
+        (RelayError::Exhausted, 508),
+        (RelayError::BadReservationToken, 508),
+        (RelayError::FamilyNotSupported, 440),
+    ] {
+        let mut c = Client::alice();
+        let req = h
+            .request(
+                now,
+                &mut c,
+                Method::Allocate,
+                fresh_tid(),
+                &[Attribute::RequestedTransport(17)],
+            )
+            .allocate();
+        let (r, released) = h.complete(now, &c, req, Err(err));
+        assert_error(&r, Method::Allocate, code);
+        assert_eq!(released, None);
+    }
+    assert_eq!(h.server.allocation_count(), 0);
 }
 
+/// Defect 4 of the review: one Allocate transaction was answered both success and 486 when
+/// a retransmission raced the first ticket through the control thread under a quota.
+/// RFC 8656 §7.2: a retransmission gets the first answer, whatever the quota says.
 #[test]
-fn user_quota_is_rechecked_at_complete_allocate() {
-    let mut h = Harness::with_config(ServerConfig {
-        user_quota: 1,
-        ..ServerConfig::default()
-    });
+fn regression_allocate_retransmission_race_gets_one_answer() {
+    let mut h = Harness::new();
     let now = h.t0;
-    let mut a1 = Client::alice();
-    let mut a2 = Client::new("203.0.113.11:40000", "alice", "alice-pw");
-    let r1 = h
-        .request(
-            now,
-            &mut a1,
-            Method::Allocate,
-            fresh_tid(),
-            &[Attribute::RequestedTransport(17)],
-        )
+    let mut c = Client::alice();
+    let tid = fresh_tid();
+    let first = h
+        .request(now, &mut c, Method::Allocate, tid, &[Attribute::RequestedTransport(17)])
         .allocate();
-    let r2 = h
-        .request(
-            now,
-            &mut a2,
-            Method::Allocate,
-            fresh_tid(),
-            &[Attribute::RequestedTransport(17)],
-        )
-        .allocate();
-    let (ok, _) = h.complete(now, &a1, r1, Ok(relay(1)));
+    // The retransmission while the ticket is out sends no second ticket.
+    let again = h.request(now, &mut c, Method::Allocate, tid, &[Attribute::RequestedTransport(17)]);
+    assert!(matches!(again, Outcome::Drop(DropReason::AllocatePending)), "{again:?}");
+    assert_eq!(h.server.table_sizes().pending, 1);
+    let (ok, _) = h.complete(now, &c, first, Ok(relay(1)));
     assert_success(&ok, Method::Allocate);
-    let (r, released) = h.complete(now, &a2, r2, Ok(relay(2)));
-    assert_error(&r, Method::Allocate, 486);
-    assert_eq!(released, Some(relay(2)));
+    assert_eq!(h.server.table_sizes().pending, 0);
+    // A second ticket of the same transaction (sent after the first was presumed lost)
+    // that the allocator refused for quota still gets the first answer.
+    let late = now + Duration::from_secs(6);
+    let mut c2 = c.clone();
+    let second = {
+        let mut h2 = Harness::new();
+        h2.request(
+            late,
+            &mut c2,
+            Method::Allocate,
+            tid,
+            &[Attribute::RequestedTransport(17)],
+        )
+        .allocate()
+    };
+    let (r, released) = h.complete(late, &c, second, Err(RelayError::UserQuota));
+    assert_success(&r, Method::Allocate);
+    assert_eq!(relayed_of(&r), relay(1));
+    assert_eq!(released, None);
     assert_eq!(h.server.allocation_count(), 1);
 }
 
+/// A ticket lost on the way (full control queue) does not block the transaction forever:
+/// after 5 s a retransmission sends a new one.
 #[test]
-fn total_quota_is_508() {
-    let mut h = Harness::with_config(ServerConfig {
-        total_quota: 1,
-        ..ServerConfig::default()
-    });
+fn lost_allocate_ticket_is_resent_after_timeout() {
+    let mut h = Harness::new();
     let now = h.t0;
-    let mut a = Client::alice();
-    h.allocate_ok(now, &mut a, relay(1));
-    let mut b = Client::bob();
-    let r = h.respond(now, &mut b, Method::Allocate, &[Attribute::RequestedTransport(17)]);
-    assert_error(&r, Method::Allocate, 508);
-    assert_eq!(h.server.allocation_count(), 1);
+    let mut c = Client::alice();
+    let tid = fresh_tid();
+    let _lost = h
+        .request(now, &mut c, Method::Allocate, tid, &[Attribute::RequestedTransport(17)])
+        .allocate();
+    let r = h.request(
+        now + Duration::from_secs(4),
+        &mut c,
+        Method::Allocate,
+        tid,
+        &[Attribute::RequestedTransport(17)],
+    );
+    assert!(matches!(r, Outcome::Drop(DropReason::AllocatePending)));
+    let later = now + Duration::from_secs(5);
+    let req = h
+        .request(
+            later,
+            &mut c,
+            Method::Allocate,
+            tid,
+            &[Attribute::RequestedTransport(17)],
+        )
+        .allocate();
+    let (ok, _) = h.complete(later, &c, req, Ok(relay(1)));
+    assert_success(&ok, Method::Allocate);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -2627,4 +2674,221 @@ fn retransmitted_allocate_repeats_reservation_token_and_address_error() {
     ));
     assert_eq!(relayed_of(&again), relay(3));
     assert_eq!(lifetime_of(&again), 590, "the lifetime that remains");
+}
+
+// ---------------------------------------------------------------------------------------
+// Defects of the outside review (issue 9), one regression test each
+// ---------------------------------------------------------------------------------------
+
+/// Defect 5: authenticated requests on an existing allocation were charged to the per-IP
+/// request limiter before authentication, so a Binding flood from another port of the
+/// owner's IP dropped most of the owner's Refreshes.
+#[test]
+fn regression_owner_refresh_not_starved_by_binding_flood() {
+    let mut h = Harness::with_config(ServerConfig {
+        request_rate: 10,
+        ..ServerConfig::default()
+    });
+    let now = h.t0;
+    let mut c = Client::alice();
+    h.allocate_ok(now, &mut c, relay(1));
+    let flooder = five_tuple("203.0.113.10:40001");
+    let binding = build(Method::Binding, Class::Request, fresh_tid(), |_| {});
+    let dropped = (0..200)
+        .filter(|_| matches!(h.send(now, flooder, &binding), Outcome::Drop(DropReason::RateLimited)))
+        .count();
+    assert!(dropped >= 150, "the flood is limited ({dropped})");
+    for _ in 0..20 {
+        let r = h.refresh(now, &mut c, Some(600));
+        assert_success(&r, Method::Refresh);
+    }
+    // The owner's 5-tuple without valid integrity is still limited.
+    let unsigned = c.unauthenticated(Method::Refresh, fresh_tid(), &[]);
+    assert!(matches!(
+        h.send(now, c.ft, &unsigned),
+        Outcome::Drop(DropReason::RateLimited)
+    ));
+    let mut forged = c.clone();
+    forged.password = "wrong".into();
+    let r = h.send(now, c.ft, &forged.authenticated(Method::Refresh, fresh_tid(), &[]));
+    assert!(matches!(r, Outcome::Drop(DropReason::RateLimited)), "{r:?}");
+}
+
+/// Defect 6: unauthenticated answers amplified up to 6.6x (20-byte Allocate → 132-byte 401;
+/// unknown method → 40-byte 400 with a reason phrase). Every unauthenticated answer but the
+/// 401/438 challenge is now at most the request plus an XOR-MAPPED-ADDRESS (12 bytes); the
+/// challenge to a minimal well-formed Allocate (28 bytes) is 88 bytes (3.1x), capped by
+/// `challenge_rate` per source prefix.
+#[test]
+fn regression_unauthenticated_answers_do_not_amplify() {
+    let mut h = Harness::with_config(ServerConfig {
+        software: Some("turnpike/0.1 with a long software string".into()),
+        ..ServerConfig::default()
+    });
+    let now = h.t0;
+    let ft = five_tuple("203.0.113.50:4000");
+    let mut c = Client::new("203.0.113.50:4000", "alice", "alice-pw");
+    c.fingerprint = false;
+    let bare = |m| build(m, Class::Request, fresh_tid(), |_| {});
+    let unknown_method = {
+        let mut v = bare(Method::Binding);
+        v[0..2].copy_from_slice(&0x002fu16.to_be_bytes());
+        v
+    };
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("Allocate without REQUESTED-TRANSPORT", bare(Method::Allocate)),
+        ("unknown method", unknown_method),
+        ("Binding", bare(Method::Binding)),
+        ("Refresh without integrity", bare(Method::Refresh)),
+        ("MESSAGE-INTEGRITY without REALM", {
+            let mut c2 = c.clone();
+            c2.nonce = Some("x".into());
+            c2.send_realm = false;
+            c2.authenticated(Method::Allocate, fresh_tid(), &[Attribute::RequestedTransport(17)])
+        }),
+    ];
+    for (what, req) in cases {
+        let r = match h.send(now, ft, &req) {
+            Outcome::Respond(r) => r,
+            other => panic!("{what}: {other:?}"),
+        };
+        let code = err_code(&r);
+        if code == Some(401) {
+            continue; // the challenge, checked below
+        }
+        assert!(
+            r.len() <= req.len() + 12,
+            "{what}: {} bytes for {} ({code:?})",
+            r.len(),
+            req.len()
+        );
+    }
+    let allocate = c.unauthenticated(Method::Allocate, fresh_tid(), &[Attribute::RequestedTransport(17)]);
+    assert_eq!(allocate.len(), 28);
+    let r = h.send(now, ft, &allocate).response();
+    assert_error(&r, Method::Allocate, 401);
+    assert_eq!(
+        r.len(),
+        88,
+        "REALM, a 29-character NONCE and PASSWORD-ALGORITHMS, no reason phrase"
+    );
+    assert!(!has(&r, kind::SOFTWARE));
+}
+
+/// Defect 8: a Send indication with an unknown comprehension-required attribute was
+/// relayed; RFC 8489 §6.3.2 says discard it.
+#[test]
+fn regression_send_with_unknown_comprehension_required_attribute_is_discarded() {
+    let mut h = Harness::new();
+    let now = h.t0;
+    let mut c = Client::alice();
+    h.allocate_ok(now, &mut c, relay(1));
+    assert_success(&h.create_permission(now, &mut c, &[sa(P1)]), Method::CreatePermission);
+    let with_unknown = build(Method::Send, Class::Indication, fresh_tid(), |b| {
+        b.attribute(&Attribute::XorPeerAddress(sa(P1)));
+        b.raw_attribute(0x0031, b"abcd");
+        b.attribute(&Attribute::Data(b"payload"));
+    });
+    assert!(matches!(
+        h.send(now, c.ft, &with_unknown),
+        Outcome::Drop(DropReason::UnknownAttribute)
+    ));
+    // Unknown comprehension-optional attributes are ignored.
+    let with_optional = build(Method::Send, Class::Indication, fresh_tid(), |b| {
+        b.attribute(&Attribute::XorPeerAddress(sa(P1)));
+        b.raw_attribute(0x8031, b"abcd");
+        b.attribute(&Attribute::Data(b"payload"));
+    });
+    assert!(matches!(h.send(now, c.ft, &with_optional), Outcome::Relay { .. }));
+}
+
+/// Defect 10: Data indication transaction IDs were an xorshift sequence seeded from bytes of
+/// the nonce key, the same on every shard. RFC 8489 §5 asks for cryptographically random
+/// ones: each shard now has a ChaCha8 generator seeded from the OS CSPRNG.
+#[test]
+fn regression_data_indication_transaction_ids_are_random_per_shard() {
+    let tids = |seed: Option<[u8; 32]>| {
+        let mut server = Server::new(
+            ServerConfig::default(),
+            default_credentials(),
+            PeerPolicy::default(),
+            SECRET,
+            Instant::now(),
+            UNIX_NOW,
+        );
+        if let Some(seed) = seed {
+            server = server.with_tid_seed(seed);
+        }
+        (0..1000)
+            .map(|_| {
+                let mut out = Vec::new();
+                server.encode_data_indication(sa(P1), b"x", &mut out);
+                decode(&out).transaction_id()
+            })
+            .collect::<Vec<_>>()
+    };
+    let shard0 = tids(Some([1; 32]));
+    let shard1 = tids(Some([2; 32]));
+    assert!(
+        shard0.iter().zip(&shard1).all(|(a, b)| a != b),
+        "shards share no sequence"
+    );
+    let unique: std::collections::HashSet<_> = shard0.iter().map(|t| t.0).collect();
+    assert_eq!(unique.len(), shard0.len());
+    // Without a seed the generator is keyed by the secret, not by its bytes: the first ID
+    // is not the secret's first bytes run through xorshift.
+    let unseeded = tids(None);
+    let secret_word = u64::from_le_bytes(SECRET[..8].try_into().unwrap()) | 1;
+    assert!(unseeded.iter().all(|t| t.0[8..] != (secret_word as u32).to_le_bytes()));
+    // Bits are balanced (a weak check that no byte is constant).
+    let ones: u32 = unseeded.iter().flat_map(|t| t.0).map(|b| b.count_ones()).sum();
+    let bits = unseeded.len() as u32 * 96;
+    assert!((ones as f64 / bits as f64 - 0.5).abs() < 0.01, "{ones}/{bits}");
+}
+
+/// Defect 11: a duplicate IP in one CreatePermission counted twice against
+/// `max_permissions_per_allocation` (a spurious 508).
+#[test]
+fn regression_duplicate_ip_in_create_permission_counts_once() {
+    let mut h = Harness::with_config(ServerConfig {
+        max_permissions_per_allocation: 1,
+        ..ServerConfig::default()
+    });
+    let now = h.t0;
+    let mut c = Client::alice();
+    h.allocate_ok(now, &mut c, relay(1));
+    let same_ip_twice = [sa("8.8.8.8:4000"), sa("8.8.8.8:5000")];
+    assert_success(
+        &h.create_permission(now, &mut c, &same_ip_twice),
+        Method::CreatePermission,
+    );
+    let two_ips = [sa("8.8.8.8:4000"), sa("1.1.1.1:5000")];
+    assert_error(
+        &h.create_permission(now, &mut c, &two_ips),
+        Method::CreatePermission,
+        508,
+    );
+}
+
+/// Defect 9 at the server: with `0.0.0.0/0` allowed, CreatePermission and ChannelBind for
+/// `0.0.0.0:<listen port>` are 403 (the relay would reach its own listener).
+#[test]
+fn regression_unspecified_address_of_own_listener_is_403() {
+    let policy = PeerPolicy::new(
+        vec!["0.0.0.0/0".parse().unwrap()],
+        vec![],
+        vec![sa(SERVER_ADDR).ip()],
+        vec![sa(SERVER_ADDR)],
+    );
+    let mut h = Harness::with(ServerConfig::default(), policy);
+    let now = h.t0;
+    let mut c = Client::alice();
+    h.allocate_ok(now, &mut c, relay(1));
+    let own = sa("0.0.0.0:3478");
+    assert_error(&h.create_permission(now, &mut c, &[own]), Method::CreatePermission, 403);
+    assert_error(&h.channel_bind(now, &mut c, 0x4000, own), Method::ChannelBind, 403);
+    assert!(matches!(
+        h.send(now, c.ft, &send_indication(own, b"loop")),
+        Outcome::Drop(DropReason::PeerDenied)
+    ));
 }

@@ -129,12 +129,7 @@ impl Runtime {
             .unwrap_or(0);
         let epoch = Instant::now();
         let policy = config.peer_policy(&listen);
-        // Quotas are global: the control thread enforces them, not the per-shard servers.
-        let server_config = crate::proto::server::ServerConfig {
-            user_quota: 0,
-            total_quota: 0,
-            ..config.server.clone()
-        };
+        let server_config = config.server.clone();
 
         let (control_tx, control_rx) = crossbeam_channel::bounded(QUEUE);
         let routes = Arc::new(RwLock::new(ahash::AHashMap::new()));
@@ -151,6 +146,9 @@ impl Runtime {
         let mut built = Vec::new();
         for (index, ((io, inbox), listeners)) in ios.into_iter().zip(inboxes).zip(per_shard).enumerate() {
             // The same secret on every shard: a nonce issued by one validates on another.
+            // Each shard's Data indication transaction IDs from its own CSPRNG seed.
+            let mut tid_seed = [0u8; 32];
+            getrandom::getrandom(&mut tid_seed).map_err(|e| anyhow!("reading random bytes: {e}"))?;
             let server = Server::new(
                 server_config.clone(),
                 config.credentials.clone(),
@@ -158,7 +156,8 @@ impl Runtime {
                 secret,
                 epoch,
                 unix,
-            );
+            )
+            .with_tid_seed(tid_seed);
             built.push(Shard::new(ShardParts {
                 index,
                 server,
@@ -174,8 +173,8 @@ impl Runtime {
             ControlConfig {
                 relay_ips: config.relay_ips.clone(),
                 ports: config.ports,
-                user_quota: config.server.user_quota,
-                total_quota: config.server.total_quota,
+                user_quota: config.user_quota,
+                total_quota: config.total_quota,
                 relay_socket_buffer: config.relay_socket_buffer,
                 seed: u64::from_le_bytes(secret[8..16].try_into()?),
             },

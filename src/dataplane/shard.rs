@@ -21,7 +21,7 @@ use crate::proto::stun::{Class, MessageType, Method};
 const MAX_WAIT: Duration = Duration::from_millis(100);
 
 /// Drop reasons in counter order.
-pub const DROP_REASONS: [DropReason; 10] = [
+pub const DROP_REASONS: [DropReason; 12] = [
     DropReason::Malformed,
     DropReason::BadFingerprint,
     DropReason::UnexpectedMessage,
@@ -32,6 +32,8 @@ pub const DROP_REASONS: [DropReason; 10] = [
     DropReason::FamilyMismatch,
     DropReason::RateLimited,
     DropReason::BandwidthExceeded,
+    DropReason::UnknownAttribute,
+    DropReason::AllocatePending,
 ];
 
 fn drop_index(r: DropReason) -> usize {
@@ -46,6 +48,8 @@ fn drop_index(r: DropReason) -> usize {
         DropReason::FamilyMismatch => 7,
         DropReason::RateLimited => 8,
         DropReason::BandwidthExceeded => 9,
+        DropReason::UnknownAttribute => 10,
+        DropReason::AllocatePending => 11,
     }
 }
 
@@ -63,7 +67,7 @@ pub struct ShardStats {
     /// STUN responses sent.
     pub responses: u64,
     /// Drops by reason, in [`DROP_REASONS`] order.
-    pub drops: [u64; 10],
+    pub drops: [u64; 12],
     /// Allocate tickets the control queue refused (full).
     pub control_overflow: u64,
     /// Datagrams handed to or received from another shard.

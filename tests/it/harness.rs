@@ -34,6 +34,9 @@ impl Server {
             format!("{USER}:{PASSWORD}"),
             "--static-auth-secret".into(),
             SECRET.into(),
+            // The tests run many clients as one user; the default quota (10) has its own test.
+            "--user-quota".into(),
+            "0".into(),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
         Self::start_with(&args)
