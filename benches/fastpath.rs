@@ -54,7 +54,7 @@ fn server_with_channel() -> (Server, FiveTuple, SocketAddr, SocketAddr, Instant)
     b.attribute(&Attribute::RequestedTransport(17));
     assert!(matches!(
         server.handle_client(now, ft, &req, &mut out),
-        ClientAction::Respond
+        ClientAction::Respond(_)
     ));
     let nonce = match Message::decode(&out).unwrap().get(kind::NONCE) {
         Some(Ok(Attribute::Nonce(n))) => n.to_string(),
@@ -88,7 +88,7 @@ fn server_with_channel() -> (Server, FiveTuple, SocketAddr, SocketAddr, Instant)
     );
     assert!(matches!(
         server.handle_client(now, ft, &bind, &mut out),
-        ClientAction::Respond
+        ClientAction::Respond(_)
     ));
     (server, ft, relayed, peer, now)
 }

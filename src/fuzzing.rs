@@ -704,12 +704,13 @@ impl World {
             .is_ok_and(|m| m.integrity_offset().is_some() || m.integrity_sha256_offset().is_some());
         let mut out = std::mem::take(&mut self.out);
         let action = self.server.handle_client(self.now, ft, data, &mut out);
-        let moved = match action {
-            ClientAction::RespondFrom(origin) => Some(origin),
-            _ => None,
+        let (moved, info) = match action {
+            ClientAction::RespondFrom(origin, info) => (Some(origin), Some(info)),
+            ClientAction::Respond(info) => (None, Some(info)),
+            _ => (None, None),
         };
         match action {
-            ClientAction::Respond | ClientAction::RespondFrom(_) => {
+            ClientAction::Respond(_) | ClientAction::RespondFrom(..) => {
                 if let Some(origin) = moved {
                     assert!(nat().addresses().contains(&origin), "response from {origin}");
                     assert_ne!(origin, ft.server);
@@ -732,6 +733,14 @@ impl World {
                     assert!((300..700).contains(&code.0), "error code {}", code.0);
                     assert_eq!(resp.class(), Class::Error);
                 }
+                // The typed output names what the bytes carry.
+                let info = info.expect("a response has its Response");
+                assert_eq!(info.method, resp.method());
+                let code = match resp.get(kind::ERROR_CODE) {
+                    Some(Ok(Attribute::ErrorCode { code, .. })) => Some(code),
+                    _ => None,
+                };
+                assert_eq!(info.error, code, "Response.error vs the ERROR-CODE sent");
                 if req.method() == Method::Binding {
                     // RFC 5780 adds RESPONSE-ORIGIN and OTHER-ADDRESS on its addresses.
                     let rfc5780 = match nat().other_address(ft.server) {
@@ -808,9 +817,12 @@ impl World {
             assert_eq!(AddressFamily::of(&a.ip()), request.family);
         }
         let mut out = std::mem::take(&mut self.out);
-        let released = self.server.complete_allocate(self.now, request, outcome, &mut out);
+        let completion = self.server.complete_allocate(self.now, request, outcome, &mut out);
+        let released = completion.release;
         let resp = Message::decode(&out).expect("Allocate response decodes");
         assert_eq!(resp.method(), Method::Allocate);
+        assert_eq!(completion.response.method, Method::Allocate);
+        assert_eq!(completion.response.error.is_none(), resp.class() == Class::Success);
         if let Some(p) = pending {
             assert_eq!(resp.transaction_id(), p.tid);
             check_integrity(&resp, &p.key, p.sha256);
@@ -846,13 +858,43 @@ impl World {
 
     /// Drains events (releasing closed relays) and checks the allocation tables.
     fn after_step(&mut self) {
-        while let Some(Event::AllocationClosed { five_tuple, relayed }) = self.server.poll_event() {
-            assert_ne!(
-                self.server.five_tuple_for_relay(&relayed),
-                Some(five_tuple),
-                "closed allocation still owns its relay"
-            );
-            self.relays.release(relayed);
+        while let Some(event) = self.server.poll_event() {
+            match event {
+                Event::AllocationClosed {
+                    five_tuple, relayed, ..
+                } => {
+                    assert_ne!(
+                        self.server.five_tuple_for_relay(&relayed),
+                        Some(five_tuple),
+                        "closed allocation still owns its relay"
+                    );
+                    self.relays.release(relayed);
+                }
+                Event::AllocationCreated {
+                    five_tuple, relayed, ..
+                }
+                | Event::AllocationRefreshed {
+                    five_tuple, relayed, ..
+                }
+                | Event::PermissionInstalled {
+                    five_tuple, relayed, ..
+                }
+                | Event::ChannelBound {
+                    five_tuple, relayed, ..
+                }
+                | Event::ChannelRebound {
+                    five_tuple, relayed, ..
+                } => {
+                    // Installing events name a live allocation (nothing closes it in between:
+                    // events are drained after every input).
+                    let a = self
+                        .server
+                        .allocation(&five_tuple)
+                        .expect("event for a live allocation");
+                    assert_eq!(a.relayed, relayed);
+                }
+                Event::PermissionExpired { .. } | Event::ChannelExpired { .. } => {}
+            }
         }
         let sizes = self.server.table_sizes();
         self.allocations_high = self.allocations_high.max(sizes.allocations);

@@ -49,6 +49,15 @@ pub struct ChannelBinding {
     pub expires: Instant,
 }
 
+/// What [`Allocation::purge`] removed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expired {
+    /// The permission for this peer IP.
+    Permission(IpAddr),
+    /// The binding of this channel number to this peer transport address.
+    Channel(u16, SocketAddr),
+}
+
 /// One allocation: a relayed transport address bound to a client 5-tuple, with its
 /// permissions and channel bindings.
 #[derive(Debug, Clone)]
@@ -100,11 +109,24 @@ impl Allocation {
         self.channel(ch, now).map(|_| ch)
     }
 
-    /// Removes permissions and channel bindings that have expired at `now`.
-    pub fn purge(&mut self, now: Instant) {
-        self.permissions.retain(|_, &mut t| t > now);
+    /// Removes permissions and channel bindings that have expired at `now`, reporting each
+    /// to `expired`.
+    pub fn purge(&mut self, now: Instant, mut expired: impl FnMut(Expired)) {
+        self.permissions.retain(|&ip, &mut t| {
+            let live = t > now;
+            if !live {
+                expired(Expired::Permission(ip));
+            }
+            live
+        });
         let before = self.channels.len();
-        self.channels.retain(|_, b| b.expires > now);
+        self.channels.retain(|&number, b| {
+            let live = b.expires > now;
+            if !live {
+                expired(Expired::Channel(number, b.peer));
+            }
+            live
+        });
         if self.channels.len() != before {
             let channels = &self.channels;
             self.channel_by_peer.retain(|_, ch| channels.contains_key(ch));

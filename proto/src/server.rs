@@ -31,7 +31,7 @@
 //! assert!(matches!(server.handle_client(now, ft, b"junk", &mut out), ClientAction::Drop(_)));
 //! ```
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
@@ -41,7 +41,7 @@ use ahash::AHashMap;
 use rand_chacha::rand_core::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use super::allocation::{Allocation, ChannelBinding, FiveTuple};
+use super::allocation::{Allocation, ChannelBinding, Expired, FiveTuple};
 use super::auth::{Authenticated, Credentials, NonceError, NonceIssuer};
 use super::channel_data::{self, ChannelData, MAX_CHANNEL_RFC5766, MAX_CHANNEL_STRICT, MIN_CHANNEL};
 use super::peer_policy::PeerPolicy;
@@ -223,10 +223,10 @@ pub enum DropReason {
 #[derive(Debug)]
 pub enum ClientAction<'a> {
     /// Send the response in `out` to the 5-tuple's client, from its server address.
-    Respond,
+    Respond(Response),
     /// Send the response in `out` to the 5-tuple's client from this other local transport
     /// address (RFC 5780 CHANGE-REQUEST).
-    RespondFrom(SocketAddr),
+    RespondFrom(SocketAddr, Response),
     /// Send `payload` (a slice of the input) from the relayed transport address to `peer`.
     Relay {
         /// Relayed transport address to send from.
@@ -243,6 +243,26 @@ pub enum ClientAction<'a> {
     Drop(DropReason),
     /// Nothing to send (an indication that needs no answer).
     Nothing,
+}
+
+/// What a response in `out` carries: its method and, for an error response, the code (for
+/// counting responses by method and code without decoding them again).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Response {
+    /// The request's method.
+    pub method: Method,
+    /// `None` for a success response, else the ERROR-CODE.
+    pub error: Option<ErrorCode>,
+}
+
+/// The result of [`Server::complete_allocate`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AllocateCompletion {
+    /// The response written to `out` (always send it).
+    pub response: Response,
+    /// A relayed transport address the shell must release again: the allocation could not
+    /// take it (another ticket of the same 5-tuple got there first).
+    pub release: Option<SocketAddr>,
 }
 
 /// An Allocate that passed every check and now needs a relayed transport address
@@ -314,16 +334,109 @@ pub enum PeerAction {
     Drop(DropReason),
 }
 
-/// Something the shell must act on, from [`Server::poll_event`].
+/// Why an allocation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CloseReason {
+    /// Its lifetime ran out (RFC 8656 §8).
+    Expired,
+    /// A Refresh with LIFETIME 0 deleted it (RFC 8656 §8).
+    Deleted,
+}
+
+/// What the server decided, for the shell and whatever it feeds (metrics, a kernel fast
+/// path, usage records), from [`Server::poll_event`]. Requests, timeouts and completed
+/// Allocates emit events; the per-packet paths (ChannelData, Send, peer data) never do.
+///
+/// Every event names the allocation by its 5-tuple and relayed transport address. When an
+/// allocation closes, its permissions and channel bindings go with it: no separate
+/// expiry events are emitted for them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Event {
-    /// The allocation is gone (expired or deleted by Refresh with LIFETIME 0): close the
-    /// relayed transport address's socket and return its port.
+    /// An Allocate succeeded (RFC 8656 §7.2).
+    AllocationCreated {
+        /// The client 5-tuple.
+        five_tuple: FiveTuple,
+        /// The relayed transport address.
+        relayed: SocketAddr,
+        /// The granted lifetime.
+        lifetime: Duration,
+    },
+    /// A Refresh with a non-zero LIFETIME succeeded (RFC 8656 §8).
+    AllocationRefreshed {
+        /// The client 5-tuple.
+        five_tuple: FiveTuple,
+        /// The relayed transport address.
+        relayed: SocketAddr,
+        /// The granted lifetime, from now.
+        lifetime: Duration,
+    },
+    /// The allocation is gone: close the relayed transport address's socket and return
+    /// its port.
     AllocationClosed {
         /// The client 5-tuple.
         five_tuple: FiveTuple,
         /// The relayed transport address to release.
         relayed: SocketAddr,
+        /// Why.
+        reason: CloseReason,
+    },
+    /// A permission was installed or refreshed (RFC 8656 §9) by CreatePermission or
+    /// ChannelBind.
+    PermissionInstalled {
+        /// The client 5-tuple.
+        five_tuple: FiveTuple,
+        /// The relayed transport address.
+        relayed: SocketAddr,
+        /// The peer IP it permits (ports do not matter).
+        peer: IpAddr,
+        /// When it expires unless refreshed.
+        expires: Instant,
+    },
+    /// A permission expired (RFC 8656 §9: 300 s without refresh).
+    PermissionExpired {
+        /// The client 5-tuple.
+        five_tuple: FiveTuple,
+        /// The relayed transport address.
+        relayed: SocketAddr,
+        /// The peer IP.
+        peer: IpAddr,
+    },
+    /// A channel was bound to a peer (RFC 8656 §12).
+    ChannelBound {
+        /// The client 5-tuple.
+        five_tuple: FiveTuple,
+        /// The relayed transport address.
+        relayed: SocketAddr,
+        /// The channel number.
+        channel: u16,
+        /// The peer transport address.
+        peer: SocketAddr,
+        /// When the binding expires unless refreshed.
+        expires: Instant,
+    },
+    /// A ChannelBind on a live binding (same number, same peer) refreshed it (RFC 8656 §12).
+    ChannelRebound {
+        /// The client 5-tuple.
+        five_tuple: FiveTuple,
+        /// The relayed transport address.
+        relayed: SocketAddr,
+        /// The channel number.
+        channel: u16,
+        /// The peer transport address.
+        peer: SocketAddr,
+        /// The new expiry.
+        expires: Instant,
+    },
+    /// A channel binding expired (RFC 8656 §12: 600 s without refresh).
+    ChannelExpired {
+        /// The client 5-tuple.
+        five_tuple: FiveTuple,
+        /// The relayed transport address.
+        relayed: SocketAddr,
+        /// The channel number.
+        channel: u16,
+        /// The peer transport address it was bound to.
+        peer: SocketAddr,
     },
 }
 
@@ -420,6 +533,8 @@ pub struct Server {
     /// Allocate tickets with the control thread: 5-tuple to (transaction ID, when sent).
     pending_allocates: AHashMap<FiveTuple, (TransactionId, Instant)>,
     challenge_limiter: Option<RefCell<PrefixLimiter>>,
+    /// What the last response written carries.
+    response: Cell<Response>,
     request_limiter: Option<PrefixLimiter>,
 }
 
@@ -460,6 +575,10 @@ impl Server {
             tid_rng: ChaCha8Rng::from_seed(derive_seed(&secret)),
             pending_allocates: AHashMap::new(),
             challenge_limiter,
+            response: Cell::new(Response {
+                method: Method::Binding,
+                error: None,
+            }),
             request_limiter,
         }
     }
@@ -513,7 +632,7 @@ impl Server {
     /// (RFC 8656 §12.5, demultiplexed on the first two bits).
     ///
     /// Responses are written to `out` (cleared first) and signalled by
-    /// [`ClientAction::Respond`]; relayed payloads borrow from `data`.
+    /// [`ClientAction::Respond(self.response.get())`]; relayed payloads borrow from `data`.
     pub fn handle_client<'a>(
         &mut self,
         now: Instant,
@@ -608,7 +727,7 @@ impl Server {
         out: &mut Vec<u8>,
     ) -> ClientAction<'a> {
         if let Some(limiter) = &mut self.request_limiter {
-            if !limiter.allow(ft.client.ip(), now) && !self.from_owner(ft, msg) {
+            if !limiter.allow(ft.client.ip(), now) && !self.is_owner_request(ft, msg) {
                 return ClientAction::Drop(DropReason::RateLimited);
             }
         }
@@ -621,7 +740,7 @@ impl Server {
         match msg.method() {
             Method::Binding => {
                 if self.unknown_attributes(msg, &reply, out) {
-                    return ClientAction::Respond;
+                    return ClientAction::Respond(self.response.get());
                 }
                 self.binding(ft, msg, &reply, out)
             }
@@ -630,22 +749,22 @@ impl Server {
                 // authentication so that the answer carries no REALM and NONCE: 28 bytes, not
                 // a 401 of 88 bytes for a 20-byte request.
                 self.error(out, &reply, ErrorCode::BAD_REQUEST);
-                ClientAction::Respond
+                ClientAction::Respond(self.response.get())
             }
             Method::Allocate | Method::Refresh | Method::CreatePermission | Method::ChannelBind => {
                 // An expired allocation is gone even before `handle_timeout` has run, as for
                 // Send, ChannelData and peer data: no Refresh may revive it (RFC 8656 §8).
                 if self.allocations.get(&ft).is_some_and(|a| a.expires <= now) {
-                    self.remove_allocation(ft);
+                    self.remove_allocation(ft, CloseReason::Expired);
                 }
                 let auth = match self.authenticate(now, ft, msg, &reply, out) {
                     Ok(a) => a,
-                    Err(Refusal::Responded) => return ClientAction::Respond,
+                    Err(Refusal::Responded) => return ClientAction::Respond(self.response.get()),
                     Err(Refusal::RateLimited) => return ClientAction::Drop(DropReason::RateLimited),
                 };
                 reply.auth = Some(&auth);
                 if self.unknown_attributes(msg, &reply, out) {
-                    return ClientAction::Respond;
+                    return ClientAction::Respond(self.response.get());
                 }
                 match msg.method() {
                     Method::Allocate => self.allocate(now, ft, msg, &reply, out),
@@ -656,7 +775,7 @@ impl Server {
             }
             _ => {
                 self.error(out, &reply, ErrorCode::BAD_REQUEST);
-                ClientAction::Respond
+                ClientAction::Respond(self.response.get())
             }
         }
     }
@@ -665,7 +784,7 @@ impl Server {
     /// verifies with the allocation's key: such a request passes the per-source request
     /// limit, so a flood from another port of the owner's IP (or spoofed from it) cannot
     /// starve the owner's Refreshes. Costs one HMAC, only for 5-tuples with an allocation.
-    fn from_owner(&self, ft: FiveTuple, msg: &Message<'_>) -> bool {
+    fn is_owner_request(&self, ft: FiveTuple, msg: &Message<'_>) -> bool {
         let Some(alloc) = self.allocations.get(&ft) else {
             return false;
         };
@@ -695,7 +814,7 @@ impl Server {
                         reason: "",
                     });
                 });
-                return ClientAction::Respond;
+                return ClientAction::Respond(self.response.get());
             }
         };
         let Some(nat) = self
@@ -713,12 +832,12 @@ impl Server {
                     });
                     b.attribute(&Attribute::UnknownAttributes(&kind::CHANGE_REQUEST.to_be_bytes()));
                 });
-                return ClientAction::Respond;
+                return ClientAction::Respond(self.response.get());
             }
             self.respond(out, reply, Class::Success, |b| {
                 b.attribute(&Attribute::XorMappedAddress(ft.client));
             });
-            return ClientAction::Respond;
+            return ClientAction::Respond(self.response.get());
         };
         let origin = nat
             .response_origin(ft.server, change_ip, change_port)
@@ -730,9 +849,9 @@ impl Server {
             b.attribute(&Attribute::OtherAddress(other));
         });
         if origin == ft.server {
-            ClientAction::Respond
+            ClientAction::Respond(self.response.get())
         } else {
-            ClientAction::RespondFrom(origin)
+            ClientAction::RespondFrom(origin, self.response.get())
         }
     }
 
@@ -779,6 +898,14 @@ impl Server {
         if reply.fingerprint {
             b.fingerprint();
         }
+        // Every error response starts with its ERROR-CODE (RFC 8489 §14.8: class in the
+        // low 3 bits of byte 2, number in byte 3 of the value).
+        let error = (class == Class::Error && out.len() >= 28 && out[20..22] == kind::ERROR_CODE.to_be_bytes())
+            .then(|| ErrorCode((out[26] & 7) as u16 * 100 + out[27] as u16));
+        self.response.set(Response {
+            method: reply.method,
+            error,
+        });
     }
 
     /// An error response with `code`. The reason phrase goes only into authenticated
@@ -941,7 +1068,7 @@ impl Server {
             } else {
                 self.error(out, reply, ErrorCode::ALLOCATION_MISMATCH);
             }
-            return ClientAction::Respond;
+            return ClientAction::Respond(self.response.get());
         }
         if self
             .pending_allocates
@@ -954,7 +1081,7 @@ impl Server {
         }
         let mut err = |code| {
             self.error(out, reply, code);
-            ClientAction::Respond
+            ClientAction::Respond(self.response.get())
         };
         match msg.get(kind::REQUESTED_TRANSPORT) {
             Some(Ok(Attribute::RequestedTransport(PROTOCOL_UDP))) => {}
@@ -995,7 +1122,7 @@ impl Server {
                 error_code(b, ErrorCode::UNKNOWN_ATTRIBUTE);
                 b.attribute(&Attribute::UnknownAttributes(&kind::DONT_FRAGMENT.to_be_bytes()));
             });
-            return ClientAction::Respond;
+            return ClientAction::Respond(self.response.get());
         }
         let requested = match msg.get(kind::LIFETIME) {
             None => None,
@@ -1049,12 +1176,23 @@ impl Server {
     }
 
     /// Finishes an Allocate once the shell has reserved a relayed transport address (or
-    /// failed to: 440 or 508). Writes the response to `out` (always send it).
-    ///
-    /// Returns a relayed transport address the shell must release again, when the
-    /// allocation could not take it (a retransmitted Allocate that raced, or a quota
-    /// reached meanwhile).
+    /// failed to: 440, 486 or 508). Writes the response to `out` (always send it) and
+    /// returns what it carries and whether the shell must release the address again.
     pub fn complete_allocate(
+        &mut self,
+        now: Instant,
+        request: AllocateRequest,
+        result: Result<SocketAddr, RelayError>,
+        out: &mut Vec<u8>,
+    ) -> AllocateCompletion {
+        let release = self.finish_allocate(now, request, result, out);
+        AllocateCompletion {
+            response: self.response.get(),
+            release,
+        }
+    }
+
+    fn finish_allocate(
         &mut self,
         now: Instant,
         request: AllocateRequest,
@@ -1130,6 +1268,11 @@ impl Server {
             },
         );
         self.push_timer(expires, ft);
+        self.events.push_back(Event::AllocationCreated {
+            five_tuple: ft,
+            relayed,
+            lifetime: request.lifetime,
+        });
         None
     }
 
@@ -1162,7 +1305,7 @@ impl Server {
             Some(Ok(Attribute::Lifetime(s))) => Some(s),
             Some(_) => {
                 self.error(out, reply, ErrorCode::BAD_REQUEST);
-                return ClientAction::Respond;
+                return ClientAction::Respond(self.response.get());
             }
         };
         let family = match msg.get(kind::REQUESTED_ADDRESS_FAMILY) {
@@ -1170,27 +1313,33 @@ impl Server {
             Some(Ok(Attribute::RequestedAddressFamily(f))) => Some(f),
             Some(_) => {
                 self.error(out, reply, ErrorCode::BAD_REQUEST);
-                return ClientAction::Respond;
+                return ClientAction::Respond(self.response.get());
             }
         };
         let lifetime = self.granted_lifetime(requested);
         let Some(alloc) = self.owned_allocation(ft, reply, out) else {
-            return ClientAction::Respond;
+            return ClientAction::Respond(self.response.get());
         };
         if family.is_some_and(|f| f != AddressFamily::of(&alloc.relayed.ip())) {
             self.error(out, reply, ErrorCode::PEER_ADDRESS_FAMILY_MISMATCH);
-            return ClientAction::Respond;
+            return ClientAction::Respond(self.response.get());
         }
         if lifetime.is_zero() {
-            self.remove_allocation(ft);
+            self.remove_allocation(ft, CloseReason::Deleted);
         } else {
             alloc.expires = now + lifetime;
+            let relayed = alloc.relayed;
+            self.events.push_back(Event::AllocationRefreshed {
+                five_tuple: ft,
+                relayed,
+                lifetime,
+            });
             self.reschedule(ft);
         }
         self.respond(out, reply, Class::Success, |b| {
             b.attribute(&Attribute::Lifetime(lifetime.as_secs() as u32));
         });
-        ClientAction::Respond
+        ClientAction::Respond(self.response.get())
     }
 
     /// Checks a peer address for CreatePermission and ChannelBind: 443 on a family
@@ -1211,7 +1360,7 @@ impl Server {
         out: &mut Vec<u8>,
     ) -> ClientAction<'a> {
         let Some(alloc) = self.owned_allocation(ft, reply, out) else {
-            return ClientAction::Respond;
+            return ClientAction::Respond(self.response.get());
         };
         let relayed = alloc.relayed;
         let tid = msg.transaction_id();
@@ -1244,23 +1393,30 @@ impl Server {
         }
         if let Some(code) = failure {
             self.error(out, reply, code);
-            return ClientAction::Respond;
+            return ClientAction::Respond(self.response.get());
         }
         let max = self.config.max_permissions_per_allocation;
         let lifetime = self.config.permission_lifetime;
+        self.purge(ft, now);
         let alloc = self.allocations.get_mut(&ft).expect("checked above");
-        alloc.purge(now);
         let new = peers.iter().filter(|ip| !alloc.permissions.contains_key(ip)).count();
         if alloc.permissions.len() + new > max {
             self.error(out, reply, ErrorCode::INSUFFICIENT_CAPACITY);
-            return ClientAction::Respond;
+            return ClientAction::Respond(self.response.get());
         }
+        let relayed = alloc.relayed;
         for ip in peers {
             alloc.permissions.insert(ip, now + lifetime);
+            self.events.push_back(Event::PermissionInstalled {
+                five_tuple: ft,
+                relayed,
+                peer: ip,
+                expires: now + lifetime,
+            });
         }
         self.reschedule(ft);
         self.respond(out, reply, Class::Success, |_| {});
-        ClientAction::Respond
+        ClientAction::Respond(self.response.get())
     }
 
     fn channel_bind<'a>(
@@ -1284,24 +1440,24 @@ impl Server {
             }
             _ => {
                 self.error(out, reply, ErrorCode::BAD_REQUEST);
-                return ClientAction::Respond;
+                return ClientAction::Respond(self.response.get());
             }
         };
         let Some(alloc) = self.owned_allocation(ft, reply, out) else {
-            return ClientAction::Respond;
+            return ClientAction::Respond(self.response.get());
         };
         let relayed = alloc.relayed;
         if let Err(code) = self.check_peer(relayed, peer) {
             self.error(out, reply, code);
-            return ClientAction::Respond;
+            return ClientAction::Respond(self.response.get());
         }
         let (max_ch, max_perm) = (
             self.config.max_channels_per_allocation,
             self.config.max_permissions_per_allocation,
         );
         let (ch_life, perm_life) = (self.config.channel_lifetime, self.config.permission_lifetime);
+        self.purge(ft, now);
         let alloc = self.allocations.get_mut(&ft).expect("checked above");
-        alloc.purge(now);
         // RFC 8656 §11.2: the number must not be bound to another peer, nor the peer to
         // another number.
         let conflict = alloc.channels.get(&channel).is_some_and(|b| b.peer != peer)
@@ -1313,15 +1469,35 @@ impl Server {
         } else if over {
             Some(ErrorCode::INSUFFICIENT_CAPACITY)
         } else {
-            alloc.channels.insert(
-                channel,
-                ChannelBinding {
-                    peer,
-                    expires: now + ch_life,
-                },
-            );
+            let rebound = alloc.channels.contains_key(&channel);
+            let expires = now + ch_life;
+            alloc.channels.insert(channel, ChannelBinding { peer, expires });
             alloc.channel_by_peer.insert(peer, channel);
             alloc.permissions.insert(peer.ip(), now + perm_life);
+            let (five_tuple, relayed) = (ft, alloc.relayed);
+            self.events.push_back(if rebound {
+                Event::ChannelRebound {
+                    five_tuple,
+                    relayed,
+                    channel,
+                    peer,
+                    expires,
+                }
+            } else {
+                Event::ChannelBound {
+                    five_tuple,
+                    relayed,
+                    channel,
+                    peer,
+                    expires,
+                }
+            });
+            self.events.push_back(Event::PermissionInstalled {
+                five_tuple,
+                relayed,
+                peer: peer.ip(),
+                expires: now + perm_life,
+            });
             None
         };
         match code {
@@ -1331,7 +1507,7 @@ impl Server {
                 self.respond(out, reply, Class::Success, |_| {});
             }
         }
-        ClientAction::Respond
+        ClientAction::Respond(self.response.get())
     }
 
     /// Handles a datagram of `len` payload bytes from `peer` arriving on the relayed transport
@@ -1398,12 +1574,38 @@ impl Server {
         self.timers.push(Reverse((t, ft)));
     }
 
-    fn remove_allocation(&mut self, ft: FiveTuple) {
+    /// Removes the expired permissions and channel bindings of `ft`'s allocation, with an
+    /// event for each.
+    fn purge(&mut self, ft: FiveTuple, now: Instant) {
+        let Some(alloc) = self.allocations.get_mut(&ft) else {
+            return;
+        };
+        let relayed = alloc.relayed;
+        let events = &mut self.events;
+        alloc.purge(now, |expired| {
+            events.push_back(match expired {
+                Expired::Permission(peer) => Event::PermissionExpired {
+                    five_tuple: ft,
+                    relayed,
+                    peer,
+                },
+                Expired::Channel(channel, peer) => Event::ChannelExpired {
+                    five_tuple: ft,
+                    relayed,
+                    channel,
+                    peer,
+                },
+            })
+        });
+    }
+
+    fn remove_allocation(&mut self, ft: FiveTuple, reason: CloseReason) {
         if let Some(alloc) = self.allocations.remove(&ft) {
             self.by_relay.remove(&alloc.relayed);
             self.events.push_back(Event::AllocationClosed {
                 five_tuple: ft,
                 relayed: alloc.relayed,
+                reason,
             });
         }
     }
@@ -1427,10 +1629,10 @@ impl Server {
                 continue; // superseded by a later schedule
             }
             if alloc.expires <= now {
-                self.remove_allocation(ft);
+                self.remove_allocation(ft, CloseReason::Expired);
             } else {
-                alloc.purge(now);
                 alloc.timer = now; // force a new entry
+                self.purge(ft, now);
                 self.reschedule(ft);
             }
         }

@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 
 use proptest::prelude::*;
 
-use super::{AllocateRequest, ClientAction, DropReason, Event, PeerAction, RelayError, Server, ServerConfig};
+use super::{
+    AllocateRequest, ClientAction, CloseReason, DropReason, Event, PeerAction, RelayError, Server, ServerConfig,
+};
 use crate::allocation::FiveTuple;
 use crate::auth::{self, Credentials, NONCE_COOKIE};
 use crate::channel_data::ChannelData;
@@ -370,7 +372,7 @@ impl Harness {
     fn send(&mut self, now: Instant, ft: FiveTuple, data: &[u8]) -> Outcome {
         let mut out = vec![0xEE; 7]; // the server must clear it
         match self.server.handle_client(now, ft, data, &mut out) {
-            ClientAction::Respond | ClientAction::RespondFrom(_) => Outcome::Respond(out),
+            ClientAction::Respond(_) | ClientAction::RespondFrom(..) => Outcome::Respond(out),
             ClientAction::Allocate(r) => Outcome::Allocate(r),
             ClientAction::Relay { relayed, peer, payload } => Outcome::Relay {
                 relayed,
@@ -438,9 +440,11 @@ impl Harness {
     ) -> (Vec<u8>, Option<SocketAddr>) {
         assert_eq!(req.five_tuple, c.ft);
         let mut out = vec![0xEE; 3];
-        let released = self.server.complete_allocate(now, req, result, &mut out);
+        let completion = self.server.complete_allocate(now, req, result, &mut out);
         c.verify(&out);
-        (out, released)
+        assert_eq!(completion.response.method, Method::Allocate);
+        assert_eq!(completion.response.error.map(|e| e.0), err_code(&out));
+        (out, completion.release)
     }
 
     /// Allocate and complete it with `relayed`: the response (success or error).
@@ -483,7 +487,15 @@ impl Harness {
         )
     }
 
+    /// The AllocationClosed events (the others are drained and dropped).
     fn events(&mut self) -> Vec<Event> {
+        self.all_events()
+            .into_iter()
+            .filter(|e| matches!(e, Event::AllocationClosed { .. }))
+            .collect()
+    }
+
+    fn all_events(&mut self) -> Vec<Event> {
         std::iter::from_fn(|| self.server.poll_event()).collect()
     }
 }
@@ -1507,7 +1519,8 @@ fn refresh_lifetimes_and_delete() {
         h.events(),
         vec![Event::AllocationClosed {
             five_tuple: c.ft,
-            relayed: relay(1)
+            relayed: relay(1),
+            reason: CloseReason::Deleted
         }]
     );
     assert_eq!(h.server.allocation_count(), 0);
@@ -1598,7 +1611,8 @@ fn allocation_expires_exactly_at_its_lifetime() {
         h.events(),
         vec![Event::AllocationClosed {
             five_tuple: c.ft,
-            relayed: relay(1)
+            relayed: relay(1),
+            reason: CloseReason::Expired
         }]
     );
     h.server.handle_timeout(h.at(601));
@@ -1635,7 +1649,8 @@ fn refresh_moves_expiry() {
         h.events(),
         vec![Event::AllocationClosed {
             five_tuple: c.ft,
-            relayed: relay(1)
+            relayed: relay(1),
+            reason: CloseReason::Expired
         }]
     );
 }
@@ -1668,8 +1683,9 @@ fn many_allocations_expire_in_order() {
         assert_eq!(h.server.allocation_count(), 19 - i as usize);
         let ev = h.events();
         assert_eq!(ev.len(), 1);
-        let Event::AllocationClosed { relayed, .. } = ev[0];
-        assert_eq!(relayed, relay(i as u16));
+        assert!(
+            matches!(ev[0], Event::AllocationClosed { relayed, reason: CloseReason::Expired, .. } if relayed == relay(i as u16))
+        );
     }
     assert!(h.server.poll_timeout().is_none_or(|t| t <= h.at(620)));
 }
@@ -1693,7 +1709,8 @@ fn expired_allocation_is_gone_before_handle_timeout() {
         h.events(),
         vec![Event::AllocationClosed {
             five_tuple: c.ft,
-            relayed: relay(1)
+            relayed: relay(1),
+            reason: CloseReason::Expired
         }]
     );
     // A fresh Allocate on the same 5-tuple succeeds.
@@ -2891,4 +2908,197 @@ fn regression_unspecified_address_of_own_listener_is_403() {
         h.send(now, c.ft, &send_indication(own, b"loop")),
         Outcome::Drop(DropReason::PeerDenied)
     ));
+}
+
+// ---------------------------------------------------------------------------------------
+// The typed output model: every event, at its exact virtual instant
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn events_of_an_allocation_life() {
+    let mut h = Harness::new();
+    let t0 = h.t0;
+    let mut c = Client::alice();
+    let ft = c.ft;
+    let relayed = relay(1);
+    h.allocate_ok(t0, &mut c, relayed);
+    assert_eq!(
+        h.all_events(),
+        vec![Event::AllocationCreated {
+            five_tuple: ft,
+            relayed,
+            lifetime: Duration::from_secs(600)
+        }]
+    );
+    // CreatePermission: one event per IP (the duplicate IP once).
+    let r = h.create_permission(h.at(10), &mut c, &[sa(P1), sa(P2), sa("8.8.8.8:9")]);
+    assert_success(&r, Method::CreatePermission);
+    assert_eq!(
+        h.all_events(),
+        vec![
+            Event::PermissionInstalled {
+                five_tuple: ft,
+                relayed,
+                peer: sa(P1).ip(),
+                expires: h.at(310)
+            },
+            Event::PermissionInstalled {
+                five_tuple: ft,
+                relayed,
+                peer: sa(P2).ip(),
+                expires: h.at(310)
+            },
+        ]
+    );
+    // ChannelBind: bound, with its implicit permission; again: rebound (refreshed).
+    assert_success(&h.channel_bind(h.at(20), &mut c, 0x4001, sa(P3)), Method::ChannelBind);
+    assert_eq!(
+        h.all_events(),
+        vec![
+            Event::ChannelBound {
+                five_tuple: ft,
+                relayed,
+                channel: 0x4001,
+                peer: sa(P3),
+                expires: h.at(620)
+            },
+            Event::PermissionInstalled {
+                five_tuple: ft,
+                relayed,
+                peer: sa(P3).ip(),
+                expires: h.at(320)
+            },
+        ]
+    );
+    assert_success(&h.channel_bind(h.at(30), &mut c, 0x4001, sa(P3)), Method::ChannelBind);
+    assert_eq!(
+        h.all_events()[0],
+        Event::ChannelRebound {
+            five_tuple: ft,
+            relayed,
+            channel: 0x4001,
+            peer: sa(P3),
+            expires: h.at(630)
+        }
+    );
+    // Refused requests emit nothing.
+    assert_error(
+        &h.channel_bind(h.at(30), &mut c, 0x4001, sa(P1)),
+        Method::ChannelBind,
+        400,
+    );
+    assert!(h.all_events().is_empty());
+    // Refresh.
+    assert_success(&h.refresh(h.at(40), &mut c, Some(3000)), Method::Refresh);
+    assert_eq!(
+        h.all_events(),
+        vec![Event::AllocationRefreshed {
+            five_tuple: ft,
+            relayed,
+            lifetime: Duration::from_secs(3000)
+        }]
+    );
+    // Permissions of P1 and P2 expire at exactly 310 s, not a tick earlier.
+    h.server.handle_timeout(h.at(309));
+    assert!(h.all_events().is_empty());
+    assert_eq!(h.server.poll_timeout(), Some(h.at(310)));
+    h.server.handle_timeout(h.at(310));
+    let mut expired = h.all_events();
+    expired.sort_by_key(|e| format!("{e:?}"));
+    assert_eq!(
+        expired,
+        vec![
+            Event::PermissionExpired {
+                five_tuple: ft,
+                relayed,
+                peer: sa(P2).ip()
+            },
+            Event::PermissionExpired {
+                five_tuple: ft,
+                relayed,
+                peer: sa(P1).ip()
+            },
+        ]
+    );
+    // P3's permission (refreshed by the rebind at 30 s) at 330 s, the channel at 630 s.
+    h.server.handle_timeout(h.at(329));
+    assert!(h.all_events().is_empty());
+    h.server.handle_timeout(h.at(330));
+    assert_eq!(
+        h.all_events(),
+        vec![Event::PermissionExpired {
+            five_tuple: ft,
+            relayed,
+            peer: sa(P3).ip()
+        }]
+    );
+    h.server.handle_timeout(h.at(629));
+    assert!(h.all_events().is_empty());
+    h.server.handle_timeout(h.at(630));
+    assert_eq!(
+        h.all_events(),
+        vec![Event::ChannelExpired {
+            five_tuple: ft,
+            relayed,
+            channel: 0x4001,
+            peer: sa(P3)
+        }]
+    );
+    // Expiry of the allocation itself at 40 + 3000 s.
+    h.server.handle_timeout(h.at(3039));
+    assert!(h.all_events().is_empty());
+    h.server.handle_timeout(h.at(3040));
+    assert_eq!(
+        h.all_events(),
+        vec![Event::AllocationClosed {
+            five_tuple: ft,
+            relayed,
+            reason: CloseReason::Expired
+        }]
+    );
+}
+
+#[test]
+fn refresh_zero_closes_with_reason_deleted_and_nothing_else() {
+    let mut h = Harness::new();
+    let mut c = Client::alice();
+    h.allocate_ok(h.t0, &mut c, relay(1));
+    assert_success(&h.channel_bind(h.t0, &mut c, 0x4000, sa(P1)), Method::ChannelBind);
+    h.all_events();
+    assert_success(&h.refresh(h.at(1), &mut c, Some(0)), Method::Refresh);
+    assert_eq!(
+        h.all_events(),
+        vec![Event::AllocationClosed {
+            five_tuple: c.ft,
+            relayed: relay(1),
+            reason: CloseReason::Deleted
+        }]
+    );
+    // Its channel and permission went with it: no expiry events later.
+    h.server.handle_timeout(h.at(10_000));
+    assert!(h.all_events().is_empty());
+}
+
+#[test]
+fn responses_name_their_method_and_code() {
+    let mut h = Harness::new();
+    let mut c = Client::alice();
+    let mut out = Vec::new();
+    let unauth = c.unauthenticated(Method::Allocate, fresh_tid(), &[Attribute::RequestedTransport(17)]);
+    let action = h.server.handle_client(h.t0, c.ft, &unauth, &mut out);
+    let ClientAction::Respond(resp) = action else {
+        panic!("{action:?}")
+    };
+    assert_eq!((resp.method, resp.error.map(|e| e.0)), (Method::Allocate, Some(401)));
+    c.nonce = Some(nonce_of(&out));
+    let refresh = c.authenticated(Method::Refresh, fresh_tid(), &[]);
+    let ClientAction::Respond(resp) = h.server.handle_client(h.t0, c.ft, &refresh, &mut out) else {
+        panic!()
+    };
+    assert_eq!((resp.method, resp.error.map(|e| e.0)), (Method::Refresh, Some(437)));
+    let binding = build(Method::Binding, Class::Request, fresh_tid(), |_| {});
+    let ClientAction::Respond(resp) = h.server.handle_client(h.t0, c.ft, &binding, &mut out) else {
+        panic!()
+    };
+    assert_eq!((resp.method, resp.error), (Method::Binding, None));
 }

@@ -95,6 +95,9 @@ struct Core {
     relay_ids: AHashMap<SocketAddr, SocketId>,
     relay_sockets: AHashMap<SocketId, UdpSocket>,
     closing: Vec<(SocketId, UdpSocket)>,
+    /// Relayed transport addresses released to the control thread whose sockets are still
+    /// to be closed (after the backend's wait).
+    released: Vec<SocketAddr>,
     control: Sender<ControlRequest>,
     routes: Routes,
     peers: Vec<ShardHandle>,
@@ -160,6 +163,7 @@ impl Shard {
             relay_ids: AHashMap::new(),
             relay_sockets: AHashMap::new(),
             closing: Vec::new(),
+            released: Vec::new(),
             control: parts.control,
             routes: parts.routes,
             peers: parts.peers,
@@ -208,14 +212,11 @@ impl Shard {
         let now = Instant::now();
         self.core.now = now;
         self.core.server.handle_timeout(now);
-        while let Some(event) = self.core.server.poll_event() {
-            match event {
-                Event::AllocationClosed { relayed, .. } => self.close_relay(relayed),
-            }
-        }
+        self.core.drain_events();
         while let Ok(msg) = self.inbox.try_recv() {
             self.apply(msg);
         }
+        self.close_released();
         self.reap_closing();
         Ok(())
     }
@@ -252,12 +253,13 @@ impl Shard {
                     Err(e) => Err(e),
                 };
                 let now = Instant::now();
-                let release = self
+                let completion = self
                     .core
                     .server
                     .complete_allocate(now, request, result, &mut self.scratch);
-                if let Some(addr) = release {
-                    self.close_relay(addr);
+                self.core.drain_events();
+                if let Some(addr) = completion.release {
+                    self.core.release(addr);
                 }
                 if let Some(fd) = self.core.listener_fd(ft.server) {
                     self.core.stats.responses += 1;
@@ -308,14 +310,17 @@ impl Shard {
         }
     }
 
-    fn close_relay(&mut self, relayed: SocketAddr) {
-        if let Some(id) = self.core.relay_ids.remove(&relayed) {
-            if let Some(socket) = self.core.relay_sockets.remove(&id) {
-                self.io.deregister(id, socket.as_raw_fd());
-                self.core.closing.push((id, socket));
+    /// Closes the relay sockets of allocations that ended (their Release already went to
+    /// the control thread).
+    fn close_released(&mut self) {
+        for relayed in std::mem::take(&mut self.core.released) {
+            if let Some(id) = self.core.relay_ids.remove(&relayed) {
+                if let Some(socket) = self.core.relay_sockets.remove(&id) {
+                    self.io.deregister(id, socket.as_raw_fd());
+                    self.core.closing.push((id, socket));
+                }
             }
         }
-        let _ = self.core.control.send(ControlRequest::Release { relayed });
     }
 
     /// Closes sockets the backend no longer uses and recycles their ids.
@@ -370,6 +375,26 @@ impl Core {
         self.relay_sockets.get(&id).map(|s| s.as_raw_fd())
     }
 
+    /// Hands the server's events to their consumers. An allocation that closed is released
+    /// to the control thread at once, before the response that closed it (a Refresh with
+    /// LIFETIME 0) leaves: the user's next Allocate, on any shard, then finds the quota
+    /// free. Its socket is closed after the backend's wait.
+    fn drain_events(&mut self) {
+        while let Some(event) = self.server.poll_event() {
+            if let Event::AllocationClosed { relayed, .. } = event {
+                self.release(relayed);
+            }
+        }
+    }
+
+    /// Releases `relayed` to the control thread and queues its socket for closing.
+    fn release(&mut self, relayed: SocketAddr) {
+        // A full control queue would leak the port and quota: block briefly instead (the
+        // queue is drained in batches; this path is a request, not a forwarded packet).
+        let _ = self.control.send(ControlRequest::Release { relayed });
+        self.released.push(relayed);
+    }
+
     fn count_drop(&mut self, reason: DropReason) {
         self.stats.drops[drop_index(reason)] += 1;
     }
@@ -393,14 +418,15 @@ impl Core {
         }
         let base = d.buf.as_ptr() as usize;
         match self.server.handle_client(self.now, ft, data, out) {
-            ClientAction::Respond => {
+            ClientAction::Respond(_) => {
                 self.stats.responses += 1;
+                self.drain_events();
                 Verdict::Reply {
                     socket: d.socket,
                     to: d.from,
                 }
             }
-            ClientAction::RespondFrom(origin) => match self.listener_id(origin) {
+            ClientAction::RespondFrom(origin, _) => match self.listener_id(origin) {
                 Some(socket) => {
                     self.stats.responses += 1;
                     Verdict::Reply { socket, to: d.from }

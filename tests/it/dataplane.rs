@@ -175,6 +175,8 @@ fn ten_thousand_allocations_while_two_shards_forward() {
         &format!("{USER}:{PASSWORD}"),
         "--shards",
         "2",
+        "--user-quota",
+        "0",
     ]
     .iter()
     .map(|s| s.to_string())
