@@ -632,7 +632,7 @@ impl Server {
     /// (RFC 8656 §12.5, demultiplexed on the first two bits).
     ///
     /// Responses are written to `out` (cleared first) and signalled by
-    /// [`ClientAction::Respond(self.response.get())`]; relayed payloads borrow from `data`.
+    /// [`ClientAction::Respond`]; relayed payloads borrow from `data`.
     pub fn handle_client<'a>(
         &mut self,
         now: Instant,
