@@ -44,6 +44,10 @@ use rand_chacha::ChaCha8Rng;
 use super::allocation::{Allocation, ChannelBinding, Expired, FiveTuple};
 use super::auth::{Authenticated, Credentials, NonceError, NonceIssuer};
 use super::channel_data::{self, ChannelData, MAX_CHANNEL_RFC5766, MAX_CHANNEL_STRICT, MIN_CHANNEL};
+pub use super::errors::RelayError;
+use super::errors::{
+    AllocateError, AllocationError, AuthError, ChannelBindError, PeerError, PermissionError, RefreshError, RequestError,
+};
 use super::peer_policy::PeerPolicy;
 use super::rate_limit::{burst_for, PrefixLimiter, TokenBucket};
 use super::stun::attribute::{encode_password_algorithms, kind, password_algorithms};
@@ -301,21 +305,6 @@ impl AllocateRequest {
     pub fn username(&self) -> &str {
         &self.auth.username
     }
-}
-
-/// Why the shell could not reserve a relayed transport address.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RelayError {
-    /// No relay address of the requested family is configured (440).
-    FamilyNotSupported,
-    /// No port is free (508).
-    Exhausted,
-    /// The RESERVATION-TOKEN is unknown or its reservation expired (508).
-    BadReservationToken,
-    /// The user holds as many allocations as the user quota allows (486).
-    UserQuota,
-    /// The server holds as many allocations as the total quota allows (508).
-    TotalQuota,
 }
 
 /// Where a peer datagram goes, from [`Server::handle_peer`].
@@ -748,7 +737,7 @@ impl Server {
                 // RFC 8656 §7.2 bullet 3: 400 without REQUESTED-TRANSPORT. Checked before
                 // authentication so that the answer carries no REALM and NONCE: 28 bytes, not
                 // a 401 of 88 bytes for a 20-byte request.
-                self.error(out, &reply, ErrorCode::BAD_REQUEST);
+                self.error(out, &reply, AllocateError::NoRequestedTransport);
                 ClientAction::Respond(self.response.get())
             }
             Method::Allocate | Method::Refresh | Method::CreatePermission | Method::ChannelBind => {
@@ -774,7 +763,7 @@ impl Server {
                 }
             }
             _ => {
-                self.error(out, &reply, ErrorCode::BAD_REQUEST);
+                self.error(out, &reply, RequestError::UnknownMethod);
                 ClientAction::Respond(self.response.get())
             }
         }
@@ -810,7 +799,7 @@ impl Server {
                 // No reason phrase: unauthenticated, so no amplification (see below).
                 self.respond(out, reply, Class::Error, |b| {
                     b.attribute(&Attribute::ErrorCode {
-                        code: ErrorCode::BAD_REQUEST,
+                        code: RequestError::MalformedChangeRequest.into(),
                         reason: "",
                     });
                 });
@@ -827,7 +816,7 @@ impl Server {
                 // XOR-MAPPED-ADDRESS, as every unauthenticated answer (no amplification).
                 self.respond(out, reply, Class::Error, |b| {
                     b.attribute(&Attribute::ErrorCode {
-                        code: ErrorCode::UNKNOWN_ATTRIBUTE,
+                        code: RequestError::ChangeRequestUnsupported.into(),
                         reason: "",
                     });
                     b.attribute(&Attribute::UnknownAttributes(&kind::CHANGE_REQUEST.to_be_bytes()));
@@ -871,7 +860,7 @@ impl Server {
         }
         // Unauthenticated (a Binding): no reason phrase, so that the 420 is never larger
         // than the request plus an XOR-MAPPED-ADDRESS and cannot amplify reflected traffic.
-        let code = ErrorCode::UNKNOWN_ATTRIBUTE;
+        let code: ErrorCode = RequestError::UnknownAttributes.into();
         let reason = if reply.auth.is_some() { code.reason() } else { "" };
         self.respond(out, reply, Class::Error, |b| {
             b.attribute(&Attribute::ErrorCode { code, reason });
@@ -911,7 +900,8 @@ impl Server {
     /// An error response with `code`. The reason phrase goes only into authenticated
     /// answers: an unauthenticated sender never gets an answer larger than its request plus
     /// an XOR-MAPPED-ADDRESS (no amplification), except the 401/438 challenge.
-    fn error(&self, out: &mut Vec<u8>, reply: &Reply<'_>, code: ErrorCode) {
+    fn error(&self, out: &mut Vec<u8>, reply: &Reply<'_>, error: impl Into<ErrorCode>) {
+        let code = error.into();
         let reason = if reply.auth.is_some() { code.reason() } else { "" };
         self.respond(out, reply, Class::Error, |b| {
             b.attribute(&Attribute::ErrorCode { code, reason });
@@ -921,7 +911,15 @@ impl Server {
     /// 401 or 438 with REALM, a fresh NONCE and PASSWORD-ALGORITHMS (RFC 8489 §9.2.4),
     /// unless the source prefix has used up its challenge rate (then nothing is sent, so the
     /// server cannot be used to reflect traffic at a spoofed source).
-    fn challenge(&self, now: Instant, ft: FiveTuple, reply: &Reply<'_>, code: ErrorCode, out: &mut Vec<u8>) -> Refusal {
+    fn challenge(
+        &self,
+        now: Instant,
+        ft: FiveTuple,
+        reply: &Reply<'_>,
+        error: AuthError,
+        out: &mut Vec<u8>,
+    ) -> Refusal {
+        let code: ErrorCode = error.into();
         if let Some(limiter) = &self.challenge_limiter {
             if !limiter.borrow_mut().allow(ft.client.ip(), now) {
                 return Refusal::RateLimited;
@@ -957,10 +955,10 @@ impl Server {
         } else if msg.integrity_offset().is_some() {
             Mac::Sha1
         } else {
-            return Err(self.challenge(now, ft, reply, ErrorCode::UNAUTHENTICATED, out));
+            return Err(self.challenge(now, ft, reply, AuthError::NoIntegrity, out));
         };
         let bad_request = |out: &mut Vec<u8>| {
-            self.error(out, reply, ErrorCode::BAD_REQUEST);
+            self.error(out, reply, AuthError::Malformed);
             Err(Refusal::Responded)
         };
         // A MESSAGE-INTEGRITY that is not 20 bytes is malformed (RFC 8489 §14.5); refusing
@@ -989,7 +987,7 @@ impl Server {
         match self.nonces.check(nonce, self.unix_now(now), ft.client) {
             Ok(()) => {}
             Err(NonceError::Expired | NonceError::Invalid) => {
-                return Err(self.challenge(now, ft, reply, ErrorCode::STALE_NONCE, out));
+                return Err(self.challenge(now, ft, reply, AuthError::StaleNonce, out));
             }
         }
         // PASSWORD-ALGORITHM must come with PASSWORD-ALGORITHMS repeating our offer
@@ -1012,7 +1010,7 @@ impl Server {
             _ => return bad_request(out),
         };
         if realm != self.config.realm {
-            return Err(self.challenge(now, ft, reply, ErrorCode::UNAUTHENTICATED, out));
+            return Err(self.challenge(now, ft, reply, AuthError::WrongRealm, out));
         }
         let found = username.and_then(|user| {
             self.credentials
@@ -1033,7 +1031,7 @@ impl Server {
                 key: a.key,
                 mac,
             }),
-            None => Err(self.challenge(now, ft, reply, ErrorCode::UNAUTHENTICATED, out)),
+            None => Err(self.challenge(now, ft, reply, AuthError::BadCredentials, out)),
         }
     }
 
@@ -1066,7 +1064,7 @@ impl Server {
                 let grant = Grant::repeated(alloc, now);
                 self.allocate_success(out, reply, ft, grant);
             } else {
-                self.error(out, reply, ErrorCode::ALLOCATION_MISMATCH);
+                self.error(out, reply, AllocateError::AllocationExists);
             }
             return ClientAction::Respond(self.response.get());
         }
@@ -1085,41 +1083,41 @@ impl Server {
         };
         match msg.get(kind::REQUESTED_TRANSPORT) {
             Some(Ok(Attribute::RequestedTransport(PROTOCOL_UDP))) => {}
-            Some(Ok(Attribute::RequestedTransport(_))) => return err(ErrorCode::UNSUPPORTED_TRANSPORT),
-            _ => return err(ErrorCode::BAD_REQUEST),
+            Some(Ok(Attribute::RequestedTransport(_))) => return err(AllocateError::UnsupportedTransport),
+            _ => return err(AllocateError::NoRequestedTransport),
         }
         let (even_port, reserve_next) = match msg.get(kind::EVEN_PORT) {
             None => (false, false),
             Some(Ok(Attribute::EvenPort(r))) => (true, r),
-            Some(_) => return err(ErrorCode::BAD_REQUEST),
+            Some(_) => return err(AllocateError::MalformedAttribute),
         };
         let requested_family = match msg.get(kind::REQUESTED_ADDRESS_FAMILY) {
             None => None,
             Some(Ok(Attribute::RequestedAddressFamily(f))) => Some(f),
-            Some(_) => return err(ErrorCode::BAD_REQUEST),
+            Some(_) => return err(AllocateError::MalformedAttribute),
         };
         let additional = match msg.get(kind::ADDITIONAL_ADDRESS_FAMILY) {
             None => None,
             Some(Ok(Attribute::AdditionalAddressFamily(AddressFamily::V6))) => Some(AddressFamily::V6),
-            Some(_) => return err(ErrorCode::BAD_REQUEST),
+            Some(_) => return err(AllocateError::MalformedAttribute),
         };
         if additional.is_some() && requested_family.is_some() {
-            return err(ErrorCode::BAD_REQUEST);
+            return err(AllocateError::ConflictingAttributes);
         }
         let reservation_token = match msg.get(kind::RESERVATION_TOKEN) {
             None => None,
             Some(Ok(Attribute::ReservationToken(t))) => Some(t),
-            Some(_) => return err(ErrorCode::BAD_REQUEST),
+            Some(_) => return err(AllocateError::MalformedAttribute),
         };
         // RFC 8656 §7.2: RESERVATION-TOKEN excludes EVEN-PORT and the family attributes.
         if reservation_token.is_some() && (even_port || requested_family.is_some() || additional.is_some()) {
-            return err(ErrorCode::BAD_REQUEST);
+            return err(AllocateError::ConflictingAttributes);
         }
         if msg.raw(kind::DONT_FRAGMENT).is_some() {
             // Not supported: answered as an unknown comprehension-required attribute
             // (RFC 8656 §7.2), so the client can retry without it.
             self.respond(out, reply, Class::Error, |b| {
-                error_code(b, ErrorCode::UNKNOWN_ATTRIBUTE);
+                error_code(b, AllocateError::DontFragment.into());
                 b.attribute(&Attribute::UnknownAttributes(&kind::DONT_FRAGMENT.to_be_bytes()));
             });
             return ClientAction::Respond(self.response.get());
@@ -1127,7 +1125,7 @@ impl Server {
         let requested = match msg.get(kind::LIFETIME) {
             None => None,
             Some(Ok(Attribute::Lifetime(s))) => Some(s),
-            Some(_) => return err(ErrorCode::BAD_REQUEST),
+            Some(_) => return err(AllocateError::MalformedAttribute),
         };
         let lifetime = match self.granted_lifetime(requested) {
             Duration::ZERO => self.granted_lifetime(None),
@@ -1166,10 +1164,11 @@ impl Server {
                 b.attribute(&Attribute::ReservationToken(t));
             }
             if let Some(family) = grant.refused_family {
+                let code = RelayError::FamilyNotSupported.into();
                 b.attribute(&Attribute::AddressErrorCode {
                     family,
-                    code: ErrorCode::ADDRESS_FAMILY_NOT_SUPPORTED,
-                    reason: ErrorCode::ADDRESS_FAMILY_NOT_SUPPORTED.reason(),
+                    code,
+                    reason: code.reason(),
                 });
             }
         });
@@ -1220,22 +1219,14 @@ impl Server {
                 let grant = Grant::repeated(existing, now);
                 self.allocate_success(out, &reply, ft, grant);
             } else {
-                self.error(out, &reply, ErrorCode::ALLOCATION_MISMATCH);
+                self.error(out, &reply, AllocateError::AllocationExists);
             }
             return result.ok();
         }
         let relayed = match result {
             Ok(a) => a,
-            Err(RelayError::FamilyNotSupported) => {
-                self.error(out, &reply, ErrorCode::ADDRESS_FAMILY_NOT_SUPPORTED);
-                return None;
-            }
-            Err(RelayError::UserQuota) => {
-                self.error(out, &reply, ErrorCode::ALLOCATION_QUOTA_REACHED);
-                return None;
-            }
-            Err(RelayError::Exhausted | RelayError::BadReservationToken | RelayError::TotalQuota) => {
-                self.error(out, &reply, ErrorCode::INSUFFICIENT_CAPACITY);
+            Err(e) => {
+                self.error(out, &reply, AllocateError::Relay(e));
                 return None;
             }
         };
@@ -1281,11 +1272,11 @@ impl Server {
         let user = &reply.auth.expect("authenticated").username;
         match self.allocations.get(&ft) {
             None => {
-                self.error(out, reply, ErrorCode::ALLOCATION_MISMATCH);
+                self.error(out, reply, AllocationError::NoAllocation);
                 None
             }
             Some(a) if &a.username != user => {
-                self.error(out, reply, ErrorCode::WRONG_CREDENTIALS);
+                self.error(out, reply, AllocationError::WrongCredentials);
                 None
             }
             Some(_) => self.allocations.get_mut(&ft),
@@ -1304,7 +1295,7 @@ impl Server {
             None => None,
             Some(Ok(Attribute::Lifetime(s))) => Some(s),
             Some(_) => {
-                self.error(out, reply, ErrorCode::BAD_REQUEST);
+                self.error(out, reply, RefreshError::MalformedAttribute);
                 return ClientAction::Respond(self.response.get());
             }
         };
@@ -1312,7 +1303,7 @@ impl Server {
             None => None,
             Some(Ok(Attribute::RequestedAddressFamily(f))) => Some(f),
             Some(_) => {
-                self.error(out, reply, ErrorCode::BAD_REQUEST);
+                self.error(out, reply, RefreshError::MalformedAttribute);
                 return ClientAction::Respond(self.response.get());
             }
         };
@@ -1321,7 +1312,7 @@ impl Server {
             return ClientAction::Respond(self.response.get());
         };
         if family.is_some_and(|f| f != AddressFamily::of(&alloc.relayed.ip())) {
-            self.error(out, reply, ErrorCode::PEER_ADDRESS_FAMILY_MISMATCH);
+            self.error(out, reply, RefreshError::FamilyMismatch);
             return ClientAction::Respond(self.response.get());
         }
         if lifetime.is_zero() {
@@ -1344,11 +1335,11 @@ impl Server {
 
     /// Checks a peer address for CreatePermission and ChannelBind: 443 on a family
     /// mismatch with the relayed address, 403 when the policy refuses it.
-    fn check_peer(&self, relayed: SocketAddr, peer: SocketAddr) -> Result<(), ErrorCode> {
+    fn check_peer(&self, relayed: SocketAddr, peer: SocketAddr) -> Result<(), PeerError> {
         if peer.is_ipv4() != relayed.is_ipv4() {
-            return Err(ErrorCode::PEER_ADDRESS_FAMILY_MISMATCH);
+            return Err(PeerError::FamilyMismatch);
         }
-        self.policy.check(peer).map_err(|_| ErrorCode::FORBIDDEN)
+        self.policy.check(peer).map_err(PeerError::Denied)
     }
 
     fn create_permission<'a>(
@@ -1376,23 +1367,23 @@ impl Server {
                     } else {
                         peer
                     };
-                    if let Err(code) = self.check_peer(relayed, probe) {
-                        failure.get_or_insert(code);
+                    if let Err(e) = self.check_peer(relayed, probe) {
+                        failure.get_or_insert(PermissionError::Peer(e));
                     }
                     if !peers.contains(&peer.ip()) {
                         peers.push(peer.ip());
                     }
                 }
                 _ => {
-                    failure = Some(ErrorCode::BAD_REQUEST);
+                    failure = Some(PermissionError::MalformedPeer);
                 }
             }
         }
         if peers.is_empty() {
-            failure = Some(ErrorCode::BAD_REQUEST);
+            failure = Some(PermissionError::MalformedPeer);
         }
-        if let Some(code) = failure {
-            self.error(out, reply, code);
+        if let Some(e) = failure {
+            self.error(out, reply, e);
             return ClientAction::Respond(self.response.get());
         }
         let max = self.config.max_permissions_per_allocation;
@@ -1401,7 +1392,7 @@ impl Server {
         let alloc = self.allocations.get_mut(&ft).expect("checked above");
         let new = peers.iter().filter(|ip| !alloc.permissions.contains_key(ip)).count();
         if alloc.permissions.len() + new > max {
-            self.error(out, reply, ErrorCode::INSUFFICIENT_CAPACITY);
+            self.error(out, reply, PermissionError::TooManyPermissions);
             return ClientAction::Respond(self.response.get());
         }
         let relayed = alloc.relayed;
@@ -1439,7 +1430,7 @@ impl Server {
                 (c, p)
             }
             _ => {
-                self.error(out, reply, ErrorCode::BAD_REQUEST);
+                self.error(out, reply, ChannelBindError::Malformed);
                 return ClientAction::Respond(self.response.get());
             }
         };
@@ -1447,8 +1438,8 @@ impl Server {
             return ClientAction::Respond(self.response.get());
         };
         let relayed = alloc.relayed;
-        if let Err(code) = self.check_peer(relayed, peer) {
-            self.error(out, reply, code);
+        if let Err(e) = self.check_peer(relayed, peer) {
+            self.error(out, reply, ChannelBindError::Peer(e));
             return ClientAction::Respond(self.response.get());
         }
         let (max_ch, max_perm) = (
@@ -1465,9 +1456,9 @@ impl Server {
         let over = (!alloc.channels.contains_key(&channel) && alloc.channels.len() >= max_ch)
             || (!alloc.permissions.contains_key(&peer.ip()) && alloc.permissions.len() >= max_perm);
         let code = if conflict {
-            Some(ErrorCode::BAD_REQUEST)
+            Some(ChannelBindError::Conflict)
         } else if over {
-            Some(ErrorCode::INSUFFICIENT_CAPACITY)
+            Some(ChannelBindError::TooManyChannels)
         } else {
             let rebound = alloc.channels.contains_key(&channel);
             let expires = now + ch_life;
