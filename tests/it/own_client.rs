@@ -5,7 +5,7 @@ use std::net::{SocketAddr, UdpSocket};
 use std::time::Duration;
 
 use turnpike::proto::stun::attribute::kind;
-use turnpike::proto::stun::{Class, PasswordAlgorithm};
+use turnpike::proto::stun::{Attribute, Class, Method, PasswordAlgorithm};
 
 use crate::client::Client;
 use crate::harness::{Server, PASSWORD, USER};
@@ -206,5 +206,61 @@ fn peer_policy_ipv6_spellings_on_ipv6_relay() {
             Some(403),
             "CreatePermission {peer}"
         );
+    }
+}
+
+/// Defect 12 of the review: no per-user allocation limit by default. The default
+/// `--user-quota` is 10: the 11th allocation of one user gets 486; another user is not
+/// affected, and deleting one frees a place.
+#[test]
+fn regression_default_user_quota_is_10() {
+    let args: Vec<String> = [
+        "--listen",
+        "127.0.0.1:0",
+        "--relay-ip",
+        "127.0.0.1",
+        "--user",
+        "alice:wonderland",
+        "--user",
+        "bob:builder",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let server = Server::start_with(&args);
+    let mut held: Vec<Client> = (0..10)
+        .map(|i| {
+            let mut c = Client::new(server.addr, USER, PASSWORD, PasswordAlgorithm::Md5);
+            let r = c.allocate();
+            assert_eq!(r.class(), Class::Success, "allocation {i}: {:?}", r.error_code());
+            c
+        })
+        .collect();
+    let mut eleventh = Client::new(server.addr, USER, PASSWORD, PasswordAlgorithm::Md5);
+    assert_eq!(eleventh.allocate().error_code(), Some(486));
+    let mut bob = Client::new(server.addr, "bob", "builder", PasswordAlgorithm::Md5);
+    assert_eq!(bob.allocate().class(), Class::Success);
+    let r = held[0].request(Method::Refresh, &[Attribute::Lifetime(0)]);
+    assert_eq!(r.class(), Class::Success);
+    let mut again = Client::new(server.addr, USER, PASSWORD, PasswordAlgorithm::Md5);
+    assert_eq!(again.allocate().class(), Class::Success);
+    held.clear();
+}
+
+/// Defect 13 of the review: per-user accounting lagged deletion across shards, so right
+/// after a successful Refresh 0 the same user's next Allocate (another 5-tuple, often
+/// another shard) could get 486. After Refresh 0 succeeds, the quota is free.
+#[test]
+fn regression_quota_free_right_after_refresh_zero_across_shards() {
+    let server = Server::start(&["--user-quota", "1", "--shards", "2", "--no-pin"]);
+    let mut c = Client::new(server.addr, USER, PASSWORD, PasswordAlgorithm::Md5);
+    assert_eq!(c.allocate().class(), Class::Success);
+    for i in 0..300 {
+        let r = c.request(Method::Refresh, &[Attribute::Lifetime(0)]);
+        assert_eq!(r.class(), Class::Success, "round {i}");
+        let mut next = Client::new(server.addr, USER, PASSWORD, PasswordAlgorithm::Md5);
+        let r = next.allocate();
+        assert_eq!(r.class(), Class::Success, "round {i}: {:?}", r.error_code());
+        c = next;
     }
 }
