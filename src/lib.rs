@@ -8,6 +8,9 @@
 pub mod config;
 pub mod control;
 pub mod dataplane;
+/// Fuzz target bodies, shared by `fuzz/` (cargo-fuzz builds with `--cfg fuzzing`) and the
+/// bounded property tests; not compiled into the server otherwise.
+#[cfg(any(test, fuzzing))]
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod probe;
