@@ -5,6 +5,7 @@
 //! - [`control`]: the control thread (relay ports and sockets, global quotas).
 //! - [`probe`]: `turnpike probe`, RFC 5780 NAT behaviour discovery from the client side.
 //! - [`config`]: the TOML file and command-line flags.
+//! - [`sys`]: small safe wrappers over the system calls the backends and the control thread share.
 pub mod config;
 pub mod control;
 pub mod dataplane;
@@ -14,6 +15,7 @@ pub mod dataplane;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod probe;
+pub mod sys;
 /// The sans-IO protocol core, its own crate (`turnpike-proto`) so that the build enforces the
 /// rule: no socket, clock, thread or io_uring dependency, and `#![forbid(unsafe_code)]`.
 pub use turnpike_proto as proto;

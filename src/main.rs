@@ -40,7 +40,7 @@ fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let nofile = turnpike::dataplane::io::sys::raise_nofile_limit();
+    let nofile = turnpike::sys::raise_nofile_limit();
     let (user_count, secret_count) = (config.user_count, config.secret_count);
     let (realm, ports) = (config.server.realm.clone(), config.ports);
     let relays: Vec<String> = config.relay_ips.iter().map(|a| a.to_string()).collect();
@@ -76,6 +76,7 @@ fn main() -> Result<()> {
     tracing::info!(
         allocations = report.control.allocations,
         relay_ports_in_use = report.control.relay_ports_in_use,
+        reservations = report.control.reservations,
         client_rx = s.client_rx,
         peer_rx = s.peer_rx,
         to_peer = s.to_peer,

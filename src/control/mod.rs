@@ -1,17 +1,19 @@
 //! The control thread: the slow work of an Allocate that must not stall forwarding.
 //!
 //! Shards authenticate and validate an Allocate in their sans-IO server, then hand the
-//! ticket ([`AllocateRequest`]) here over a bounded queue. The control thread checks the
-//! global quotas (per user, in total), reserves a relay port from the shared pool (with
-//! EVEN-PORT pairs and RESERVATION-TOKENs), binds the relay socket, records which shard owns
-//! the 5-tuple, and hands the socket back to the owning shard, which installs the allocation
-//! and answers. When an allocation ends, the shard closes its socket and sends
+//! ticket ([`AllocateRequest`]) here over a bounded queue. The control thread is a thin shell
+//! around the sans-IO [`allocator::RelayAllocator`], which checks the global quotas (per
+//! user, in total), picks a relay port from the shared pools and keeps EVEN-PORT
+//! reservations and their RESERVATION-TOKENs. The shell binds the sockets the allocator asks
+//! for, draws tokens from the OS CSPRNG, applies the allocator's changes to the 5-tuple →
+//! shard [`Routes`], and hands the socket back to the owning shard, which installs the
+//! allocation and answers. When an allocation ends, the shard closes its socket and sends
 //! [`ControlRequest::Release`].
 
+pub mod allocator;
 pub mod port_pool;
 
-use std::collections::{HashMap, VecDeque};
-use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
@@ -21,19 +23,10 @@ use ahash::AHashMap;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
 use socket2::{Domain, Protocol, Socket, Type};
 
-use crate::dataplane::io::sys;
 use crate::proto::allocation::FiveTuple;
 use crate::proto::server::{AllocateRequest, RelayError};
-use crate::proto::stun::AddressFamily;
-use port_pool::PortPool;
-
-/// How long a port reserved by EVEN-PORT's R bit stays reserved (RFC 8656 §7.2: about 30 s).
-pub const RESERVATION_LIFETIME: Duration = Duration::from_secs(30);
-/// Candidate ports tried per Allocate before answering 508.
-const BIND_TRIES: usize = 64;
-
-/// A bound relay socket, its address, and (for EVEN-PORT's R bit) the bound next port.
-type Opened = (UdpSocket, SocketAddr, Option<(UdpSocket, SocketAddr)>);
+use crate::sys;
+use allocator::{AllocatorConfig, RelayAllocator, RouteChange, Ticket};
 
 /// Which shard owns each 5-tuple with an allocation; read by shards only when a packet
 /// arrives at a shard that does not own it (never on the forwarding path).
@@ -49,7 +42,8 @@ pub enum ControlRequest {
         /// The ticket from the sans-IO server.
         request: AllocateRequest,
     },
-    /// The allocation on this relayed transport address ended; its socket is closed.
+    /// The allocation on this relayed transport address ended; its socket is closed. Its
+    /// quota units (and its unredeemed reservation) are freed as soon as this is handled.
     Release {
         /// The relayed transport address.
         relayed: SocketAddr,
@@ -110,27 +104,16 @@ impl ShardHandle {
 
 /// Requests handled before the shards that got answers are woken (one wake-up each).
 const BATCH: usize = 256;
+/// Longest wait for a request before the shutdown flag is checked again.
+const IDLE_WAIT: Duration = Duration::from_millis(100);
 
 /// Settings of the control thread.
 #[derive(Debug, Clone)]
 pub struct ControlConfig {
-    /// Relay IPs.
-    pub relay_ips: Vec<IpAddr>,
-    /// Relay port range, inclusive.
-    pub ports: (u16, u16),
-    /// Allocations per user, 0 for no limit.
-    pub user_quota: usize,
-    /// Allocations in total, 0 for no limit.
-    pub total_quota: usize,
+    /// Relay IPs, port range, quotas.
+    pub allocator: AllocatorConfig,
     /// SO_RCVBUF/SO_SNDBUF of relay sockets, bytes.
     pub relay_socket_buffer: usize,
-    /// Seed for port shuffling and reservation tokens.
-    pub seed: u64,
-}
-
-struct RelayIp {
-    ip: IpAddr,
-    pool: PortPool,
 }
 
 /// What the control thread holds when it stops (for accounting checks).
@@ -138,6 +121,8 @@ struct RelayIp {
 pub struct ControlReport {
     /// Allocations granted and not yet released.
     pub allocations: usize,
+    /// EVEN-PORT reservations neither redeemed, released nor expired.
+    pub reservations: usize,
     /// Relay ports taken from the pools (allocations plus reservations).
     pub relay_ports_in_use: usize,
     /// Allocate tickets answered with 486/508 for quota.
@@ -146,20 +131,13 @@ pub struct ControlReport {
     pub port_refusals: u64,
 }
 
-/// The control thread's state.
+/// The control thread: the shell around a [`RelayAllocator`] that binds relay sockets,
+/// updates the shared [`Routes`] and answers the shards.
 pub struct Control {
-    config: ControlConfig,
-    relay_ips: Vec<RelayIp>,
-    next_relay_ip: usize,
-    /// Sockets bound for EVEN-PORT reservations, held so no other process takes the port.
-    reservations: HashMap<[u8; 8], (UdpSocket, SocketAddr)>,
-    reservation_expiry: VecDeque<(Instant, [u8; 8])>,
-    token_state: u64,
-    per_user: HashMap<String, usize>,
-    owners: HashMap<SocketAddr, (String, FiveTuple)>,
+    allocator: RelayAllocator<UdpSocket>,
+    relay_socket_buffer: usize,
     routes: Routes,
     shards: Vec<ShardHandle>,
-    report: ControlReport,
 }
 
 fn bind_udp(addr: SocketAddr, buffer: usize) -> std::io::Result<UdpSocket> {
@@ -176,30 +154,21 @@ fn bind_udp(addr: SocketAddr, buffer: usize) -> std::io::Result<UdpSocket> {
     Ok(socket.into())
 }
 
+/// 8 bytes from the OS CSPRNG, for RESERVATION-TOKENs.
+fn os_token() -> Option<[u8; 8]> {
+    let mut token = [0u8; 8];
+    getrandom::getrandom(&mut token).ok()?;
+    Some(token)
+}
+
 impl Control {
     /// The control state for `shards` (their inboxes) sharing `routes`.
     pub fn new(config: ControlConfig, shards: Vec<ShardHandle>, routes: Routes) -> Self {
-        let relay_ips = config
-            .relay_ips
-            .iter()
-            .enumerate()
-            .map(|(i, &ip)| RelayIp {
-                ip,
-                pool: PortPool::new(config.ports.0, config.ports.1, config.seed ^ i as u64),
-            })
-            .collect();
         Control {
-            token_state: config.seed.rotate_left(17) | 1,
-            config,
-            relay_ips,
-            next_relay_ip: 0,
-            reservations: HashMap::new(),
-            reservation_expiry: VecDeque::new(),
-            per_user: HashMap::new(),
-            owners: HashMap::new(),
+            allocator: RelayAllocator::new(config.allocator, Box::new(os_token)),
+            relay_socket_buffer: config.relay_socket_buffer,
             routes,
             shards,
-            report: ControlReport::default(),
         }
     }
 
@@ -207,7 +176,10 @@ impl Control {
     pub fn run(mut self, rx: Receiver<ControlRequest>, shutdown: &AtomicBool) -> ControlReport {
         let mut woken = vec![false; self.shards.len()];
         loop {
-            match rx.recv_timeout(Duration::from_millis(100)) {
+            let wait = self.allocator.poll_timeout().map_or(IDLE_WAIT, |t| {
+                t.saturating_duration_since(Instant::now()).min(IDLE_WAIT)
+            });
+            match rx.recv_timeout(wait) {
                 Ok(req) => {
                     // Take what else is queued, then wake each answered shard once: a burst
                     // of Allocates costs one wake-up per batch, not one per answer.
@@ -232,7 +204,8 @@ impl Control {
                 }
                 Err(RecvTimeoutError::Disconnected) => break,
             }
-            self.expire_reservations(Instant::now());
+            // Closes the sockets of the reservations that expired.
+            drop(self.allocator.handle_timeout(Instant::now()));
         }
         while let Ok(req) = rx.try_recv() {
             self.handle(req, Instant::now());
@@ -242,11 +215,7 @@ impl Control {
 
     /// The current accounting.
     pub fn report(&self) -> ControlReport {
-        ControlReport {
-            allocations: self.owners.len(),
-            relay_ports_in_use: self.relay_ips.iter().map(|r| r.pool.in_use()).sum(),
-            ..self.report
-        }
+        self.allocator.report()
     }
 
     /// Handles one request and wakes the shard it answers.
@@ -292,129 +261,35 @@ impl Control {
         request: &mut AllocateRequest,
         now: Instant,
     ) -> Result<(UdpSocket, SocketAddr), RelayError> {
-        let user = request.username().to_string();
-        let held = self.per_user.get(&user).copied().unwrap_or(0);
-        if self.config.user_quota != 0 && held >= self.config.user_quota {
-            self.report.quota_refusals += 1;
-            return Err(RelayError::UserQuota);
-        }
-        if self.config.total_quota != 0 && self.owners.len() >= self.config.total_quota {
-            self.report.quota_refusals += 1;
-            return Err(RelayError::TotalQuota);
-        }
-        let bound = match request.reservation_token {
-            Some(token) => self.open_reserved(token),
-            None => self.open_relay(request.family, request.even_port, request.reserve_next),
-        };
-        let (socket, addr, reserved) = bound.inspect_err(|e| {
-            if *e == RelayError::Exhausted {
-                self.report.port_refusals += 1;
-            }
-        })?;
-        if let Some(next) = reserved {
-            let token = self.reserve(next, now);
+        let buffer = self.relay_socket_buffer;
+        let granted = self
+            .allocator
+            .allocate(&Ticket::new(shard, request), now, |addr, next| {
+                let socket = bind_udp(addr, buffer)?;
+                let reserved = next.map(|next| bind_udp(next, buffer)).transpose()?;
+                Ok((socket, reserved))
+            })?;
+        if let Some(token) = granted.token {
             request.grant_reservation(token);
         }
-        *self.per_user.entry(user.clone()).or_insert(0) += 1;
-        self.owners.insert(addr, (user, request.five_tuple));
-        self.routes
-            .write()
-            .expect("routes lock")
-            .insert(request.five_tuple, shard);
-        Ok((socket, addr))
+        self.change_route(granted.route);
+        Ok((granted.socket, granted.relayed))
     }
 
+    /// Releases `relayed`, closing its reservation's socket if it had one.
     fn release(&mut self, relayed: SocketAddr) {
-        if let Some((user, ft)) = self.owners.remove(&relayed) {
-            if let Some(n) = self.per_user.get_mut(&user) {
-                *n -= 1;
-                if *n == 0 {
-                    self.per_user.remove(&user);
-                }
-            }
-            let mut routes = self.routes.write().expect("routes lock");
-            routes.remove(&ft);
-        }
-        self.release_port(relayed);
+        let released = self.allocator.release(relayed);
+        self.change_route(released.route);
     }
 
-    fn release_port(&mut self, addr: SocketAddr) {
-        if let Some(r) = self.relay_ips.iter_mut().find(|r| r.ip == addr.ip()) {
-            r.pool.put(addr.port());
-        }
-    }
-
-    /// Holds the bound socket of a reserved port under a fresh RESERVATION-TOKEN.
-    fn reserve(&mut self, reserved: (UdpSocket, SocketAddr), now: Instant) -> [u8; 8] {
-        let mut x = self.token_state;
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        self.token_state = x;
-        let token = x.to_be_bytes();
-        self.reservations.insert(token, reserved);
-        self.reservation_expiry.push_back((now + RESERVATION_LIFETIME, token));
-        token
-    }
-
-    fn expire_reservations(&mut self, now: Instant) {
-        while let Some(&(t, token)) = self.reservation_expiry.front() {
-            if t > now {
-                break;
-            }
-            self.reservation_expiry.pop_front();
-            if let Some((socket, addr)) = self.reservations.remove(&token) {
-                drop(socket);
-                self.release_port(addr);
-            }
-        }
-    }
-
-    /// The socket reserved under `token` (RESERVATION-TOKEN, RFC 8656 §7.2).
-    fn open_reserved(&mut self, token: [u8; 8]) -> Result<Opened, RelayError> {
-        let (socket, addr) = self
-            .reservations
-            .remove(&token)
-            .ok_or(RelayError::BadReservationToken)?;
-        Ok((socket, addr, None))
-    }
-
-    /// Binds a relay socket: the next relay IP of the family, a port from its pool (even if
-    /// asked). With `pair`, the next port is bound too and returned for a reservation.
-    fn open_relay(&mut self, family: AddressFamily, even: bool, pair: bool) -> Result<Opened, RelayError> {
-        let n = self.relay_ips.len();
-        let candidates: Vec<usize> = (0..n)
-            .map(|i| (self.next_relay_ip + i) % n)
-            .filter(|&i| AddressFamily::of(&self.relay_ips[i].ip) == family)
-            .collect();
-        if candidates.is_empty() {
-            return Err(RelayError::FamilyNotSupported);
-        }
-        self.next_relay_ip = (self.next_relay_ip + 1) % n;
-        for i in candidates {
-            for _ in 0..BIND_TRIES {
-                let Some(port) = self.relay_ips[i].pool.take(even, pair, BIND_TRIES) else {
-                    break;
-                };
-                let ip = self.relay_ips[i].ip;
-                let buffer = self.config.relay_socket_buffer;
-                let addr = SocketAddr::new(ip, port);
-                let next = SocketAddr::new(ip, port.wrapping_add(1));
-                let first = bind_udp(addr, buffer);
-                let second = if pair { Some(bind_udp(next, buffer)) } else { None };
-                match (first, second) {
-                    (Ok(s), None) => return Ok((s, addr, None)),
-                    (Ok(s), Some(Ok(r))) => return Ok((s, addr, Some((r, next)))),
-                    // In use by another process: back to the end of the pool, try another.
-                    _ => {
-                        self.relay_ips[i].pool.put(port);
-                        if pair {
-                            self.relay_ips[i].pool.put(port + 1);
-                        }
-                    }
-                }
-            }
-        }
-        Err(RelayError::Exhausted)
+    fn change_route(&self, change: Option<RouteChange>) {
+        let Some(change) = change else {
+            return;
+        };
+        let mut routes = self.routes.write().expect("routes lock");
+        match change {
+            RouteChange::Set { five_tuple, shard } => routes.insert(five_tuple, shard),
+            RouteChange::Remove(five_tuple) => routes.remove(&five_tuple),
+        };
     }
 }

@@ -21,6 +21,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::config::{BackendChoice, Config};
+use crate::control::allocator::AllocatorConfig;
 use crate::control::{Control, ControlConfig, ControlReport, ShardHandle};
 use crate::proto::server::{DropReason, Server};
 use io::{BackendKind, Io};
@@ -171,12 +172,14 @@ impl Runtime {
         }
         let control = Control::new(
             ControlConfig {
-                relay_ips: config.relay_ips.clone(),
-                ports: config.ports,
-                user_quota: config.user_quota,
-                total_quota: config.total_quota,
+                allocator: AllocatorConfig {
+                    relay_ips: config.relay_ips.clone(),
+                    ports: config.ports,
+                    user_quota: config.user_quota,
+                    total_quota: config.total_quota,
+                    seed: u64::from_le_bytes(secret[8..16].try_into()?),
+                },
                 relay_socket_buffer: config.relay_socket_buffer,
-                seed: u64::from_le_bytes(secret[8..16].try_into()?),
             },
             handles,
             routes,

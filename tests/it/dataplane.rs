@@ -162,7 +162,7 @@ fn allocations_expiring_under_load() {
 
 #[test]
 fn ten_thousand_allocations_while_two_shards_forward() {
-    turnpike::dataplane::io::sys::raise_nofile_limit();
+    turnpike::sys::raise_nofile_limit();
     // A relay IP of its own: 10,000 relay ports would crowd the tests that run beside it.
     let args: Vec<String> = [
         "--listen",

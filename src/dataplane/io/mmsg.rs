@@ -7,8 +7,8 @@ use std::io;
 use std::os::fd::RawFd;
 use std::time::Duration;
 
-use super::sys::{self, RawAddr};
 use super::{Datagram, IoStats, SocketId, Verdict, HEADROOM, MAX_PAYLOAD};
+use crate::sys::{self, RawAddr};
 
 /// Datagrams per recvmmsg/sendmmsg call.
 pub const BATCH: usize = 64;

@@ -18,8 +18,8 @@ use std::time::Duration;
 use io_uring::types::{BufRingEntry, Fd, RecvMsgOut, SubmitArgs, Timespec};
 use io_uring::{cqueue, opcode, squeue, IoUring};
 
-use super::sys::{self, RawAddr};
 use super::{Datagram, IoStats, SocketId, Verdict, HEADROOM, MAX_PAYLOAD};
+use crate::sys::{self, RawAddr};
 
 /// Provided buffers per shard (a power of two, at most 32768).
 const BUFFERS: u16 = 2048;
