@@ -15,6 +15,7 @@
 //! - the owner of each 5-tuple's route: the oldest live grant for that 5-tuple, so that
 //!   releasing a second grant for the same 5-tuple never removes the first one's route.
 
+use std::collections::hash_map::Entry;
 use std::collections::{BTreeSet, HashMap};
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -30,10 +31,11 @@ use crate::proto::stun::AddressFamily;
 ///
 /// RFC 8656 §7.2: "The server MUST hold this reservation for at least 30 seconds and MAY
 /// choose to hold longer (e.g., until the allocation with port N expires)." turnpike holds it
-/// 30 s unless the allocation that created it ends first: the reservation then ends with it
-/// (its port, socket and quota unit are freed at once), so a client cannot keep reserved
-/// ports, counted against nothing it still holds, by cycling allocations. A client that
-/// deletes its own allocation within 30 s therefore loses the reservation early.
+/// 30 s unless the allocation that created it ends first, and departs from that MUST on
+/// purpose there: the reservation ends with its allocation (port, socket and quota unit are
+/// freed at once), so a deleted allocation leaves nothing behind and the user's next R-bit
+/// Allocate is not refused for quota. A client that deletes its own allocation within 30 s
+/// thus loses its reservation early.
 pub const RESERVATION_LIFETIME: Duration = Duration::from_secs(30);
 
 /// Candidate ports tried per relay IP and Allocate before answering 508.
@@ -311,16 +313,10 @@ impl<S> RelayAllocator<S> {
         token: [u8; 8],
         now: Instant,
     ) -> Result<(SocketAddr, S, Option<[u8; 8]>), RelayError> {
-        let valid = self
-            .reservations
-            .get(&token)
-            .is_some_and(|r| r.user == user && now < r.expires);
-        // Checked before taking it: another user's attempt leaves the owner's reservation.
-        if !valid {
-            return Err(RelayError::BadReservationToken);
-        }
-        let Some(r) = self.reservations.remove(&token) else {
-            return Err(RelayError::BadReservationToken);
+        // Checked before it is taken out: another user's attempt leaves the owner's reservation.
+        let r = match self.reservations.entry(token) {
+            Entry::Occupied(r) if r.get().user == user && now < r.get().expires => r.remove(),
+            _ => return Err(RelayError::BadReservationToken),
         };
         self.expiry.remove(&(r.expires, token));
         if let Some(parent) = self.allocations.get_mut(&r.parent) {

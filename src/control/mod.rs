@@ -293,3 +293,16 @@ impl Control {
         };
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn os_tokens_come_from_the_os_and_differ() {
+        let tokens: Vec<[u8; 8]> = (0..16).map(|_| os_token().expect("getrandom")).collect();
+        for (i, t) in tokens.iter().enumerate() {
+            assert!(!tokens[i + 1..].contains(t), "token {t:?} repeated");
+        }
+    }
+}
