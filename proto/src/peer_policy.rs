@@ -591,14 +591,6 @@ impl PeerPolicy {
                 return true;
             }
         }
-        // `0.0.0.0` (and `::`) as a destination means this host: `0.0.0.0:3478` reaches a
-        // listener on any local address, whatever IP it is bound to (coturn's CVE-2020-26262).
-        let unspecified = f.v4.is_some_and(|v4| v4 >> 24 == 0) || (f.v4.is_none() && f.v6 == Some(0));
-        if unspecified
-            && (self.listeners_v4.iter().any(|&(_, p)| p == port) || self.listeners_v6.iter().any(|&(_, p)| p == port))
-        {
-            return true;
-        }
         if self.wildcard_ports.contains(&port) {
             let local_v4 = f.v4.is_some_and(|v4| {
                 let first = v4 >> 24;
@@ -609,6 +601,16 @@ impl PeerPolicy {
             return local_v4 || local_v6 || self.is_own(f);
         }
         false
+    }
+
+    /// Whether the peer is an unspecified address (`0.0.0.0/8`, `::`, in any spelling) with
+    /// the port of one of our listeners.
+    fn is_unspecified_to_listener(&self, f: PeerForms, port: u16) -> bool {
+        let unspecified = f.v4.is_some_and(|v4| v4 >> 24 == 0) || (f.v4.is_none() && f.v6 == Some(0));
+        unspecified
+            && (self.listeners_v4.iter().any(|&(_, p)| p == port)
+                || self.listeners_v6.iter().any(|&(_, p)| p == port)
+                || self.wildcard_ports.contains(&port))
     }
 
     /// Decides for a peer transport address.
@@ -636,6 +638,13 @@ impl PeerPolicy {
             return Err(PeerDenied::OperatorDenied);
         }
         if hit_v4(&self.allowed_v4, f.v4) || hit_v6(&self.allowed_v6, f.v6) {
+            // `0.0.0.0` (and `::`) as a destination means this host: `0.0.0.0:3478` reaches a
+            // listener on any local address, whatever IP it is bound to (coturn's
+            // CVE-2020-26262). The default list refuses them; an allowed range must not open
+            // our listeners through them. Checked here, off the common path.
+            if self.is_unspecified_to_listener(f, port) {
+                return Err(PeerDenied::OwnListener);
+            }
             return Ok(());
         }
         if self.is_own(f) {

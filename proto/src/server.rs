@@ -681,7 +681,7 @@ impl Server {
         };
         // RFC 8489 §6.3.2: "If the indication contains unknown comprehension-required
         // attributes, the indication is discarded and processing ceases."
-        if msg.unknown_comprehension_required().next().is_some() {
+        if msg.has_unknown_comprehension_required() {
             return ClientAction::Drop(DropReason::UnknownAttribute);
         }
         let (Some(Ok(Attribute::XorPeerAddress(peer))), Some(Ok(Attribute::Data(payload)))) =

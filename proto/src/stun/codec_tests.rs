@@ -467,6 +467,28 @@ fn build<'a>(o: &'a Owned, pa_buf: &'a mut Vec<u8>) -> Attribute<'a> {
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(2000))]
 
+    /// The flag found while decoding says what the attribute walk says: unknown
+    /// comprehension-required attributes before any MESSAGE-INTEGRITY.
+    #[test]
+    fn unknown_comprehension_required_flag_matches_the_walk(
+        attrs in proptest::collection::vec((any::<u16>(), proptest::collection::vec(any::<u8>(), 0..8)), 0..6),
+        mi_at in 0usize..7,
+    ) {
+        let mut out = Vec::new();
+        let mut b = MessageBuilder::new(&mut out, MessageType::new(Method::Send, Class::Indication), TransactionId([3; 12]));
+        for (i, (k, v)) in attrs.iter().enumerate() {
+            if i == mi_at {
+                b.message_integrity(b"key");
+            }
+            if *k != kind::MESSAGE_INTEGRITY && *k != kind::MESSAGE_INTEGRITY_SHA256 && *k != kind::FINGERPRINT {
+                b.raw_attribute(*k, v);
+            }
+        }
+        if let Ok(m) = Message::decode(&out) {
+            prop_assert_eq!(m.has_unknown_comprehension_required(), m.unknown_comprehension_required().next().is_some());
+        }
+    }
+
     /// Every attribute variant survives encode -> decode unchanged.
     #[test]
     fn attribute_round_trip(o in arb_owned(), tid in any::<[u8; 12]>()) {

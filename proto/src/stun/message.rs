@@ -61,6 +61,8 @@ pub struct Message<'a> {
     integrity: Option<usize>,
     integrity_sha256: Option<usize>,
     fingerprint: Option<usize>,
+    /// An unknown comprehension-required attribute before any MESSAGE-INTEGRITY(-SHA256).
+    unknown_required: bool,
 }
 
 /// Returns `true` when `buf` starts like a STUN message: top two bits zero and the magic
@@ -98,6 +100,7 @@ impl<'a> Message<'a> {
             integrity: None,
             integrity_sha256: None,
             fingerprint: None,
+            unknown_required: false,
         };
         let mut off = HEADER_LEN;
         while off < buf.len() {
@@ -119,6 +122,13 @@ impl<'a> Message<'a> {
                 }
                 kind::MESSAGE_INTEGRITY_SHA256 if msg.integrity_sha256.is_none() => msg.integrity_sha256 = Some(off),
                 kind::FINGERPRINT => msg.fingerprint = Some(off),
+                _ if msg.integrity.is_none()
+                    && msg.integrity_sha256.is_none()
+                    && kind::is_comprehension_required(k)
+                    && !kind::is_known(k) =>
+                {
+                    msg.unknown_required = true
+                }
                 _ => {}
             }
             off += 4 + padded;
@@ -188,6 +198,13 @@ impl<'a> Message<'a> {
     /// `Some(Err(_))` when present but malformed.
     pub fn get(&self, kind: u16) -> Option<Result<Attribute<'a>, AttributeError>> {
         self.raw(kind).map(|a| Attribute::decode(a.kind, a.value, &self.tid))
+    }
+
+    /// Whether the message has a comprehension-required attribute this codec does not know
+    /// (RFC 8489 §6.3.1: a request gets 420, an indication is discarded); found during
+    /// decoding, so asking costs nothing.
+    pub fn has_unknown_comprehension_required(&self) -> bool {
+        self.unknown_required
     }
 
     /// The comprehension-required attribute types this codec does not know
