@@ -915,16 +915,19 @@ impl World {
             let Some(a) = self.server.allocation(&ft) else { continue };
             assert_eq!(self.server.five_tuple_for_relay(&a.relayed), Some(ft));
             assert!(self.relays.in_use.contains(&a.relayed));
-            assert!(a.permissions.len() <= cfg.max_permissions_per_allocation);
-            assert!(a.channels.len() <= cfg.max_channels_per_allocation);
-            for (ch, b) in &a.channels {
+            assert!(a.permission_count() <= cfg.max_permissions_per_allocation);
+            assert!(a.channel_count() <= cfg.max_channels_per_allocation);
+            let perms: Vec<_> = a.permissions().map(|(ip, _)| ip).collect();
+            assert!(perms.windows(2).all(|w| w[0] < w[1]), "permissions sorted, unique");
+            let channels: Vec<_> = a.channels().collect();
+            assert!(channels.windows(2).all(|w| w[0].0 < w[1].0), "channels sorted, unique");
+            for (ch, b) in &channels {
                 assert!((0x4000..=0x7FFF).contains(ch));
-                assert_eq!(a.channel_by_peer.get(&b.peer), Some(ch), "channel index");
+                assert_eq!(a.channel_of_peer(b.peer), Some(*ch), "one channel per peer");
                 assert!(!obviously_internal(b.peer), "channel to internal peer {}", b.peer);
             }
-            assert!(a.channel_by_peer.len() <= a.channels.len());
-            for ip in a.permissions.keys() {
-                assert!(!obviously_internal(SocketAddr::new(*ip, 9)), "permission for {ip}");
+            for ip in perms {
+                assert!(!obviously_internal(SocketAddr::new(ip, 9)), "permission for {ip}");
             }
         }
     }

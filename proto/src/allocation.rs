@@ -3,7 +3,7 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::Instant;
 
-use ahash::AHashMap;
+use smallvec::SmallVec;
 
 use super::rate_limit::TokenBucket;
 use super::stun::integrity::LongTermKey;
@@ -58,34 +58,33 @@ pub enum Expired {
     Channel(u16, SocketAddr),
 }
 
-/// One allocation: a relayed transport address bound to a client 5-tuple, with its
-/// permissions and channel bindings.
+/// One allocation: a relayed transport address bound to a client 5-tuple (its key in the
+/// server's table), with its permissions and channel bindings.
+///
+/// Memory: permissions and channel bindings live in small sorted vectors, inline for the
+/// common case (two permissions, one channel) and on the heap beyond; lookups are binary
+/// searches by peer IP and channel number, the reverse lookup peer → channel a scan of the
+/// bindings. That replaced three hash maps per allocation (about 1 KB each allocation).
 #[derive(Debug, Clone)]
 pub struct Allocation {
-    /// The client 5-tuple.
-    pub five_tuple: FiveTuple,
     /// The relayed transport address on the server.
     pub relayed: SocketAddr,
     /// The user that created it; later requests must come from the same user (441).
-    pub username: String,
+    pub username: Box<str>,
     /// The key that authenticated the Allocate.
     pub key: LongTermKey,
     /// The transaction ID of the Allocate that created it (a retransmission gets the same answer).
     pub allocate_tid: TransactionId,
     /// When the allocation expires.
     pub expires: Instant,
-    /// Installed permissions: peer IP to expiry (RFC 8656 §9: 300 s).
-    pub permissions: AHashMap<IpAddr, Instant>,
-    /// Channel bindings by number.
-    pub channels: AHashMap<u16, ChannelBinding>,
-    /// Channel numbers by peer transport address.
-    pub channel_by_peer: AHashMap<SocketAddr, u16>,
+    /// Installed permissions, sorted by peer IP: (peer IP, expiry) (RFC 8656 §9: 300 s).
+    permissions: SmallVec<[(IpAddr, Instant); 2]>,
+    /// Channel bindings, sorted by channel number.
+    channels: SmallVec<[(u16, ChannelBinding); 1]>,
     /// The instant the server's timer for this allocation is set to.
     pub(crate) timer: Instant,
-    /// Bandwidth budget client → peer, when a cap is configured.
-    pub(crate) to_peer_budget: Option<TokenBucket>,
-    /// Bandwidth budget peer → client, when a cap is configured.
-    pub(crate) to_client_budget: Option<TokenBucket>,
+    /// Bandwidth budgets client → peer and peer → client, when a cap is configured.
+    pub(crate) budgets: Option<Box<[Option<TokenBucket>; 2]>>,
     /// The RESERVATION-TOKEN of the first success response, repeated on a retransmission.
     pub(crate) reservation_token: Option<[u8; 8]>,
     /// The family refused with ADDRESS-ERROR-CODE in the first success response.
@@ -93,50 +92,130 @@ pub struct Allocation {
 }
 
 impl Allocation {
+    /// A new allocation without permissions or channels.
+    pub(crate) fn new(
+        relayed: SocketAddr,
+        username: Box<str>,
+        key: LongTermKey,
+        allocate_tid: TransactionId,
+        expires: Instant,
+    ) -> Self {
+        Allocation {
+            relayed,
+            username,
+            key,
+            allocate_tid,
+            expires,
+            permissions: SmallVec::new(),
+            channels: SmallVec::new(),
+            timer: expires,
+            budgets: None,
+            reservation_token: None,
+            refused_family: None,
+        }
+    }
+
     /// Whether a live permission exists for `ip` at `now`.
+    #[inline]
     pub fn has_permission(&self, ip: IpAddr, now: Instant) -> bool {
-        self.permissions.get(&ip).is_some_and(|&t| t > now)
+        self.permission(ip).is_some_and(|t| t > now)
+    }
+
+    /// The expiry of the permission for `ip`, live or not yet purged.
+    #[inline]
+    pub fn permission(&self, ip: IpAddr) -> Option<Instant> {
+        let i = self.permissions.binary_search_by(|(p, _)| p.cmp(&ip)).ok()?;
+        Some(self.permissions[i].1)
+    }
+
+    /// Installs or refreshes the permission for `ip` until `expires`.
+    pub fn set_permission(&mut self, ip: IpAddr, expires: Instant) {
+        match self.permissions.binary_search_by(|(p, _)| p.cmp(&ip)) {
+            Ok(i) => self.permissions[i].1 = expires,
+            Err(i) => self.permissions.insert(i, (ip, expires)),
+        }
+    }
+
+    /// Permissions (peer IP, expiry), sorted by IP.
+    pub fn permissions(&self) -> impl Iterator<Item = (IpAddr, Instant)> + '_ {
+        self.permissions.iter().copied()
+    }
+
+    /// Number of permissions held (live or not yet purged).
+    pub fn permission_count(&self) -> usize {
+        self.permissions.len()
     }
 
     /// The live channel binding for `channel` at `now`.
+    #[inline]
     pub fn channel(&self, channel: u16, now: Instant) -> Option<&ChannelBinding> {
-        self.channels.get(&channel).filter(|b| b.expires > now)
+        self.binding(channel).filter(|b| b.expires > now)
+    }
+
+    /// The binding of `channel`, live or not yet purged.
+    #[inline]
+    pub fn binding(&self, channel: u16) -> Option<&ChannelBinding> {
+        let i = self.channels.binary_search_by_key(&channel, |(c, _)| *c).ok()?;
+        Some(&self.channels[i].1)
+    }
+
+    /// The channel bound to `peer` (live or not yet purged).
+    #[inline]
+    pub fn channel_of_peer(&self, peer: SocketAddr) -> Option<u16> {
+        self.channels.iter().find(|(_, b)| b.peer == peer).map(|(c, _)| *c)
     }
 
     /// The live channel bound to `peer` at `now`.
+    #[inline]
     pub fn channel_for_peer(&self, peer: SocketAddr, now: Instant) -> Option<u16> {
-        let ch = *self.channel_by_peer.get(&peer)?;
-        self.channel(ch, now).map(|_| ch)
+        self.channels
+            .iter()
+            .find(|(_, b)| b.peer == peer && b.expires > now)
+            .map(|(c, _)| *c)
+    }
+
+    /// Binds `channel` to `binding` (or refreshes it). The caller checks that neither the
+    /// number nor the peer is bound otherwise (RFC 8656 §11.2).
+    pub fn bind_channel(&mut self, channel: u16, binding: ChannelBinding) {
+        match self.channels.binary_search_by_key(&channel, |(c, _)| *c) {
+            Ok(i) => self.channels[i].1 = binding,
+            Err(i) => self.channels.insert(i, (channel, binding)),
+        }
+    }
+
+    /// Channel bindings (number, binding), sorted by number.
+    pub fn channels(&self) -> impl Iterator<Item = (u16, ChannelBinding)> + '_ {
+        self.channels.iter().copied()
+    }
+
+    /// Number of channel bindings held (live or not yet purged).
+    pub fn channel_count(&self) -> usize {
+        self.channels.len()
     }
 
     /// Removes permissions and channel bindings that have expired at `now`, reporting each
     /// to `expired`.
     pub fn purge(&mut self, now: Instant, mut expired: impl FnMut(Expired)) {
-        self.permissions.retain(|&ip, &mut t| {
+        self.permissions.retain(|&mut (ip, t)| {
             let live = t > now;
             if !live {
                 expired(Expired::Permission(ip));
             }
             live
         });
-        let before = self.channels.len();
-        self.channels.retain(|&number, b| {
+        self.channels.retain(|&mut (number, b)| {
             let live = b.expires > now;
             if !live {
                 expired(Expired::Channel(number, b.peer));
             }
             live
         });
-        if self.channels.len() != before {
-            let channels = &self.channels;
-            self.channel_by_peer.retain(|_, ch| channels.contains_key(ch));
-        }
     }
 
     /// The earliest instant at which something in this allocation expires.
     pub fn next_deadline(&self) -> Instant {
-        let p = self.permissions.values().copied();
-        let c = self.channels.values().map(|b| b.expires);
+        let p = self.permissions.iter().map(|(_, t)| *t);
+        let c = self.channels.iter().map(|(_, b)| b.expires);
         p.chain(c).fold(self.expires, Instant::min)
     }
 }

@@ -661,7 +661,8 @@ impl Server {
             return ClientAction::Drop(DropReason::NoPermission);
         }
         if !charge(
-            &mut alloc.to_peer_budget,
+            &mut alloc.budgets,
+            TO_PEER,
             self.config.max_bitrate,
             cd.payload.len(),
             now,
@@ -698,7 +699,7 @@ impl Server {
         if !alloc.has_permission(peer.ip(), now) {
             return ClientAction::Drop(DropReason::NoPermission);
         }
-        if !charge(&mut alloc.to_peer_budget, self.config.max_bitrate, payload.len(), now) {
+        if !charge(&mut alloc.budgets, TO_PEER, self.config.max_bitrate, payload.len(), now) {
             return ClientAction::Drop(DropReason::BandwidthExceeded);
         }
         ClientAction::Relay {
@@ -1059,7 +1060,7 @@ impl Server {
     ) -> ClientAction<'a> {
         let auth = reply.auth.expect("authenticated");
         if let Some(alloc) = self.allocations.get(&ft) {
-            if alloc.allocate_tid == reply.tid && alloc.username == auth.username {
+            if alloc.allocate_tid == reply.tid && *alloc.username == *auth.username {
                 // A retransmission of the Allocate that created it: same answer (RFC 8656 §7.2).
                 let grant = Grant::repeated(alloc, now);
                 self.allocate_success(out, reply, ft, grant);
@@ -1239,25 +1240,16 @@ impl Server {
         };
         self.allocate_success(out, &reply, ft, grant);
         self.by_relay.insert(relayed, ft);
-        self.allocations.insert(
-            ft,
-            Allocation {
-                five_tuple: ft,
-                relayed,
-                username: request.auth.username,
-                key: request.auth.key,
-                allocate_tid: request.tid,
-                expires,
-                permissions: AHashMap::new(),
-                channels: AHashMap::new(),
-                channel_by_peer: AHashMap::new(),
-                timer: expires,
-                to_peer_budget: None,
-                to_client_budget: None,
-                reservation_token: request.granted_token,
-                refused_family: request.additional_family_refused,
-            },
+        let mut alloc = Allocation::new(
+            relayed,
+            request.auth.username.into_boxed_str(),
+            request.auth.key,
+            request.tid,
+            expires,
         );
+        alloc.reservation_token = request.granted_token;
+        alloc.refused_family = request.additional_family_refused;
+        self.allocations.insert(ft, alloc);
         self.push_timer(expires, ft);
         self.events.push_back(Event::AllocationCreated {
             five_tuple: ft,
@@ -1275,7 +1267,7 @@ impl Server {
                 self.error(out, reply, AllocationError::NoAllocation);
                 None
             }
-            Some(a) if &a.username != user => {
+            Some(a) if *a.username != **user => {
                 self.error(out, reply, AllocationError::WrongCredentials);
                 None
             }
@@ -1390,14 +1382,14 @@ impl Server {
         let lifetime = self.config.permission_lifetime;
         self.purge(ft, now);
         let alloc = self.allocations.get_mut(&ft).expect("checked above");
-        let new = peers.iter().filter(|ip| !alloc.permissions.contains_key(ip)).count();
-        if alloc.permissions.len() + new > max {
+        let new = peers.iter().filter(|&&ip| alloc.permission(ip).is_none()).count();
+        if alloc.permission_count() + new > max {
             self.error(out, reply, PermissionError::TooManyPermissions);
             return ClientAction::Respond(self.response.get());
         }
         let relayed = alloc.relayed;
         for ip in peers {
-            alloc.permissions.insert(ip, now + lifetime);
+            alloc.set_permission(ip, now + lifetime);
             self.events.push_back(Event::PermissionInstalled {
                 five_tuple: ft,
                 relayed,
@@ -1451,20 +1443,19 @@ impl Server {
         let alloc = self.allocations.get_mut(&ft).expect("checked above");
         // RFC 8656 §11.2: the number must not be bound to another peer, nor the peer to
         // another number.
-        let conflict = alloc.channels.get(&channel).is_some_and(|b| b.peer != peer)
-            || alloc.channel_by_peer.get(&peer).is_some_and(|&c| c != channel);
-        let over = (!alloc.channels.contains_key(&channel) && alloc.channels.len() >= max_ch)
-            || (!alloc.permissions.contains_key(&peer.ip()) && alloc.permissions.len() >= max_perm);
+        let conflict = alloc.binding(channel).is_some_and(|b| b.peer != peer)
+            || alloc.channel_of_peer(peer).is_some_and(|c| c != channel);
+        let over = (alloc.binding(channel).is_none() && alloc.channel_count() >= max_ch)
+            || (alloc.permission(peer.ip()).is_none() && alloc.permission_count() >= max_perm);
         let code = if conflict {
             Some(ChannelBindError::Conflict)
         } else if over {
             Some(ChannelBindError::TooManyChannels)
         } else {
-            let rebound = alloc.channels.contains_key(&channel);
+            let rebound = alloc.binding(channel).is_some();
             let expires = now + ch_life;
-            alloc.channels.insert(channel, ChannelBinding { peer, expires });
-            alloc.channel_by_peer.insert(peer, channel);
-            alloc.permissions.insert(peer.ip(), now + perm_life);
+            alloc.bind_channel(channel, ChannelBinding { peer, expires });
+            alloc.set_permission(peer.ip(), now + perm_life);
             let (five_tuple, relayed) = (ft, alloc.relayed);
             self.events.push_back(if rebound {
                 Event::ChannelRebound {
@@ -1517,7 +1508,7 @@ impl Server {
         if !alloc.has_permission(peer.ip(), now) {
             return PeerAction::Drop(DropReason::NoPermission);
         }
-        if !charge(&mut alloc.to_client_budget, self.config.max_bitrate, len, now) {
+        if !charge(&mut alloc.budgets, TO_CLIENT, self.config.max_bitrate, len, now) {
             return PeerAction::Drop(DropReason::BandwidthExceeded);
         }
         PeerAction::Forward {
@@ -1635,16 +1626,28 @@ impl Server {
     }
 }
 
-/// Charges `len` payload bytes to an allocation's bucket for one direction under a cap of
-/// `max_bitrate` bits/s (0: no cap, nothing charged); the bucket holds 100 ms of traffic
-/// (at least 64 KiB) so bursts of a video frame pass.
-fn charge(bucket: &mut Option<TokenBucket>, max_bitrate: u64, len: usize, now: Instant) -> bool {
+/// Index of the client → peer budget in [`Allocation::budgets`].
+const TO_PEER: usize = 0;
+/// Index of the peer → client budget.
+const TO_CLIENT: usize = 1;
+
+/// Charges `len` payload bytes to an allocation's bucket for one direction (`TO_PEER` or
+/// `TO_CLIENT`) under a cap of `max_bitrate` bits/s (0: no cap, nothing charged, nothing
+/// allocated); the bucket holds 100 ms of traffic (at least 64 KiB) so bursts of a video
+/// frame pass.
+fn charge(
+    budgets: &mut Option<Box<[Option<TokenBucket>; 2]>>,
+    dir: usize,
+    max_bitrate: u64,
+    len: usize,
+    now: Instant,
+) -> bool {
     if max_bitrate == 0 {
         return true;
     }
     let rate = max_bitrate as f64 / 8.0;
     let burst = burst_for(max_bitrate / 8, Duration::from_millis(100));
-    bucket
+    budgets.get_or_insert_with(Default::default)[dir]
         .get_or_insert_with(|| TokenBucket::new(burst, now))
         .take(len, now, rate, burst)
 }

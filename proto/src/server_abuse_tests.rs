@@ -251,12 +251,7 @@ impl Matrix {
         }
         let permission = |m: &Matrix| {
             let c = if peer.is_ipv4() { &m.c4 } else { &m.c6 };
-            m.h.server
-                .allocation(&c.ft)
-                .unwrap()
-                .permissions
-                .get(&peer.ip())
-                .copied()
+            m.h.server.allocation(&c.ft).unwrap().permission(peer.ip())
         };
         let before = permission(self);
         let t = self.treat(peer);
@@ -273,7 +268,7 @@ impl Matrix {
         assert_eq!(permission(self), before, "{what}: permission for {peer}");
         let c = if peer.is_ipv4() { &self.c4 } else { &self.c6 };
         let a = self.h.server.allocation(&c.ft).unwrap();
-        assert!(!a.channel_by_peer.contains_key(&peer), "{what}: channel for {peer}");
+        assert!(a.channel_of_peer(peer).is_none(), "{what}: channel for {peer}");
     }
 
     /// Checks that `peer` is accepted on every path.
@@ -484,7 +479,7 @@ fn peer_matrix_cross_family_is_refused() {
         Method::CreatePermission,
         443,
     );
-    assert!(m.h.server.allocation(&m.c4.ft).unwrap().permissions.is_empty());
+    assert!(m.h.server.allocation(&m.c4.ft).unwrap().permission_count() == 0);
 }
 
 /// One refused address among allowed ones in a single CreatePermission refuses the whole
@@ -499,7 +494,7 @@ fn one_refused_peer_refuses_the_whole_create_permission() {
         &[sa("8.8.8.8:1"), sa("169.254.169.254:80"), sa("1.1.1.1:1")],
     );
     assert_error(&r, Method::CreatePermission, 403);
-    assert!(m.h.server.allocation(&m.c4.ft).unwrap().permissions.is_empty());
+    assert!(m.h.server.allocation(&m.c4.ft).unwrap().permission_count() == 0);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -937,7 +932,7 @@ fn permission_expiry_while_the_channel_is_still_bound() {
         PeerAction::Drop(DropReason::NoPermission)
     );
     let a = h.server.allocation(&c.ft).unwrap();
-    assert!(a.permissions.is_empty(), "the permission was purged");
+    assert!(a.permission_count() == 0, "the permission was purged");
     assert_eq!(
         a.channel(0x4000, t).map(|b| b.peer),
         Some(p1),
@@ -988,8 +983,8 @@ fn permission_expiry_while_the_channel_is_still_bound() {
     let t = h.at(899);
     assert_success(&h.channel_bind(t, &mut c, 0x4001, p1), Method::ChannelBind);
     assert_eq!(
-        h.server.allocation(&c.ft).unwrap().permissions.get(&p1.ip()),
-        Some(&h.at(1199))
+        h.server.allocation(&c.ft).unwrap().permission(p1.ip()),
+        Some(h.at(1199))
     );
 }
 
@@ -1021,7 +1016,7 @@ fn regression_timer_heap_grows_with_refreshes() {
     }
     // Expiry still happens on time: the permission (last refreshed at 2.997 s).
     h.server.handle_timeout(h.at(303));
-    assert!(h.server.allocation(&c.ft).unwrap().permissions.is_empty());
+    assert!(h.server.allocation(&c.ft).unwrap().permission_count() == 0);
 }
 
 /// Bug: an allocation deleted by Refresh LIFETIME 0 left its timer entry in the heap until

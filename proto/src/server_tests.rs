@@ -644,7 +644,7 @@ fn allocate_md5_flow() {
     assert_eq!(h.server.allocation_count(), 1);
     let a = h.server.allocation(&c.ft).expect("allocation");
     assert_eq!(a.relayed, relay(1));
-    assert_eq!(a.username, "alice");
+    assert_eq!(&*a.username, "alice");
     assert_eq!(a.expires, h.at(600));
     assert_eq!(h.server.five_tuple_for_relay(&relay(1)), Some(c.ft));
 }
@@ -965,7 +965,7 @@ fn rest_api_credentials_with_secret_rotation() {
         let client = format!("203.0.113.{}:40000", 30 + i);
         let mut c = Client::new(&client, &username, &auth::rest_api_password(secret, &username));
         h.allocate_ok(now, &mut c, relay(i as u16));
-        assert_eq!(h.server.allocation(&c.ft).unwrap().username, username);
+        assert_eq!(*h.server.allocation(&c.ft).unwrap().username, *username);
 
         let mut c256 = Client::new(
             &client.replace(":40000", ":40001"),
@@ -1559,7 +1559,7 @@ fn refresh_with_another_users_credentials_is_441() {
         1,
         "bob could not delete alice's allocation"
     );
-    assert!(h.server.allocation(&a.ft).unwrap().permissions.is_empty());
+    assert!(h.server.allocation(&a.ft).unwrap().permission_count() == 0);
 }
 
 #[test]
@@ -1855,7 +1855,7 @@ fn permission_expires_after_300s() {
         PeerAction::Drop(DropReason::NoPermission)
     );
     h.server.handle_timeout(h.at(300));
-    assert!(h.server.allocation(&c.ft).unwrap().permissions.is_empty());
+    assert!(h.server.allocation(&c.ft).unwrap().permission_count() == 0);
     assert_eq!(h.server.allocation_count(), 1);
     assert!(h.events().is_empty());
 
@@ -1884,7 +1884,7 @@ fn create_permission_validation() {
     // One good and one refused peer: nothing is installed.
     let r = h.create_permission(now, &mut c, &[sa(P1), sa("10.0.0.1:80")]);
     assert_error(&r, Method::CreatePermission, 403);
-    assert!(h.server.allocation(&c.ft).unwrap().permissions.is_empty());
+    assert!(h.server.allocation(&c.ft).unwrap().permission_count() == 0);
     // Port 0 is fine for a permission (ports do not matter).
     assert_success(
         &h.create_permission(now, &mut c, &[sa("8.8.4.4:0")]),
@@ -1967,10 +1967,10 @@ fn channel_bind_and_channel_data() {
     // Refreshing the same binding succeeds and moves its expiry.
     assert_success(&h.channel_bind(h.at(100), &mut c, 0x4000, p1), Method::ChannelBind);
     let a = h.server.allocation(&c.ft).unwrap();
-    assert_eq!(a.channels[&0x4000].expires, h.at(700));
-    assert_eq!(a.channels[&0x4001].expires, h.at(600));
+    assert_eq!(a.binding(0x4000).unwrap().expires, h.at(700));
+    assert_eq!(a.binding(0x4001).unwrap().expires, h.at(600));
     assert_eq!(
-        a.permissions[&p1.ip()],
+        a.permission(p1.ip()).unwrap(),
         h.at(400),
         "ChannelBind refreshes the permission"
     );
@@ -2018,7 +2018,7 @@ fn channel_number_ranges() {
     assert_error(&h.channel_bind(now, &mut c, 0x3FFF, peers[0]), Method::ChannelBind, 400);
     assert_success(&h.channel_bind(now, &mut c, 0x4000, peers[2]), Method::ChannelBind);
     assert_success(&h.channel_bind(now, &mut c, 0x4FFF, peers[3]), Method::ChannelBind);
-    assert!(h.server.allocation(&c.ft).unwrap().channels.len() == 2);
+    assert!(h.server.allocation(&c.ft).unwrap().channel_count() == 2);
 }
 
 #[test]
@@ -2060,7 +2060,7 @@ fn channel_binding_expires_after_600s() {
     );
     h.server.handle_timeout(h.at(600));
     let a = h.server.allocation(&c.ft).unwrap();
-    assert!(a.channels.is_empty() && a.channel_by_peer.is_empty());
+    assert!(a.channel_count() == 0);
     assert!(matches!(
         h.send(h.at(601), c.ft, &channel_data(0x4000, b"x")),
         Outcome::Drop(DropReason::NoChannel)
@@ -2131,7 +2131,7 @@ fn default_policy_refuses_special_ipv4_peers() {
         443,
     );
     let a = h.server.allocation(&c.ft).unwrap();
-    assert!(a.permissions.is_empty() && a.channels.is_empty());
+    assert!(a.permission_count() == 0 && a.channel_count() == 0);
     // Data from a denied peer is dropped before the permission check.
     assert_eq!(
         h.server.handle_peer(now, relay(1), sa("127.0.0.1:5000"), 0),
@@ -2190,7 +2190,7 @@ fn default_policy_refuses_special_ipv6_peers_and_ipv4_in_ipv6_spellings() {
     assert!(
         matches!(h.send(now, c.ft, &send_indication(public, b"q")), Outcome::Relay { relayed, .. } if relayed == v6_relay)
     );
-    assert_eq!(h.server.allocation(&c.ft).unwrap().permissions.len(), 1);
+    assert_eq!(h.server.allocation(&c.ft).unwrap().permission_count(), 1);
     // Refresh with REQUESTED-ADDRESS-FAMILY IPv6 matches this allocation.
     let r = h.respond(
         now,
@@ -2258,11 +2258,11 @@ fn permission_limit_is_508() {
         &h.create_permission(h.at(300), &mut c, &[sa(P3)]),
         Method::CreatePermission,
     );
-    assert_eq!(h.server.allocation(&c.ft).unwrap().permissions.len(), 1);
+    assert_eq!(h.server.allocation(&c.ft).unwrap().permission_count(), 1);
     // Two new peers at once when one slot is left: refused, and nothing is installed.
     let r = h.create_permission(h.at(300), &mut c, &[sa(P1), sa(P2)]);
     assert_error(&r, Method::CreatePermission, 508);
-    assert_eq!(h.server.allocation(&c.ft).unwrap().permissions.len(), 1);
+    assert_eq!(h.server.allocation(&c.ft).unwrap().permission_count(), 1);
 }
 
 #[test]
@@ -2281,9 +2281,9 @@ fn channel_limit_is_508() {
     // Refreshing the existing binding is not a new channel.
     assert_success(&h.channel_bind(now, &mut c, 0x4000, sa(P1)), Method::ChannelBind);
     let a = h.server.allocation(&c.ft).unwrap();
-    assert_eq!(a.channels.len(), 1);
+    assert_eq!(a.channel_count(), 1);
     assert!(
-        !a.permissions.contains_key(&sa(P2).ip()),
+        a.permission(sa(P2).ip()).is_none(),
         "a refused ChannelBind installs no permission"
     );
 }
