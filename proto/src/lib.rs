@@ -5,6 +5,7 @@
 pub mod allocation;
 pub mod auth;
 pub mod channel_data;
+pub mod client;
 pub mod errors;
 pub mod peer_policy;
 pub mod rate_limit;
