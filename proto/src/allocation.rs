@@ -1,4 +1,4 @@
-//! Allocation state: permissions and channel bindings (RFC 8656 §2.2, §9, §12).
+//! Allocation state: permissions and channel bindings (RFC 8656 §6, §9, §12).
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::Instant;
@@ -16,7 +16,7 @@ pub enum Transport {
     Udp,
 }
 
-/// The 5-tuple that identifies an allocation (RFC 8656 §2.2): client transport address,
+/// The 5-tuple that identifies an allocation (RFC 8656 §2 and §6): client transport address,
 /// server transport address and transport protocol.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct FiveTuple {
@@ -175,7 +175,7 @@ impl Allocation {
     }
 
     /// Binds `channel` to `binding` (or refreshes it). The caller checks that neither the
-    /// number nor the peer is bound otherwise (RFC 8656 §11.2).
+    /// number nor the peer is bound otherwise (RFC 8656 §12.2).
     pub fn bind_channel(&mut self, channel: u16, binding: ChannelBinding) {
         match self.channels.binary_search_by_key(&channel, |(c, _)| *c) {
             Ok(i) => self.channels[i].1 = binding,

@@ -14,7 +14,10 @@ pub const MIN_CHANNEL: u16 = 0x4000;
 /// The highest channel number RFC 8656 allows.
 pub const MAX_CHANNEL_STRICT: u16 = 0x4FFF;
 /// The highest channel number RFC 5766 allowed; deployed clients (coturn 4.6.1's uclient
-/// among them) still pick from 0x4000-0x7FFF.
+/// among them) still pick from 0x4000-0x7FFF. Deviation (no MUST): RFC 8656 §12.6 says a
+/// message in the reserved range 0x5000 through 0xFFFF is silently discarded; [`ChannelData::decode`]
+/// accepts up to 0x7FFF, and such a message is relayed only on a channel that ChannelBind
+/// accepted (not with `strict_channel_numbers`).
 pub const MAX_CHANNEL_RFC5766: u16 = 0x7FFF;
 
 /// A decoded ChannelData message borrowing its payload from the datagram.

@@ -1,5 +1,5 @@
 //! Why a request failed: one enum per request kind, each mapped to its STUN error code
-//! (RFC 8489 §14.8, RFC 8656 §18) here and nowhere else, as rustls maps its errors to alerts.
+//! (RFC 8489 §14.8, RFC 8656 §19) here and nowhere else, as rustls maps its errors to alerts.
 //! The server writes the error response from these; its [`Response`](crate::server::Response)
 //! reports the code.
 
@@ -122,7 +122,7 @@ impl From<RelayError> for ErrorCode {
 /// none it may use; checked before the method's own errors.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AllocationError {
-    /// No allocation on this 5-tuple (437, RFC 8656 §8, §9, §12).
+    /// No allocation on this 5-tuple (437, RFC 8656 §5).
     NoAllocation,
     /// The allocation belongs to another user (441, RFC 8656 §5).
     WrongCredentials,
@@ -158,9 +158,10 @@ impl From<RefreshError> for ErrorCode {
 /// Why a peer address is refused for CreatePermission or ChannelBind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PeerError {
-    /// The peer's family differs from the relayed transport address's (443, RFC 8656 §9.1).
+    /// The peer's family differs from the relayed transport address's (443, RFC 8656 §10.2,
+    /// §12.2).
     FamilyMismatch,
-    /// The peer address policy refuses it (403, RFC 8656 §9.1 and §21).
+    /// The peer address policy refuses it (403, RFC 8656 §10.2, §12.2 and §21.2.2).
     Denied(PeerDenied),
 }
 
@@ -173,7 +174,7 @@ impl From<PeerError> for ErrorCode {
     }
 }
 
-/// Why a CreatePermission failed (RFC 8656 §9.1).
+/// Why a CreatePermission failed (RFC 8656 §10.2).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PermissionError {
     /// No XOR-PEER-ADDRESS, or a malformed one (400).
@@ -194,7 +195,7 @@ impl From<PermissionError> for ErrorCode {
     }
 }
 
-/// Why a ChannelBind failed (RFC 8656 §11.2).
+/// Why a ChannelBind failed (RFC 8656 §12.2).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ChannelBindError {
     /// No CHANNEL-NUMBER or XOR-PEER-ADDRESS, a malformed one, or a channel number out of
@@ -222,7 +223,7 @@ impl From<ChannelBindError> for ErrorCode {
 mod tests {
     use super::*;
 
-    /// The whole mapping, as a table a reader can check against RFC 8656 §18.
+    /// The whole mapping, as a table a reader can check against RFC 8656 §19.
     #[test]
     fn codes() {
         let cases: Vec<(ErrorCode, u16)> = vec![

@@ -1,4 +1,5 @@
-//! Peer address policy (DESIGN §5, RFC 8656 §17 "the server SHOULD restrict peers").
+//! Peer address policy (DESIGN §5; RFC 8656 §21.2.2: TURN servers "are allowed to arbitrarily
+//! restrict the range of addresses of peers that they will relay to").
 //!
 //! Every peer transport address (CreatePermission, ChannelBind, Send indications and
 //! every inbound peer datagram) goes through [`PeerPolicy::check`], so the relay can never

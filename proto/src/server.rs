@@ -71,11 +71,13 @@ const MAX_PENDING_ALLOCATES: usize = 4096;
 pub struct ServerConfig {
     /// The realm of the long-term credentials (RFC 8489 §9.2).
     pub realm: String,
-    /// Allocation lifetime when the client asks for none or for less (RFC 8656 §3.2: 600 s).
+    /// Allocation lifetime when the client asks for none or for less (RFC 8656 §6: 600 s).
     pub default_lifetime: Duration,
     /// The longest allocation lifetime granted (RFC 8656 §7.2: 3600 s recommended).
     pub max_lifetime: Duration,
-    /// Permission lifetime (RFC 8656 §9: 300 s).
+    /// Permission lifetime. RFC 8656 §9: "The Permission Lifetime MUST be 300 seconds (= 5 minutes)."
+    /// The default is 300 s; only tests set another value (the daemon's configuration has no
+    /// such setting).
     pub permission_lifetime: Duration,
     /// Channel binding lifetime (RFC 8656 §12: 600 s).
     pub channel_lifetime: Duration,
@@ -618,7 +620,7 @@ impl Server {
     }
 
     /// Handles one datagram from a client: STUN requests and indications, and ChannelData
-    /// (RFC 8656 §12.5, demultiplexed on the first two bits).
+    /// (RFC 8656 §12 and §12.6, demultiplexed on the first two bits).
     ///
     /// Responses are written to `out` (cleared first) and signalled by
     /// [`ClientAction::Respond`]; relayed payloads borrow from `data`.
@@ -660,6 +662,9 @@ impl Server {
         if !alloc.has_permission(binding.peer.ip(), now) {
             return ClientAction::Drop(DropReason::NoPermission);
         }
+        // RFC 8656 §12.6: "On the server, the receipt of a ChannelData message MUST NOT refresh
+        // either the channel binding or the permission towards the peer." Nothing here writes
+        // an expiry (test rfc8656_12_6_channel_data_refreshes_neither_binding_nor_permission).
         if !charge(
             &mut alloc.budgets,
             TO_PEER,
@@ -685,6 +690,9 @@ impl Server {
         if msg.has_unknown_comprehension_required() {
             return ClientAction::Drop(DropReason::UnknownAttribute);
         }
+        // RFC 8656 §11.2: "The Send indication MUST contain both an XOR-PEER-ADDRESS attribute
+        // and a DATA attribute. If one of these attributes is missing or invalid, then the
+        // message is discarded." (test rfc8656_11_2_and_11_3_send_and_data_indications)
         let (Some(Ok(Attribute::XorPeerAddress(peer))), Some(Ok(Attribute::Data(payload)))) =
             (msg.get(kind::XOR_PEER_ADDRESS), msg.get(kind::DATA))
         else {
@@ -747,6 +755,12 @@ impl Server {
                 if self.allocations.get(&ft).is_some_and(|a| a.expires <= now) {
                     self.remove_allocation(ft, CloseReason::Expired);
                 }
+                // RFC 8656 §7.2: "the server MUST require that the request be authenticated.
+                // If the request is authenticated, the authentication MUST be done either using
+                // the long-term credential mechanism of [RFC8489] or [...]": every Allocate (and
+                // every other request needing an allocation) passes the long-term credential
+                // check; turnpike has no unauthenticated mode (test
+                // rfc8656_7_2_unauthenticated_allocate_is_401_and_ipv4_is_the_default_family).
                 let auth = match self.authenticate(now, ft, msg, &reply, out) {
                     Ok(a) => a,
                     Err(Refusal::Responded) => return ClientAction::Respond(self.response.get()),
@@ -1115,8 +1129,10 @@ impl Server {
             return err(AllocateError::ConflictingAttributes);
         }
         if msg.raw(kind::DONT_FRAGMENT).is_some() {
-            // Not supported: answered as an unknown comprehension-required attribute
-            // (RFC 8656 §7.2), so the client can retry without it.
+            // Not supported: answered as an unknown comprehension-required attribute, 420
+            // with UNKNOWN-ATTRIBUTES (RFC 8656 §7.2 item 4, no MUST there), so the client can
+            // retry without it. turnpike cannot set the DF bit on relayed datagrams (test
+            // rfc8656_7_2_allocate_request_validation).
             self.respond(out, reply, Class::Error, |b| {
                 error_code(b, AllocateError::DontFragment.into());
                 b.attribute(&Attribute::UnknownAttributes(&kind::DONT_FRAGMENT.to_be_bytes()));
@@ -1143,6 +1159,12 @@ impl Server {
         self.pending_allocates.insert(ft, (reply.tid, now));
         ClientAction::Allocate(AllocateRequest {
             five_tuple: ft,
+            // RFC 8656 §7.2: "If the REQUESTED-ADDRESS-FAMILY attribute is absent and the server
+            // supports the IPv4 address family, the server MUST allocate an IPv4 relayed transport
+            // address for the TURN client." The 440 MUSTs of item 7 (family not supported, or
+            // absent and no IPv4) are met by the relay allocator, which refuses a family without a
+            // relay IP with `RelayError::FamilyNotSupported` (src/control/allocator.rs; tests
+            // rfc8656_7_2_relay_refusals_are_440_and_508, family_without_relay_ip_is_refused_with_440).
             family: requested_family.unwrap_or(AddressFamily::V4),
             even_port,
             reserve_next,
@@ -1303,6 +1325,10 @@ impl Server {
         let Some(alloc) = self.owned_allocation(ft, reply, out) else {
             return ClientAction::Respond(self.response.get());
         };
+        // RFC 8656 §8.2: "If the server receives a Refresh Request with a REQUESTED-ADDRESS-FAMILY
+        // attribute and the attribute value does not match the address family of the
+        // allocation, the server MUST reply with a 443 (Peer Address Family Mismatch) Refresh
+        // error response." (test rfc8656_8_2_refresh_lifetimes_delete_and_family_mismatch_443)
         if family.is_some_and(|f| f != AddressFamily::of(&alloc.relayed.ip())) {
             self.error(out, reply, RefreshError::FamilyMismatch);
             return ClientAction::Respond(self.response.get());
@@ -1328,6 +1354,11 @@ impl Server {
     /// Checks a peer address for CreatePermission and ChannelBind: 443 on a family
     /// mismatch with the relayed address, 403 when the policy refuses it.
     fn check_peer(&self, relayed: SocketAddr, peer: SocketAddr) -> Result<(), PeerError> {
+        // RFC 8656 §10.2 (and §12.2 alike): "If an XOR-PEER-ADDRESS attribute contains an
+        // address of an address family that is not the same as that of a relayed transport
+        // address for the allocation, the server MUST generate an error response with the 443
+        // (Peer Address Family Mismatch) response code." (test
+        // rfc8656_10_2_and_12_2_peer_of_another_family_is_443)
         if peer.is_ipv4() != relayed.is_ipv4() {
             return Err(PeerError::FamilyMismatch);
         }
@@ -1371,6 +1402,10 @@ impl Server {
                 }
             }
         }
+        // RFC 8656 §10.2: "The CreatePermission request MUST contain at least one
+        // XOR-PEER-ADDRESS attribute and MAY contain multiple such attributes. If no such
+        // attribute exists, or if any of these attributes are invalid, then a 400 (Bad
+        // Request) error is returned." (test rfc8656_10_2_create_permission_validation)
         if peers.is_empty() {
             failure = Some(PermissionError::MalformedPeer);
         }
@@ -1410,6 +1445,10 @@ impl Server {
         reply: &Reply<'_>,
         out: &mut Vec<u8>,
     ) -> ClientAction<'a> {
+        // RFC 8656 §12.2 checks the range 0x4000 through 0x4FFF (400 otherwise; no MUST).
+        // Deviation: by default turnpike accepts RFC 5766's 0x4000-0x7FFF, as deployed clients
+        // use it; `strict_channel_numbers` gives the RFC 8656 range (test
+        // rfc8656_12_2_channel_number_ranges).
         let max_channel = if self.config.strict_channel_numbers {
             MAX_CHANNEL_STRICT
         } else {
@@ -1441,8 +1480,8 @@ impl Server {
         let (ch_life, perm_life) = (self.config.channel_lifetime, self.config.permission_lifetime);
         self.purge(ft, now);
         let alloc = self.allocations.get_mut(&ft).expect("checked above");
-        // RFC 8656 §11.2: the number must not be bound to another peer, nor the peer to
-        // another number.
+        // RFC 8656 §12.2: the number must not be bound to another peer, nor the peer to
+        // another number (400 otherwise; test rfc8656_12_2_channel_bind_and_12_5_channel_data).
         let conflict = alloc.binding(channel).is_some_and(|b| b.peer != peer)
             || alloc.channel_of_peer(peer).is_some_and(|c| c != channel);
         let over = (alloc.binding(channel).is_none() && alloc.channel_count() >= max_ch)
@@ -1511,6 +1550,10 @@ impl Server {
         if !charge(&mut alloc.budgets, TO_CLIENT, self.config.max_bitrate, len, now) {
             return PeerAction::Drop(DropReason::BandwidthExceeded);
         }
+        // RFC 8656 §12.5: "The server, on the other hand, MUST use the ChannelData message if a
+        // channel has been bound to the peer." `channel` is `Some` exactly then, and the shell
+        // frames ChannelData; otherwise a Data indication (§11.3; tests
+        // rfc8656_12_2_channel_bind_and_12_5_channel_data, channel_binding_expires_after_600s).
         PeerAction::Forward {
             five_tuple: *ft,
             channel: alloc.channel_for_peer(peer, now),
@@ -1521,6 +1564,8 @@ impl Server {
     /// with a fresh transaction ID.
     pub fn encode_data_indication(&mut self, peer: SocketAddr, payload: &[u8], out: &mut Vec<u8>) {
         let tid = self.next_tid();
+        // RFC 8656 §11.3: "The Data indication MUST contain both an XOR-PEER-ADDRESS and a DATA
+        // attribute." (test rfc8656_11_2_and_11_3_send_and_data_indications)
         let mut b = MessageBuilder::new(out, MessageType::new(Method::Data, Class::Indication), tid);
         b.attribute(&Attribute::XorPeerAddress(peer));
         b.attribute(&Attribute::Data(payload));

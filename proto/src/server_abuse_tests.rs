@@ -483,7 +483,7 @@ fn peer_matrix_cross_family_is_refused() {
 }
 
 /// One refused address among allowed ones in a single CreatePermission refuses the whole
-/// request and installs nothing (RFC 8656 §9.2).
+/// request and installs nothing (RFC 8656 §10.2).
 #[test]
 fn one_refused_peer_refuses_the_whole_create_permission() {
     let mut m = Matrix::new(&[], &[LISTEN4]);

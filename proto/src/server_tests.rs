@@ -1174,7 +1174,29 @@ fn even_port_reservation_is_handed_to_the_shell() {
 // ---------------------------------------------------------------------------------------
 
 #[test]
-fn allocate_request_validation() {
+fn rfc8656_7_2_unauthenticated_allocate_is_401_and_ipv4_is_the_default_family() {
+    let mut h = Harness::new();
+    let now = h.t0;
+    let mut c = Client::alice();
+    // "the server MUST require that the request be authenticated"
+    let r = h.challenge(now, &mut c);
+    assert_error(&r, Method::Allocate, 401);
+    assert_eq!(h.server.allocation_count(), 0);
+    // Without REQUESTED-ADDRESS-FAMILY "the server MUST allocate an IPv4 relayed transport address".
+    let req = h
+        .request(
+            now,
+            &mut c,
+            Method::Allocate,
+            fresh_tid(),
+            &[Attribute::RequestedTransport(17)],
+        )
+        .allocate();
+    assert_eq!(req.family, AddressFamily::V4);
+}
+
+#[test]
+fn rfc8656_7_2_allocate_request_validation() {
     let mut h = Harness::new();
     let now = h.t0;
     let mut c = Client::alice();
@@ -1313,7 +1335,7 @@ fn unknown_comprehension_required_attribute_in_binding_is_420() {
 }
 
 #[test]
-fn complete_allocate_errors() {
+fn rfc8656_7_2_relay_refusals_are_440_and_508() {
     let mut h = Harness::new();
     let now = h.t0;
     for (err, code) in [(RelayError::FamilyNotSupported, 440), (RelayError::Exhausted, 508)] {
@@ -1485,7 +1507,7 @@ fn allocate_lifetime_is_clamped() {
 }
 
 #[test]
-fn refresh_lifetimes_and_delete() {
+fn rfc8656_8_2_refresh_lifetimes_delete_and_family_mismatch_443() {
     let mut h = Harness::new();
     let mut c = Client::alice();
     h.allocate_ok(h.t0, &mut c, relay(1));
@@ -1725,7 +1747,7 @@ fn expired_allocation_is_gone_before_handle_timeout() {
 // ---------------------------------------------------------------------------------------
 
 #[test]
-fn permissions_send_and_data_indications() {
+fn rfc8656_11_2_and_11_3_send_and_data_indications() {
     let mut h = Harness::new();
     let now = h.t0;
     let mut c = Client::alice();
@@ -1824,7 +1846,7 @@ fn permissions_send_and_data_indications() {
 }
 
 #[test]
-fn permission_expires_after_300s() {
+fn rfc8656_9_permission_expires_after_300s() {
     let mut h = Harness::new();
     let mut c = Client::alice();
     h.allocate_ok(h.t0, &mut c, relay(1));
@@ -1874,7 +1896,7 @@ fn permission_expires_after_300s() {
 }
 
 #[test]
-fn create_permission_validation() {
+fn rfc8656_10_2_create_permission_validation() {
     let mut h = Harness::new();
     let now = h.t0;
     let mut c = Client::alice();
@@ -1901,7 +1923,7 @@ fn create_permission_validation() {
 // ---------------------------------------------------------------------------------------
 
 #[test]
-fn channel_bind_and_channel_data() {
+fn rfc8656_12_2_channel_bind_and_12_5_channel_data() {
     let mut h = Harness::new();
     let now = h.t0;
     let mut c = Client::alice();
@@ -1983,7 +2005,7 @@ fn channel_bind_and_channel_data() {
 }
 
 #[test]
-fn channel_number_ranges() {
+fn rfc8656_12_2_channel_number_ranges() {
     let mut h = Harness::new();
     let now = h.t0;
     let mut c = Client::alice();
@@ -2084,6 +2106,52 @@ fn channel_binding_expires_after_600s() {
         h.send(h.at(1300), d.ft, &channel_data(0x4000, b"x")),
         Outcome::Drop(DropReason::NoPermission)
     ));
+}
+
+#[test]
+fn rfc8656_12_6_channel_data_refreshes_neither_binding_nor_permission() {
+    let mut h = Harness::new();
+    let mut c = Client::alice();
+    h.allocate_with(h.t0, &mut c, &[Attribute::Lifetime(3600)], relay(1));
+    let p1 = sa(P1);
+    assert_success(&h.channel_bind(h.t0, &mut c, 0x4000, p1), Method::ChannelBind);
+    // ChannelData all along does not move the permission's expiry (300 s after ChannelBind).
+    for s in [1, 100, 200, 299] {
+        assert!(matches!(
+            h.send(h.at(s), c.ft, &channel_data(0x4000, b"x")),
+            Outcome::Relay { .. }
+        ));
+    }
+    assert!(matches!(
+        h.send(h.at(300), c.ft, &channel_data(0x4000, b"x")),
+        Outcome::Drop(DropReason::NoPermission)
+    ));
+    // With the permission refreshed by CreatePermission, ChannelData does not move the
+    // binding's expiry either (600 s after ChannelBind).
+    assert_success(&h.create_permission(h.at(300), &mut c, &[p1]), Method::CreatePermission);
+    for s in [301, 450, 599] {
+        assert!(matches!(
+            h.send(h.at(s), c.ft, &channel_data(0x4000, b"x")),
+            Outcome::Relay { .. }
+        ));
+    }
+    assert!(matches!(
+        h.send(h.at(600), c.ft, &channel_data(0x4000, b"x")),
+        Outcome::Drop(DropReason::NoChannel)
+    ));
+}
+
+#[test]
+fn rfc8656_10_2_and_12_2_peer_of_another_family_is_443() {
+    let mut h = Harness::new();
+    let now = h.t0;
+    let mut c = Client::alice();
+    h.allocate_ok(now, &mut c, relay(1));
+    let v6 = sa("[2606:4700::1111]:443");
+    assert_error(&h.create_permission(now, &mut c, &[v6]), Method::CreatePermission, 443);
+    assert_error(&h.channel_bind(now, &mut c, 0x4000, v6), Method::ChannelBind, 443);
+    let a = h.server.allocation(&c.ft).unwrap();
+    assert!(a.permission_count() == 0 && a.channel_count() == 0);
 }
 
 // ---------------------------------------------------------------------------------------

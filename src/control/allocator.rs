@@ -35,7 +35,8 @@ use crate::proto::stun::AddressFamily;
 /// purpose there: the reservation ends with its allocation (port, socket and quota unit are
 /// freed at once), so a deleted allocation leaves nothing behind and the user's next R-bit
 /// Allocate is not refused for quota. A client that deletes its own allocation within 30 s
-/// thus loses its reservation early.
+/// thus loses its reservation early. Tests: `reservation_expires_at_exactly_30_s` (the 30 s)
+/// and `regression_reservation_released_with_its_allocation` (the deviation).
 pub const RESERVATION_LIFETIME: Duration = Duration::from_secs(30);
 
 /// Candidate ports tried per relay IP and Allocate before answering 508.
@@ -81,7 +82,7 @@ pub struct Ticket<'a> {
     pub even_port: bool,
     /// EVEN-PORT's R bit: also reserve the next higher port under a RESERVATION-TOKEN.
     pub reserve_next: bool,
-    /// A RESERVATION-TOKEN presented by the client (RFC 8656 §14.9): the allocation gets
+    /// A RESERVATION-TOKEN presented by the client (RFC 8656 §18.10): the allocation gets
     /// the port reserved under it.
     pub reservation_token: Option<[u8; 8]>,
 }
@@ -391,6 +392,13 @@ impl<S> RelayAllocator<S> {
             .map(|i| (self.next_relay_ip + i) % n)
             .filter(|&i| AddressFamily::of(&self.relay_ips[i].ip) == ticket.family)
             .collect();
+        // RFC 8656 §7.2: "If the server does not support the address family requested by the
+        // client in REQUESTED-ADDRESS-FAMILY, or if the allocation of the requested address
+        // family is disabled by local policy, it MUST generate an Allocate error response, and
+        // it MUST include an ERROR-CODE attribute with the 440 (Address Family not Supported)
+        // response code." The same holds for IPv4 (the family of an Allocate without the
+        // attribute) when no IPv4 relay IP is configured (test
+        // family_without_relay_ip_is_refused_with_440).
         if candidates.is_empty() {
             return Err(RelayError::FamilyNotSupported);
         }
