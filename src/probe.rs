@@ -13,8 +13,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
+use crate::proto::client::{Client, Reply};
 use crate::proto::stun::attribute::kind;
-use crate::proto::stun::{Attribute, Class, Message, MessageBuilder, MessageType, Method, TransactionId};
+use crate::proto::stun::{Attribute, Message, Method, TransactionId};
 
 /// Mapping or filtering behaviour (RFC 4787 §4.1, §5).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -119,9 +120,11 @@ struct Answer {
     from: SocketAddr,
 }
 
-/// The probe: one UDP socket and a transaction counter.
+/// The probe: one UDP socket, the sans-IO client (anonymous: Binding only) and a
+/// transaction counter.
 struct Prober {
     sock: UdpSocket,
+    client: Client,
     rto: Duration,
     tries: u32,
     counter: u64,
@@ -144,11 +147,9 @@ impl Prober {
         t[8..].copy_from_slice(&std::process::id().to_be_bytes());
         let tid = TransactionId(t);
         let mut out = Vec::new();
-        let mut b = MessageBuilder::new(&mut out, MessageType::new(Method::Binding, Class::Request), tid);
-        if change != 0 {
-            b.attribute(&Attribute::ChangeRequest(change));
-        }
-        b.fingerprint();
+        let change_request = [Attribute::ChangeRequest(change)];
+        let attrs: &[Attribute<'_>] = if change != 0 { &change_request } else { &[] };
+        self.client.encode_request(Method::Binding, tid, attrs, &mut out);
         let mut buf = [0u8; 1500];
         let mut rto = self.rto;
         for _ in 0..tries {
@@ -166,12 +167,10 @@ impl Prober {
                 if m.transaction_id() != tid {
                     continue;
                 }
-                if m.class() == Class::Error {
-                    let code = match m.get(kind::ERROR_CODE) {
-                        Some(Ok(Attribute::ErrorCode { code, .. })) => code.0,
-                        _ => 0,
-                    };
-                    bail!("{to} answered the Binding with error {code}");
+                match self.client.handle_response(&m, false) {
+                    Reply::Success => {}
+                    Reply::Error(code) => bail!("{to} answered the Binding with error {}", code.0),
+                    other => bail!("{to} answered the Binding with {other:?}"),
                 }
                 let mapped = match m.get(kind::XOR_MAPPED_ADDRESS) {
                     Some(Ok(Attribute::XorMappedAddress(a))) => a,
@@ -211,6 +210,7 @@ pub fn run(server: SocketAddr, local: SocketAddr, rto: Duration, tries: u32) -> 
     let local = sock.local_addr()?;
     let mut p = Prober {
         sock,
+        client: Client::anonymous(),
         rto,
         tries,
         counter: 0,
@@ -249,6 +249,7 @@ pub fn run(server: SocketAddr, local: SocketAddr, rto: Duration, tries: u32) -> 
         // fresh mapping that has only ever sent to the primary address (test I).
         let mut f = Prober {
             sock: UdpSocket::bind(SocketAddr::new(local.ip(), 0)).context("binding the probe socket")?,
+            client: Client::anonymous(),
             rto,
             tries,
             counter: p.counter,

@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 use socket2::{Domain, Protocol, Socket, Type};
 use turnpike::proto::channel_data::{self, ChannelData};
+use turnpike::proto::client::{Client, Reply};
 use turnpike::proto::stun::attribute::kind;
-use turnpike::proto::stun::integrity::{self, LongTermKey};
 use turnpike::proto::stun::{
     Attribute, Class, Message, MessageBuilder, MessageType, Method, PasswordAlgorithm, TransactionId,
 };
@@ -198,7 +198,8 @@ struct Alloc {
     step: Step,
     txn: Option<Txn>,
     req: Vec<u8>,
-    nonce: Option<Box<str>>,
+    /// The sans-IO client of this allocation's 5-tuple: credentials, realm and nonce.
+    client: Client,
     relayed: bool,
     lifetime: u32,
     auth_tries: u8,
@@ -229,8 +230,8 @@ pub struct Worker {
     chans: Vec<Chan>,
     peers: Vec<UdpSocket>,
     ep: Epoll,
-    key: Option<(String, LongTermKey)>,
-    last_nonce: Option<Box<str>>,
+    /// The realm and nonce of the last challenge, for `--reuse-nonce`.
+    last_challenge: Option<(String, String)>,
     timers: BinaryHeap<Reverse<(Instant, u32, u32, u8)>>,
     serial: u32,
     c: Counters,
@@ -291,7 +292,7 @@ impl Worker {
                 step: Step::Allocate,
                 txn: None,
                 req: Vec::new(),
-                nonce: None,
+                client: Client::new(&plan.username, &plan.password, PasswordAlgorithm::Md5),
                 relayed: false,
                 lifetime: 0,
                 auth_tries: 0,
@@ -310,8 +311,7 @@ impl Worker {
             chans: vec![Chan::default(); count * k],
             peers,
             ep,
-            key: None,
-            last_nonce: None,
+            last_challenge: None,
             timers: BinaryHeap::new(),
             serial: 0,
             c: Counters::default(),
@@ -455,8 +455,8 @@ impl Worker {
         al.fd = fd;
         al.st = St::Setup;
         self.outstanding += 1;
-        if self.plan.reuse_nonce {
-            self.allocs[a].nonce = self.last_nonce.clone();
+        if let (true, Some((realm, nonce))) = (self.plan.reuse_nonce, &self.last_challenge) {
+            self.allocs[a].client.set_realm_and_nonce(realm, nonce);
         }
         let first = match self.plan.mode {
             Mode::Turn => Step::Allocate,
@@ -550,42 +550,24 @@ impl Worker {
             Step::Permission => (0..self.plan.per_alloc).map(|j| self.peer_of(a, j)).collect(),
             _ => Vec::new(),
         };
-        let mut b = MessageBuilder::new(out, MessageType::new(method, Class::Request), tid);
-        match step {
-            Step::Allocate => {
-                b.attribute(&Attribute::RequestedTransport(17));
-                b.attribute(&Attribute::Lifetime(self.plan.lifetime));
-            }
-            Step::Bind(j) => {
-                b.attribute(&Attribute::ChannelNumber(channel_data::MIN_CHANNEL + j));
-                b.attribute(&Attribute::XorPeerAddress(SocketAddr::V4(peers[0])));
-            }
-            Step::Permission => {
-                for p in &peers {
-                    b.attribute(&Attribute::XorPeerAddress(SocketAddr::V4(*p)));
-                }
-            }
-            Step::Refresh => {
-                b.attribute(&Attribute::Lifetime(self.plan.lifetime));
-            }
-            Step::Release => {
-                b.attribute(&Attribute::Lifetime(0));
-            }
-            Step::Register(_) => {}
-        }
-        let al = &self.allocs[a];
-        let authed = match (&self.key, &al.nonce) {
-            (Some((realm, key)), Some(nonce)) => {
-                b.attribute(&Attribute::Username(&self.plan.username));
-                b.attribute(&Attribute::Realm(realm));
-                b.attribute(&Attribute::Nonce(nonce));
-                b.message_integrity(key.as_bytes());
-                true
-            }
-            _ => false,
+        let attrs: Vec<Attribute<'_>> = match step {
+            Step::Allocate => vec![
+                Attribute::RequestedTransport(17),
+                Attribute::Lifetime(self.plan.lifetime),
+            ],
+            Step::Bind(j) => vec![
+                Attribute::ChannelNumber(channel_data::MIN_CHANNEL + j),
+                Attribute::XorPeerAddress(SocketAddr::V4(peers[0])),
+            ],
+            Step::Permission => peers
+                .iter()
+                .map(|p| Attribute::XorPeerAddress(SocketAddr::V4(*p)))
+                .collect(),
+            Step::Refresh => vec![Attribute::Lifetime(self.plan.lifetime)],
+            Step::Release => vec![Attribute::Lifetime(0)],
+            Step::Register(_) => Vec::new(),
         };
-        b.fingerprint();
-        authed
+        self.allocs[a].client.encode_request(method, tid, &attrs, out)
     }
 
     fn fire_timers(&mut self, now: Instant, phase: u8) -> Duration {
@@ -711,71 +693,37 @@ impl Worker {
             }
         };
         let step = self.allocs[a].step;
-        match msg.class() {
-            Class::Success => {
-                if authed {
-                    let key = self.key.as_ref().map(|(_, k)| k.as_bytes()).unwrap_or(&[]);
-                    if integrity::verify_message_integrity(msg, key).is_err() {
-                        self.allocs[a].txn = None;
-                        self.step_failed(a, "integrity".into(), now);
-                        return;
+        self.allocs[a].txn = None;
+        match self.allocs[a].client.handle_response(msg, authed) {
+            Reply::Success => self.step_succeeded(a, msg, now),
+            Reply::IntegrityFailed => self.step_failed(a, "integrity".into(), now),
+            Reply::Retry => {
+                if self.plan.reuse_nonce {
+                    let c = &self.allocs[a].client;
+                    if let (Some(realm), Some(nonce)) = (c.realm(), c.nonce()) {
+                        self.last_challenge = Some((realm.to_string(), nonce.to_string()));
                     }
                 }
-                self.allocs[a].txn = None;
-                self.step_succeeded(a, msg, now);
-            }
-            Class::Error => {
-                let code = match msg.get(kind::ERROR_CODE) {
-                    Some(Ok(Attribute::ErrorCode { code, .. })) => code.0,
-                    _ => 0,
-                };
-                self.allocs[a].txn = None;
-                match code {
-                    401 | 438 => {
-                        let fresh = self.learn(a, msg);
-                        let al = &mut self.allocs[a];
-                        // Retry when we have (new) credentials to offer; a 401 to a request that
-                        // already carried the current nonce means wrong credentials.
-                        if al.auth_tries < 4 && (code == 438 || !authed || fresh) {
-                            al.auth_tries += 1;
-                            if authed {
-                                self.c.nonce_retries += 1;
-                            }
-                            self.send_step(a, step, now);
-                        } else {
-                            self.step_failed(a, code.to_string(), now);
-                        }
+                let al = &mut self.allocs[a];
+                if al.auth_tries < 4 {
+                    al.auth_tries += 1;
+                    if authed {
+                        self.c.nonce_retries += 1;
                     }
-                    437 if step == Step::Release => {
-                        self.c.released += 1;
-                        self.allocs[a].st = St::Released;
-                        self.release_pending -= 1;
-                    }
-                    c => self.step_failed(a, c.to_string(), now),
+                    self.send_step(a, step, now);
+                } else {
+                    self.step_failed(a, "401".into(), now);
                 }
             }
-            _ => self.c.stray_responses += 1,
-        }
-    }
-
-    /// Takes REALM and NONCE from a 401/438; returns whether the nonce changed.
-    fn learn(&mut self, a: usize, msg: &Message<'_>) -> bool {
-        if let Some(Ok(Attribute::Realm(r))) = msg.get(kind::REALM) {
-            if self.key.as_ref().map(|(realm, _)| realm.as_str()) != Some(r) {
-                let key = LongTermKey::derive(PasswordAlgorithm::Md5, &self.plan.username, r, &self.plan.password);
-                self.key = Some((r.to_string(), key));
+            // A 401 to a request that already carried the current nonce: wrong credentials.
+            Reply::Unauthorized => self.step_failed(a, "401".into(), now),
+            Reply::Error(code) if code.0 == 437 && step == Step::Release => {
+                self.c.released += 1;
+                self.allocs[a].st = St::Released;
+                self.release_pending -= 1;
             }
+            Reply::Error(code) => self.step_failed(a, code.0.to_string(), now),
         }
-        if let Some(Ok(Attribute::Nonce(n))) = msg.get(kind::NONCE) {
-            let al = &mut self.allocs[a];
-            let fresh = al.nonce.as_deref() != Some(n);
-            al.nonce = Some(n.into());
-            if self.plan.reuse_nonce {
-                self.last_nonce = Some(n.into());
-            }
-            return fresh;
-        }
-        false
     }
 
     // ---------------------------------------------------------------- release

@@ -54,6 +54,8 @@ pub struct Client {
     offered: Vec<u8>,
     key: Option<LongTermKey>,
     fingerprint: bool,
+    /// No credentials: STUN Binding only (RFC 8489 §3); a challenge is an error.
+    anonymous: bool,
 }
 
 impl std::fmt::Debug for Client {
@@ -81,6 +83,16 @@ impl Client {
             offered: Vec::new(),
             key: None,
             fingerprint: true,
+            anonymous: false,
+        }
+    }
+
+    /// A client without credentials, for STUN Binding (e.g. RFC 5780 NAT behaviour
+    /// discovery): it never signs, and a 401 or 438 is [`Reply::Error`].
+    pub fn anonymous() -> Self {
+        Client {
+            anonymous: true,
+            ..Client::new("", "", PasswordAlgorithm::Md5)
         }
     }
 
@@ -95,12 +107,19 @@ impl Client {
         self.nonce.as_deref()
     }
 
-    /// Starts from a realm and nonce learned elsewhere (one round trip fewer where the
-    /// server's nonces allow it; turnpike's are bound to the client's IP and port).
-    pub fn with_realm_and_nonce(mut self, realm: &str, nonce: &str) -> Self {
-        self.learn_realm(realm);
+    /// The realm learned last, if any.
+    pub fn realm(&self) -> Option<&str> {
+        self.realm.as_deref()
+    }
+
+    /// Takes a realm and nonce learned elsewhere, so that the next request is signed (one
+    /// round trip fewer where the server's nonces allow it; turnpike's are bound to the
+    /// client's IP and port, so there it costs a 438 instead).
+    pub fn set_realm_and_nonce(&mut self, realm: &str, nonce: &str) {
+        if self.realm.as_deref() != Some(realm) {
+            self.learn_realm(realm);
+        }
         self.nonce = Some(nonce.into());
-        self
     }
 
     /// Whether requests will be signed (a realm and nonce are known).
@@ -159,6 +178,7 @@ impl Client {
             _ => None,
         };
         match (msg.class(), code.map(|c| c.0)) {
+            (Class::Error, Some(401 | 438)) if self.anonymous => Reply::Error(code.expect("matched")),
             (Class::Error, Some(401)) => {
                 let fresh = self.learn(msg);
                 if !signed || fresh {
@@ -304,6 +324,26 @@ mod tests {
     }
 
     #[test]
+    fn anonymous_client_gets_errors_not_retries() {
+        let (mut server, ft, now) = server();
+        let mut c = Client::anonymous();
+        let mut out = Vec::new();
+        let signed = c.encode_request(
+            Method::Allocate,
+            TransactionId([9; 12]),
+            &[Attribute::RequestedTransport(17)],
+            &mut out,
+        );
+        assert!(!signed);
+        let resp = exchange(&mut server, ft, now, &out).unwrap();
+        assert_eq!(
+            c.handle_response(&Message::decode(&resp).unwrap(), signed),
+            Reply::Error(ErrorCode(401))
+        );
+        assert!(!c.is_authenticated());
+    }
+
+    #[test]
     fn tampered_success_fails_integrity() {
         let (mut server, ft, now) = server();
         let mut c = Client::new("alice", "pw", PasswordAlgorithm::Md5);
@@ -317,7 +357,7 @@ mod tests {
         );
         // A success without integrity answering a signed request is refused.
         let unsigned_success = resp.clone();
-        c = c.with_realm_and_nonce("turnpike", "n");
+        c.set_realm_and_nonce("turnpike", "n");
         assert!(c.is_authenticated());
         assert_eq!(
             c.handle_response(&Message::decode(&unsigned_success).unwrap(), true),

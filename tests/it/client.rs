@@ -1,15 +1,15 @@
-//! A blocking TURN client on turnpike's own codec, for tests: long-term credentials with
-//! MD5 or SHA-256 (RFC 8489 §9.2), retransmission, and helpers for the TURN methods.
+//! A blocking TURN client for tests: a socket and retransmissions around the sans-IO
+//! `turnpike::proto::client::Client` (long-term credentials with MD5 or SHA-256, RFC 8489
+//! §9.2), and helpers for the TURN methods.
 
 use std::net::{SocketAddr, UdpSocket};
 use std::time::Duration;
 
 use turnpike::proto::channel_data::ChannelData;
+use turnpike::proto::client::{self as proto, Reply};
 use turnpike::proto::stun::attribute::kind;
-use turnpike::proto::stun::integrity::{self, LongTermKey};
-use turnpike::proto::stun::{
-    Attribute, Class, Message, MessageBuilder, MessageType, Method, PasswordAlgorithm, TransactionId,
-};
+use turnpike::proto::stun::integrity;
+use turnpike::proto::stun::{Attribute, Class, Message, Method, PasswordAlgorithm, TransactionId};
 
 /// An owned STUN response.
 pub struct Response(pub Vec<u8>);
@@ -43,13 +43,8 @@ impl Response {
 pub struct Client {
     pub sock: UdpSocket,
     pub server: SocketAddr,
-    user: String,
-    password: String,
-    algorithm: PasswordAlgorithm,
-    realm: Option<String>,
-    nonce: Option<String>,
-    offered: Vec<u8>,
-    key: Option<LongTermKey>,
+    /// The sans-IO client: credentials, realm, nonce, request encoding, response checks.
+    proto: proto::Client,
     counter: u64,
 }
 
@@ -60,13 +55,7 @@ impl Client {
         Client {
             sock,
             server,
-            user: user.into(),
-            password: password.into(),
-            algorithm,
-            realm: None,
-            nonce: None,
-            offered: Vec::new(),
-            key: None,
+            proto: proto::Client::new(user, password, algorithm),
             counter: 0,
         }
     }
@@ -88,73 +77,24 @@ impl Client {
     }
 
     /// Sends a request with `attrs` and returns the response (retransmitting up to 5 times).
-    /// Authenticates after a 401 and refreshes the nonce after a 438, once each.
+    /// Authenticates after a 401 and refreshes the nonce after a 438; the response's
+    /// FINGERPRINT and, for signed requests, its integrity are verified.
     pub fn request(&mut self, method: Method, attrs: &[Attribute<'_>]) -> Response {
         for _ in 0..3 {
             let tid = self.tid();
             let mut out = Vec::new();
-            let mut b = MessageBuilder::new(&mut out, MessageType::new(method, Class::Request), tid);
-            for a in attrs {
-                b.attribute(a);
-            }
-            let with_auth = self.key.is_some();
-            if let (Some(key), Some(realm), Some(nonce)) = (&self.key, &self.realm, &self.nonce) {
-                b.attribute(&Attribute::Username(&self.user));
-                b.attribute(&Attribute::Realm(realm));
-                b.attribute(&Attribute::Nonce(nonce));
-                if self.algorithm == PasswordAlgorithm::Sha256 {
-                    b.attribute(&Attribute::PasswordAlgorithm {
-                        algorithm: 2,
-                        params: &[],
-                    });
-                    b.raw_attribute(kind::PASSWORD_ALGORITHMS, &self.offered);
-                    b.message_integrity_sha256(key.as_bytes());
-                } else {
-                    b.message_integrity(key.as_bytes());
-                }
-            }
-            b.fingerprint();
+            let signed = self.proto.encode_request(method, tid, attrs, &mut out);
             let resp = self.transact(&out, tid);
             let m = resp.msg();
             assert_eq!(m.transaction_id(), tid);
             integrity::verify_fingerprint(&m).expect("response FINGERPRINT");
-            match resp.error_code() {
-                Some(401) if !with_auth => self.learn(&resp),
-                Some(438) => self.learn(&resp),
-                _ => {
-                    if with_auth && resp.error_code() != Some(401) {
-                        let key = self.key.as_ref().unwrap().as_bytes();
-                        match self.algorithm {
-                            PasswordAlgorithm::Sha256 => {
-                                assert!(m.integrity_offset().is_none(), "SHA-256 request answered with SHA-1 MI");
-                                integrity::verify_message_integrity_sha256(&m, key)
-                                    .expect("response MESSAGE-INTEGRITY-SHA256")
-                            }
-                            PasswordAlgorithm::Md5 => {
-                                integrity::verify_message_integrity(&m, key).expect("response MESSAGE-INTEGRITY")
-                            }
-                        }
-                    }
-                    return resp;
-                }
+            match self.proto.handle_response(&m, signed) {
+                Reply::Retry => continue,
+                Reply::IntegrityFailed => panic!("response integrity does not verify"),
+                Reply::Success | Reply::Error(_) | Reply::Unauthorized => return resp,
             }
         }
         panic!("authentication loop did not settle");
-    }
-
-    fn learn(&mut self, resp: &Response) {
-        let m = resp.msg();
-        if let Some(Ok(Attribute::Realm(r))) = m.get(kind::REALM) {
-            self.realm = Some(r.to_string());
-        }
-        if let Some(Ok(Attribute::Nonce(n))) = m.get(kind::NONCE) {
-            self.nonce = Some(n.to_string());
-        }
-        if let Some(raw) = m.raw(kind::PASSWORD_ALGORITHMS) {
-            self.offered = raw.value.to_vec();
-        }
-        let realm = self.realm.as_deref().expect("REALM in 401");
-        self.key = Some(LongTermKey::derive(self.algorithm, &self.user, realm, &self.password));
     }
 
     fn transact(&self, request: &[u8], tid: TransactionId) -> Response {
