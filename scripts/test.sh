@@ -31,11 +31,17 @@ command -v ip >/dev/null || missing="$missing iproute2"
 command -v iptables >/dev/null || missing="$missing iptables"
 command -v conntrack >/dev/null || missing="$missing conntrack"
 command -v node >/dev/null || missing="$missing nodejs npm"
+# The metrics test (tests/it/metrics.rs) starts Debian's prometheus as a plain process and
+# checks the exposition with promtool.
+command -v prometheus >/dev/null && command -v promtool >/dev/null || missing="$missing prometheus"
+command -v curl >/dev/null || missing="$missing curl"
 if [ -n "$missing" ]; then
   echo "== installing$missing"
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq $missing >/dev/null
 fi
+# The Debian package may start a prometheus of its own; the tests start theirs.
+$SUDO systemctl stop prometheus prometheus-node-exporter >/dev/null 2>&1 || true
 if [ ! -f tests/browser/node_modules/playwright-core/package.json ] ||
    [ tests/browser/package-lock.json -nt tests/browser/node_modules/.package-lock.json ]; then
   echo "== npm ci (tests/browser: playwright-core)"

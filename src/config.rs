@@ -182,6 +182,20 @@ pub struct Settings {
     /// Do not pin shard threads to cores.
     #[arg(long)]
     pub no_pin: bool,
+
+    /// Serve Prometheus metrics on /metrics, and /healthz and /readyz, at IP:PORT (off by
+    /// default; coturn uses 9641).
+    #[arg(long)]
+    pub metrics_listen: Option<SocketAddr>,
+
+    /// Also serve coturn's metric names (turn_total_allocations, turn_total_traffic_*,
+    /// stun_binding_*), so that coturn dashboards work unchanged.
+    #[arg(long)]
+    pub metrics_coturn_names: bool,
+
+    /// Log format: text or json (one JSON object per line, for log shippers) [default: text].
+    #[arg(long)]
+    pub log_format: Option<String>,
 }
 
 /// Client tools of the `turnpike` binary.
@@ -234,9 +248,9 @@ impl Settings {
                  rest_max_ahead, max_permissions, max_channels,
                  default_lifetime, max_lifetime, nonce_lifetime, software, socket_buffer,
                  relay_socket_buffer, shards, io_backend, ring_entries, challenge_rate, request_rate,
-                 rate_limit_v4_prefix, rate_limit_v6_prefix, max_bitrate;
+                 rate_limit_v4_prefix, rate_limit_v6_prefix, max_bitrate, metrics_listen, log_format;
             vec: listen, relay_ip, users, static_auth_secret, allowed_peer_ip, denied_peer_ip;
-            flag: strict_channel_numbers, no_pin);
+            flag: strict_channel_numbers, no_pin, metrics_coturn_names);
         Ok(base)
     }
 
@@ -264,6 +278,12 @@ pub struct Config {
     pub ports: (u16, u16),
     /// Log filter.
     pub log_level: String,
+    /// Log lines as JSON objects.
+    pub log_json: bool,
+    /// Where to serve metrics, if anywhere.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Serve coturn's metric names too.
+    pub metrics_coturn_names: bool,
     /// Protocol settings.
     pub server: ServerConfig,
     /// Allocations per user, 0 for no limit (enforced by the control thread's relay allocator).
@@ -449,6 +469,11 @@ impl Config {
         };
         let user_count = users.len();
         let secret_count = s.static_auth_secret.len();
+        let log_json = match s.log_format.as_deref().unwrap_or("text") {
+            "text" => Ok(false),
+            "json" => Ok(true),
+            other => Err(anyhow::anyhow!("--log-format {other:?}: expected text or json")),
+        };
         let order = match s.rest_username_order.as_deref().unwrap_or("expiry-first") {
             "expiry-first" => RestUsernameOrder::ExpiryFirst,
             "expiry-last" => RestUsernameOrder::ExpiryLast,
@@ -464,6 +489,9 @@ impl Config {
             relay_ips,
             ports,
             log_level: s.log_level.unwrap_or_else(|| "info".into()),
+            log_json: log_json?,
+            metrics_listen: s.metrics_listen,
+            metrics_coturn_names: s.metrics_coturn_names,
             server,
             user_quota: s.user_quota.unwrap_or(DEFAULT_USER_QUOTA),
             total_quota: s.total_quota.unwrap_or(0),

@@ -14,7 +14,9 @@ pub mod dataplane;
 #[cfg(any(test, fuzzing))]
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod metrics;
 pub mod probe;
+pub mod stats;
 pub mod sys;
 /// The sans-IO protocol core, its own crate (`turnpike-proto`) so that the build enforces the
 /// rule: no socket, clock, thread or io_uring dependency, and `#![forbid(unsafe_code)]`.

@@ -35,16 +35,30 @@ fn main() -> Result<()> {
     }
     let settings = Settings::load(cli)?;
     let config = Config::resolve(settings)?;
-    tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_new(&config.log_level).unwrap_or_else(|_| EnvFilter::new("info")))
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    let filter = EnvFilter::try_new(&config.log_level).unwrap_or_else(|_| EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if config.log_json {
+        logs.json().init();
+    } else {
+        logs.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init();
+    }
     let nofile = turnpike::sys::raise_nofile_limit();
     let (user_count, secret_count) = (config.user_count, config.secret_count);
     let (realm, ports) = (config.server.realm.clone(), config.ports);
     let relays: Vec<String> = config.relay_ips.iter().map(|a| a.to_string()).collect();
-    let runtime = Runtime::new(config)?;
+    let metrics_listen = config.metrics_listen;
+    let mut runtime = Runtime::new(config)?;
+    let _endpoint = match (metrics_listen, runtime.take_metrics()) {
+        (Some(addr), Some(metrics)) => {
+            let endpoint = turnpike::metrics::Endpoint::start(addr, metrics)?;
+            tracing::info!("metrics on http://{}/metrics", endpoint.addr());
+            Some(endpoint)
+        }
+        _ => None,
+    };
     let listen: Vec<String> = runtime.listen_addrs().iter().map(|a| a.to_string()).collect();
     let (backend, why) = runtime.backend();
     tracing::info!(
@@ -81,7 +95,7 @@ fn main() -> Result<()> {
         peer_rx = s.peer_rx,
         to_peer = s.to_peer,
         to_client = s.to_client,
-        responses = s.responses,
+        responses = s.responses_sent(),
         send_errors = s.io.send_errors,
         last_send_errno = s.io.last_send_errno,
         sync_sends = s.io.sync_sends,

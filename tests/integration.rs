@@ -34,3 +34,6 @@ mod abuse_cli;
 
 #[path = "it/floods.rs"]
 mod floods;
+
+#[path = "it/metrics.rs"]
+mod metrics;

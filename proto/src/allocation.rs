@@ -58,6 +58,20 @@ pub enum Expired {
     Channel(u16, SocketAddr),
 }
 
+/// What an allocation relayed, for usage records (billing): packets and payload bytes each
+/// way, counted on the forwarding path.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// Datagrams relayed client → peer.
+    pub to_peer_packets: u64,
+    /// Payload bytes relayed client → peer.
+    pub to_peer_bytes: u64,
+    /// Datagrams relayed peer → client.
+    pub to_client_packets: u64,
+    /// Payload bytes relayed peer → client.
+    pub to_client_bytes: u64,
+}
+
 /// One allocation: a relayed transport address bound to a client 5-tuple (its key in the
 /// server's table), with its permissions and channel bindings.
 ///
@@ -77,6 +91,10 @@ pub struct Allocation {
     pub allocate_tid: TransactionId,
     /// When the allocation expires.
     pub expires: Instant,
+    /// When it was created.
+    pub created: Instant,
+    /// What it relayed so far.
+    pub usage: Usage,
     /// Installed permissions, sorted by peer IP: (peer IP, expiry) (RFC 8656 §9: 300 s).
     permissions: SmallVec<[(IpAddr, Instant); 2]>,
     /// Channel bindings, sorted by channel number.
@@ -98,6 +116,7 @@ impl Allocation {
         username: Box<str>,
         key: LongTermKey,
         allocate_tid: TransactionId,
+        created: Instant,
         expires: Instant,
     ) -> Self {
         Allocation {
@@ -106,6 +125,8 @@ impl Allocation {
             key,
             allocate_tid,
             expires,
+            created,
+            usage: Usage::default(),
             permissions: SmallVec::new(),
             channels: SmallVec::new(),
             timer: expires,

@@ -46,7 +46,7 @@ impl From<RequestError> for ErrorCode {
 }
 
 /// Why the long-term credential check failed (RFC 8489 §9.2.4).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum AuthError {
     /// No MESSAGE-INTEGRITY(-SHA256): the 401 challenge.
     NoIntegrity,

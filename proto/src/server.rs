@@ -41,13 +41,13 @@ use ahash::AHashMap;
 use rand_chacha::rand_core::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use super::allocation::{Allocation, ChannelBinding, Expired, FiveTuple};
+use super::allocation::{Allocation, ChannelBinding, Expired, FiveTuple, Usage};
 use super::auth::{Authenticated, Credentials, NonceError, NonceIssuer};
 use super::channel_data::{self, ChannelData, MAX_CHANNEL_RFC5766, MAX_CHANNEL_STRICT, MIN_CHANNEL};
-pub use super::errors::RelayError;
 use super::errors::{
-    AllocateError, AllocationError, AuthError, ChannelBindError, PeerError, PermissionError, RefreshError, RequestError,
+    AllocateError, AllocationError, ChannelBindError, PeerError, PermissionError, RefreshError, RequestError,
 };
+pub use super::errors::{AuthError, RelayError};
 use super::peer_policy::PeerPolicy;
 use super::rate_limit::{burst_for, PrefixLimiter, TokenBucket};
 use super::stun::attribute::{encode_password_algorithms, kind, password_algorithms};
@@ -259,6 +259,8 @@ pub struct Response {
     pub method: Method,
     /// `None` for a success response, else the ERROR-CODE.
     pub error: Option<ErrorCode>,
+    /// Why authentication refused the request, when it did (401, 438 or 400).
+    pub auth_error: Option<AuthError>,
 }
 
 /// The result of [`Server::complete_allocate`].
@@ -269,6 +271,9 @@ pub struct AllocateCompletion {
     /// A relayed transport address the shell must release again: the allocation could not
     /// take it (another ticket of the same 5-tuple got there first).
     pub release: Option<SocketAddr>,
+    /// How long the Allocate waited for its relayed transport address (from the ticket to
+    /// this answer), when its ticket was this server's.
+    pub waited: Option<Duration>,
 }
 
 /// An Allocate that passed every check and now needs a relayed transport address
@@ -341,7 +346,7 @@ pub enum CloseReason {
 /// Every event names the allocation by its 5-tuple and relayed transport address. When an
 /// allocation closes, its permissions and channel bindings go with it: no separate
 /// expiry events are emitted for them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
     /// An Allocate succeeded (RFC 8656 §7.2).
     AllocationCreated {
@@ -370,6 +375,12 @@ pub enum Event {
         relayed: SocketAddr,
         /// Why.
         reason: CloseReason,
+        /// How long it lived.
+        age: Duration,
+        /// What it relayed.
+        usage: Usage,
+        /// The user that created it (for usage records).
+        username: Box<str>,
     },
     /// A permission was installed or refreshed (RFC 8656 §9) by CreatePermission or
     /// ChannelBind.
@@ -429,6 +440,18 @@ pub enum Event {
         /// The peer transport address it was bound to.
         peer: SocketAddr,
     },
+}
+
+/// What the server holds, by the family of the relayed transport address (`[IPv4, IPv6]`),
+/// from [`Server::gauges`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Gauges {
+    /// Allocations.
+    pub allocations: [usize; 2],
+    /// Permissions.
+    pub permissions: [usize; 2],
+    /// Channel bindings.
+    pub channels: [usize; 2],
 }
 
 /// Entry counts of the server's tables, from [`Server::table_sizes`].
@@ -569,6 +592,7 @@ impl Server {
             response: Cell::new(Response {
                 method: Method::Binding,
                 error: None,
+                auth_error: None,
             }),
             request_limiter,
         }
@@ -600,6 +624,21 @@ impl Server {
     /// The 5-tuple owning a relayed transport address.
     pub fn five_tuple_for_relay(&self, relayed: &SocketAddr) -> Option<FiveTuple> {
         self.by_relay.get(relayed).copied()
+    }
+
+    /// Allocations, permissions and channel bindings held, by the family of the relayed
+    /// transport address (`[IPv4, IPv6]`); permissions and bindings past their expiry that
+    /// no timer has purged yet are included. Walks every allocation: call it at most about
+    /// once a second, not per packet.
+    pub fn gauges(&self) -> Gauges {
+        let mut g = Gauges::default();
+        for a in self.allocations.values() {
+            let f = usize::from(a.relayed.is_ipv6());
+            g.allocations[f] += 1;
+            g.permissions[f] += a.permission_count();
+            g.channels[f] += a.channel_count();
+        }
+        g
     }
 
     /// How many entries the server's tables hold, for tests and fuzzing: unauthenticated
@@ -674,6 +713,8 @@ impl Server {
         ) {
             return ClientAction::Drop(DropReason::BandwidthExceeded);
         }
+        alloc.usage.to_peer_packets += 1;
+        alloc.usage.to_peer_bytes += cd.payload.len() as u64;
         ClientAction::Relay {
             relayed: alloc.relayed,
             peer: binding.peer,
@@ -710,6 +751,8 @@ impl Server {
         if !charge(&mut alloc.budgets, TO_PEER, self.config.max_bitrate, payload.len(), now) {
             return ClientAction::Drop(DropReason::BandwidthExceeded);
         }
+        alloc.usage.to_peer_packets += 1;
+        alloc.usage.to_peer_bytes += payload.len() as u64;
         ClientAction::Relay {
             relayed: alloc.relayed,
             peer,
@@ -753,7 +796,7 @@ impl Server {
                 // An expired allocation is gone even before `handle_timeout` has run, as for
                 // Send, ChannelData and peer data: no Refresh may revive it (RFC 8656 §8).
                 if self.allocations.get(&ft).is_some_and(|a| a.expires <= now) {
-                    self.remove_allocation(ft, CloseReason::Expired);
+                    self.remove_allocation(ft, CloseReason::Expired, now);
                 }
                 // RFC 8656 §7.2: "the server MUST require that the request be authenticated.
                 // If the request is authenticated, the authentication MUST be done either using
@@ -909,6 +952,7 @@ impl Server {
         self.response.set(Response {
             method: reply.method,
             error,
+            auth_error: None,
         });
     }
 
@@ -952,7 +996,16 @@ impl Server {
                 password_algorithms(&algs).expect("valid list"),
             ));
         });
+        self.note_auth_error(error);
         Refusal::Responded
+    }
+
+    /// Records in the last [`Response`] why authentication refused the request.
+    fn note_auth_error(&self, error: AuthError) {
+        self.response.set(Response {
+            auth_error: Some(error),
+            ..self.response.get()
+        });
     }
 
     /// Long-term credential check (RFC 8489 §9.2.4). On failure the error response is in
@@ -974,6 +1027,7 @@ impl Server {
         };
         let bad_request = |out: &mut Vec<u8>| {
             self.error(out, reply, AuthError::Malformed);
+            self.note_auth_error(AuthError::Malformed);
             Err(Refusal::Responded)
         };
         // A MESSAGE-INTEGRITY that is not 20 bytes is malformed (RFC 8489 §14.5); refusing
@@ -1207,10 +1261,16 @@ impl Server {
         result: Result<SocketAddr, RelayError>,
         out: &mut Vec<u8>,
     ) -> AllocateCompletion {
+        let waited = self
+            .pending_allocates
+            .get(&request.five_tuple)
+            .filter(|&&(tid, _)| tid == request.tid)
+            .map(|&(_, sent)| now.saturating_duration_since(sent));
         let release = self.finish_allocate(now, request, result, out);
         AllocateCompletion {
             response: self.response.get(),
             release,
+            waited,
         }
     }
 
@@ -1267,6 +1327,7 @@ impl Server {
             request.auth.username.into_boxed_str(),
             request.auth.key,
             request.tid,
+            now,
             expires,
         );
         alloc.reservation_token = request.granted_token;
@@ -1334,7 +1395,7 @@ impl Server {
             return ClientAction::Respond(self.response.get());
         }
         if lifetime.is_zero() {
-            self.remove_allocation(ft, CloseReason::Deleted);
+            self.remove_allocation(ft, CloseReason::Deleted, now);
         } else {
             alloc.expires = now + lifetime;
             let relayed = alloc.relayed;
@@ -1550,6 +1611,8 @@ impl Server {
         if !charge(&mut alloc.budgets, TO_CLIENT, self.config.max_bitrate, len, now) {
             return PeerAction::Drop(DropReason::BandwidthExceeded);
         }
+        alloc.usage.to_client_packets += 1;
+        alloc.usage.to_client_bytes += len as u64;
         // RFC 8656 §12.5: "The server, on the other hand, MUST use the ChannelData message if a
         // channel has been bound to the peer." `channel` is `Some` exactly then, and the shell
         // frames ChannelData; otherwise a Data indication (§11.3; tests
@@ -1626,13 +1689,16 @@ impl Server {
         });
     }
 
-    fn remove_allocation(&mut self, ft: FiveTuple, reason: CloseReason) {
+    fn remove_allocation(&mut self, ft: FiveTuple, reason: CloseReason, now: Instant) {
         if let Some(alloc) = self.allocations.remove(&ft) {
             self.by_relay.remove(&alloc.relayed);
             self.events.push_back(Event::AllocationClosed {
                 five_tuple: ft,
                 relayed: alloc.relayed,
                 reason,
+                age: now.saturating_duration_since(alloc.created),
+                usage: alloc.usage,
+                username: alloc.username,
             });
         }
     }
@@ -1656,7 +1722,7 @@ impl Server {
                 continue; // superseded by a later schedule
             }
             if alloc.expires <= now {
-                self.remove_allocation(ft, CloseReason::Expired);
+                self.remove_allocation(ft, CloseReason::Expired, now);
             } else {
                 alloc.timer = now; // force a new entry
                 self.purge(ft, now);

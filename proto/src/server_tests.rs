@@ -14,7 +14,7 @@ use proptest::prelude::*;
 use super::{
     AllocateRequest, ClientAction, CloseReason, DropReason, Event, PeerAction, RelayError, Server, ServerConfig,
 };
-use crate::allocation::FiveTuple;
+use crate::allocation::{FiveTuple, Usage};
 use crate::auth::{self, Credentials, NONCE_COOKIE};
 use crate::channel_data::ChannelData;
 use crate::peer_policy::PeerPolicy;
@@ -487,11 +487,20 @@ impl Harness {
         )
     }
 
-    /// The AllocationClosed events (the others are drained and dropped).
-    fn events(&mut self) -> Vec<Event> {
+    /// The AllocationClosed events as (5-tuple, relayed address, reason); the other events
+    /// are drained and dropped.
+    fn events(&mut self) -> Vec<(FiveTuple, SocketAddr, CloseReason)> {
         self.all_events()
             .into_iter()
-            .filter(|e| matches!(e, Event::AllocationClosed { .. }))
+            .filter_map(|e| match e {
+                Event::AllocationClosed {
+                    five_tuple,
+                    relayed,
+                    reason,
+                    ..
+                } => Some((five_tuple, relayed, reason)),
+                _ => None,
+            })
             .collect()
     }
 
@@ -1537,14 +1546,7 @@ fn rfc8656_8_2_refresh_lifetimes_delete_and_family_mismatch_443() {
     let r = h.refresh(h.at(40), &mut c, Some(0));
     assert_success(&r, Method::Refresh);
     assert_eq!(lifetime_of(&r), 0);
-    assert_eq!(
-        h.events(),
-        vec![Event::AllocationClosed {
-            five_tuple: c.ft,
-            relayed: relay(1),
-            reason: CloseReason::Deleted
-        }]
-    );
+    assert_eq!(h.events(), vec![(c.ft, relay(1), CloseReason::Deleted)]);
     assert_eq!(h.server.allocation_count(), 0);
     assert_eq!(h.server.five_tuple_for_relay(&relay(1)), None);
 
@@ -1629,14 +1631,7 @@ fn allocation_expires_exactly_at_its_lifetime() {
 
     h.server.handle_timeout(h.at(600));
     assert_eq!(h.server.allocation_count(), 0);
-    assert_eq!(
-        h.events(),
-        vec![Event::AllocationClosed {
-            five_tuple: c.ft,
-            relayed: relay(1),
-            reason: CloseReason::Expired
-        }]
-    );
+    assert_eq!(h.events(), vec![(c.ft, relay(1), CloseReason::Expired)]);
     h.server.handle_timeout(h.at(601));
     h.server.handle_timeout(h.at(100_000));
     assert!(h.events().is_empty(), "AllocationClosed exactly once");
@@ -1667,14 +1662,7 @@ fn refresh_moves_expiry() {
     assert_eq!(h.server.allocation_count(), 1);
     h.server.handle_timeout(h.at(1100));
     assert_eq!(h.server.allocation_count(), 0);
-    assert_eq!(
-        h.events(),
-        vec![Event::AllocationClosed {
-            five_tuple: c.ft,
-            relayed: relay(1),
-            reason: CloseReason::Expired
-        }]
-    );
+    assert_eq!(h.events(), vec![(c.ft, relay(1), CloseReason::Expired)]);
 }
 
 #[test]
@@ -1705,9 +1693,7 @@ fn many_allocations_expire_in_order() {
         assert_eq!(h.server.allocation_count(), 19 - i as usize);
         let ev = h.events();
         assert_eq!(ev.len(), 1);
-        assert!(
-            matches!(ev[0], Event::AllocationClosed { relayed, reason: CloseReason::Expired, .. } if relayed == relay(i as u16))
-        );
+        assert!(matches!(ev[0], (_, relayed, CloseReason::Expired) if relayed == relay(i as u16)));
     }
     assert!(h.server.poll_timeout().is_none_or(|t| t <= h.at(620)));
 }
@@ -1727,14 +1713,7 @@ fn expired_allocation_is_gone_before_handle_timeout() {
     ));
     let r = h.refresh(h.at(600), &mut c, Some(600));
     assert_error(&r, Method::Refresh, 437);
-    assert_eq!(
-        h.events(),
-        vec![Event::AllocationClosed {
-            five_tuple: c.ft,
-            relayed: relay(1),
-            reason: CloseReason::Expired
-        }]
-    );
+    assert_eq!(h.events(), vec![(c.ft, relay(1), CloseReason::Expired)]);
     // A fresh Allocate on the same 5-tuple succeeds.
     h.allocate_ok(h.at(600), &mut c, relay(2));
     h.server.handle_timeout(h.at(600));
@@ -3121,7 +3100,10 @@ fn events_of_an_allocation_life() {
         vec![Event::AllocationClosed {
             five_tuple: ft,
             relayed,
-            reason: CloseReason::Expired
+            reason: CloseReason::Expired,
+            age: Duration::from_secs(3040),
+            usage: Usage::default(),
+            username: "alice".into(),
         }]
     );
 }
@@ -3139,7 +3121,10 @@ fn refresh_zero_closes_with_reason_deleted_and_nothing_else() {
         vec![Event::AllocationClosed {
             five_tuple: c.ft,
             relayed: relay(1),
-            reason: CloseReason::Deleted
+            reason: CloseReason::Deleted,
+            age: Duration::from_secs(1),
+            usage: Usage::default(),
+            username: "alice".into(),
         }]
     );
     // Its channel and permission went with it: no expiry events later.

@@ -177,7 +177,9 @@ pub struct RelayAllocator<S> {
     /// Live grants per 5-tuple, oldest first; the first owns the route.
     routes: HashMap<FiveTuple, Vec<SocketAddr>>,
     tokens: TokenSource,
-    quota_refusals: u64,
+    user_quota_refusals: u64,
+    total_quota_refusals: u64,
+    token_refusals: u64,
     port_refusals: u64,
 }
 
@@ -204,7 +206,9 @@ impl<S> RelayAllocator<S> {
             total_units: 0,
             routes: HashMap::new(),
             tokens,
-            quota_refusals: 0,
+            user_quota_refusals: 0,
+            total_quota_refusals: 0,
+            token_refusals: 0,
             port_refusals: 0,
         }
     }
@@ -302,8 +306,24 @@ impl<S> RelayAllocator<S> {
             allocations: self.allocations.len(),
             reservations: self.reservations.len(),
             relay_ports_in_use: self.relay_ips.iter().map(|r| r.pool.in_use()).sum(),
-            quota_refusals: self.quota_refusals,
+            quota_refusals: self.user_quota_refusals + self.total_quota_refusals,
             port_refusals: self.port_refusals,
+        }
+    }
+
+    /// What the metrics report: ports per relay IP and refusals by reason.
+    pub fn published(&self) -> crate::stats::ControlPublished {
+        crate::stats::ControlPublished {
+            relay_ports: self
+                .relay_ips
+                .iter()
+                .map(|r| (r.ip, r.pool.in_use(), r.pool.total() - r.pool.in_use()))
+                .collect(),
+            reservations: self.reservations.len(),
+            user_quota_refusals: self.user_quota_refusals,
+            total_quota_refusals: self.total_quota_refusals,
+            port_refusals: self.port_refusals,
+            token_refusals: self.token_refusals,
         }
     }
 
@@ -317,7 +337,10 @@ impl<S> RelayAllocator<S> {
         // Checked before it is taken out: another user's attempt leaves the owner's reservation.
         let r = match self.reservations.entry(token) {
             Entry::Occupied(r) if r.get().user == user && now < r.get().expires => r.remove(),
-            _ => return Err(RelayError::BadReservationToken),
+            _ => {
+                self.token_refusals += 1;
+                return Err(RelayError::BadReservationToken);
+            }
         };
         self.expiry.remove(&(r.expires, token));
         if let Some(parent) = self.allocations.get_mut(&r.parent) {
@@ -337,11 +360,11 @@ impl<S> RelayAllocator<S> {
         let need = 1 + usize::from(ticket.reserve_next);
         let held = self.units.get(ticket.user).copied().unwrap_or(0);
         if self.config.user_quota != 0 && held + need > self.config.user_quota {
-            self.quota_refusals += 1;
+            self.user_quota_refusals += 1;
             return Err(RelayError::UserQuota);
         }
         if self.config.total_quota != 0 && self.total_units + need > self.config.total_quota {
-            self.quota_refusals += 1;
+            self.total_quota_refusals += 1;
             return Err(RelayError::TotalQuota);
         }
         let (relayed, socket, reserved) = self.bind_relay(ticket, bind)?;

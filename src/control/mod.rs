@@ -16,7 +16,9 @@ pub mod port_pool;
 use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
+
+use crate::stats::ControlPublished;
 use std::time::{Duration, Instant};
 
 use ahash::AHashMap;
@@ -138,6 +140,7 @@ pub struct Control {
     relay_socket_buffer: usize,
     routes: Routes,
     shards: Vec<ShardHandle>,
+    metrics: Option<Arc<Mutex<ControlPublished>>>,
 }
 
 fn bind_udp(addr: SocketAddr, buffer: usize) -> std::io::Result<UdpSocket> {
@@ -169,6 +172,22 @@ impl Control {
             relay_socket_buffer: config.relay_socket_buffer,
             routes,
             shards,
+            metrics: None,
+        }
+    }
+
+    /// Publishes the accounting into `slot` for the metrics endpoint after every batch.
+    pub fn with_metrics(mut self, slot: Arc<Mutex<ControlPublished>>) -> Self {
+        self.metrics = Some(slot);
+        self
+    }
+
+    /// Copies the accounting into the metrics slot unless the exporter holds it.
+    fn publish(&self) {
+        if let Some(slot) = &self.metrics {
+            if let Ok(mut p) = slot.try_lock() {
+                *p = self.allocator.published();
+            }
         }
     }
 
@@ -206,6 +225,7 @@ impl Control {
             }
             // Closes the sockets of the reservations that expired.
             drop(self.allocator.handle_timeout(Instant::now()));
+            self.publish();
         }
         while let Ok(req) = rx.try_recv() {
             self.handle(req, Instant::now());

@@ -13,7 +13,7 @@ pub mod shard;
 use std::collections::HashMap;
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::atomic::AtomicBool;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::thread;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -23,9 +23,12 @@ use socket2::{Domain, Protocol, Socket, Type};
 use crate::config::{BackendChoice, Config};
 use crate::control::allocator::AllocatorConfig;
 use crate::control::{Control, ControlConfig, ControlReport, ShardHandle};
+use crate::metrics::{Metrics, Slot, State};
 use crate::proto::server::{DropReason, Server};
+use crate::stats::ControlPublished;
+use crate::stats::{kernel_udp_buffer_errors, ShardStats, DROP_REASONS};
 use io::{BackendKind, Io};
-use shard::{Shard, ShardParts, ShardStats, DROP_REASONS};
+use shard::{Shard, ShardParts};
 
 /// Capacity of each shard's inbox and of the control queue.
 const QUEUE: usize = 4096;
@@ -47,21 +50,6 @@ pub struct Report {
     pub kernel_sndbuf_errors: u64,
 }
 
-/// The kernel's UDP `RcvbufErrors` and `SndbufErrors` counters (/proc/net/snmp).
-pub fn kernel_udp_buffer_errors() -> Option<(u64, u64)> {
-    let text = std::fs::read_to_string("/proc/net/snmp").ok()?;
-    let mut lines = text.lines().filter(|l| l.starts_with("Udp:"));
-    let names: Vec<&str> = lines.next()?.split_whitespace().collect();
-    let values: Vec<&str> = lines.next()?.split_whitespace().collect();
-    let get = |name: &str| {
-        names
-            .iter()
-            .position(|n| *n == name)
-            .and_then(|i| values.get(i)?.parse().ok())
-    };
-    Some((get("RcvbufErrors")?, get("SndbufErrors")?))
-}
-
 /// The configured server, bound and ready to run.
 pub struct Runtime {
     shards: Vec<Shard>,
@@ -71,6 +59,7 @@ pub struct Runtime {
     backend: BackendKind,
     backend_reason: String,
     pin: bool,
+    metrics: Option<Metrics>,
 }
 
 fn bind_reuseport(addr: SocketAddr, buffer: usize) -> std::io::Result<UdpSocket> {
@@ -144,6 +133,22 @@ impl Runtime {
             inboxes.push(rx);
             ios.push(io);
         }
+        // With a metrics endpoint: one publication slot per shard and one for the control
+        // thread, read by the exporter.
+        let state = Arc::new(State::default());
+        let control_slot = Arc::new(Mutex::new(ControlPublished::default()));
+        let slots: Vec<Slot> = (0..shards).map(|_| Slot::default()).collect();
+        let metrics = match config.metrics_listen {
+            None => None,
+            Some(_) => Some(Metrics::new(
+                slots.clone(),
+                control_slot.clone(),
+                state,
+                &config.server.realm,
+                backend.name(),
+                config.metrics_coturn_names,
+            )?),
+        };
         let mut built = Vec::new();
         for (index, ((io, inbox), listeners)) in ios.into_iter().zip(inboxes).zip(per_shard).enumerate() {
             // The same secret on every shard: a nonce issued by one validates on another.
@@ -168,6 +173,7 @@ impl Runtime {
                 inbox,
                 peers: handles.clone(),
                 routes: routes.clone(),
+                metrics: metrics.as_ref().map(|m| (slots[index].clone(), m.histograms())),
             })?);
         }
         let control = Control::new(
@@ -184,6 +190,11 @@ impl Runtime {
             handles,
             routes,
         );
+        let control = if metrics.is_some() {
+            control.with_metrics(control_slot)
+        } else {
+            control
+        };
         Ok(Runtime {
             shards: built,
             control,
@@ -192,12 +203,19 @@ impl Runtime {
             backend,
             backend_reason,
             pin: config.pin_cores,
+            metrics,
         })
     }
 
     /// The bound listening addresses (port 0 resolved).
     pub fn listen_addrs(&self) -> &[SocketAddr] {
         &self.listen
+    }
+
+    /// The metrics of this runtime (with `--metrics-listen`), to serve on an
+    /// [`crate::metrics::Endpoint`].
+    pub fn take_metrics(&mut self) -> Option<Metrics> {
+        self.metrics.take()
     }
 
     /// The backend in use and why it was chosen.
@@ -265,7 +283,7 @@ impl Runtime {
             if let Err(e) = result {
                 failure.get_or_insert(e);
             }
-            add(&mut report.stats, &s);
+            report.stats.add(&s);
         }
         shards_done.store(true, std::sync::atomic::Ordering::Relaxed);
         report.control = control_thread
@@ -298,25 +316,4 @@ impl ControlRunner {
     pub fn run(self, stop: &AtomicBool) -> ControlReport {
         self.control.run(self.rx, stop)
     }
-}
-
-fn add(total: &mut ShardStats, s: &ShardStats) {
-    total.client_rx += s.client_rx;
-    total.peer_rx += s.peer_rx;
-    total.to_peer += s.to_peer;
-    total.to_client += s.to_client;
-    total.responses += s.responses;
-    for i in 0..total.drops.len() {
-        total.drops[i] += s.drops[i];
-    }
-    total.control_overflow += s.control_overflow;
-    total.handovers += s.handovers;
-    total.handover_overflow += s.handover_overflow;
-    total.io.rx += s.io.rx;
-    total.io.tx += s.io.tx;
-    total.io.send_errors += s.io.send_errors;
-    total.io.last_send_errno = total.io.last_send_errno.max(s.io.last_send_errno);
-    total.io.sync_sends += s.io.sync_sends;
-    total.io.truncated += s.io.truncated;
-    total.io.batches += s.io.batches;
 }

@@ -10,73 +10,19 @@ use std::time::{Duration, Instant};
 use ahash::AHashMap;
 use crossbeam_channel::{Receiver, Sender};
 
-use super::io::{Datagram, Io, IoStats, SocketId, Verdict, HEADROOM};
+use super::io::{Datagram, Io, SocketId, Verdict, HEADROOM};
 use crate::control::{ControlRequest, Routes, ShardHandle, ShardMessage};
+use crate::metrics::{code_index, method_index, Histograms, Slot as MetricsSlot};
 use crate::proto::allocation::FiveTuple;
 use crate::proto::channel_data::{self, ChannelData};
-use crate::proto::server::{ClientAction, DropReason, Event, PeerAction, RelayError, Server};
+use crate::proto::server::{
+    AuthError, ClientAction, CloseReason, DropReason, Event, PeerAction, RelayError, Response, Server,
+};
 use crate::proto::stun::{Class, MessageType, Method};
+use crate::stats::{drop_index, ShardStats};
 
 /// Longest sleep of a shard, so shutdown requests are seen promptly.
 const MAX_WAIT: Duration = Duration::from_millis(100);
-
-/// Drop reasons in counter order.
-pub const DROP_REASONS: [DropReason; 12] = [
-    DropReason::Malformed,
-    DropReason::BadFingerprint,
-    DropReason::UnexpectedMessage,
-    DropReason::NoAllocation,
-    DropReason::NoChannel,
-    DropReason::NoPermission,
-    DropReason::PeerDenied,
-    DropReason::FamilyMismatch,
-    DropReason::RateLimited,
-    DropReason::BandwidthExceeded,
-    DropReason::UnknownAttribute,
-    DropReason::AllocatePending,
-];
-
-fn drop_index(r: DropReason) -> usize {
-    match r {
-        DropReason::Malformed => 0,
-        DropReason::BadFingerprint => 1,
-        DropReason::UnexpectedMessage => 2,
-        DropReason::NoAllocation => 3,
-        DropReason::NoChannel => 4,
-        DropReason::NoPermission => 5,
-        DropReason::PeerDenied => 6,
-        DropReason::FamilyMismatch => 7,
-        DropReason::RateLimited => 8,
-        DropReason::BandwidthExceeded => 9,
-        DropReason::UnknownAttribute => 10,
-        DropReason::AllocatePending => 11,
-    }
-}
-
-/// A shard's counters: plain integers, summed by the runtime.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct ShardStats {
-    /// Datagrams from clients.
-    pub client_rx: u64,
-    /// Datagrams from peers.
-    pub peer_rx: u64,
-    /// Datagrams relayed to peers.
-    pub to_peer: u64,
-    /// Datagrams relayed to clients.
-    pub to_client: u64,
-    /// STUN responses sent.
-    pub responses: u64,
-    /// Drops by reason, in [`DROP_REASONS`] order.
-    pub drops: [u64; 12],
-    /// Allocate tickets the control queue refused (full).
-    pub control_overflow: u64,
-    /// Datagrams handed to or received from another shard.
-    pub handovers: u64,
-    /// Handovers refused because the owner's inbox was full.
-    pub handover_overflow: u64,
-    /// Backend counters.
-    pub io: IoStats,
-}
 
 enum Slot {
     Free,
@@ -103,12 +49,15 @@ struct Core {
     peers: Vec<ShardHandle>,
     now: Instant,
     stats: ShardStats,
+    histograms: Option<Histograms>,
 }
 
 /// One shard.
 pub struct Shard {
     io: Io,
     core: Core,
+    slot: Option<MetricsSlot>,
+    gauges_at: Instant,
     inbox: Receiver<ShardMessage>,
     scratch: Vec<u8>,
 }
@@ -131,7 +80,13 @@ pub struct ShardParts {
     pub peers: Vec<ShardHandle>,
     /// Which shard owns which 5-tuple.
     pub routes: Routes,
+    /// Where to publish the counters, and the histograms to observe (with a metrics
+    /// endpoint).
+    pub metrics: Option<(MetricsSlot, Histograms)>,
 }
+
+/// How often a shard recounts its gauges (allocations, permissions, channels).
+const GAUGE_PERIOD: Duration = Duration::from_secs(1);
 
 /// Whether a client datagram is a STUN request that needs an existing allocation (and so
 /// its owning shard): every request but Binding and Allocate. ChannelData and Send
@@ -169,6 +124,7 @@ impl Shard {
             peers: parts.peers,
             now: Instant::now(),
             stats: ShardStats::default(),
+            histograms: parts.metrics.as_ref().map(|(_, h)| h.clone()),
         };
         for (addr, socket) in parts.listeners {
             let id = core.new_id(Slot::Listener(addr));
@@ -178,6 +134,8 @@ impl Shard {
         Ok(Shard {
             io,
             core,
+            slot: parts.metrics.map(|(slot, _)| slot),
+            gauges_at: Instant::now(),
             inbox: parts.inbox,
             scratch: Vec::with_capacity(64 * 1024),
         })
@@ -188,6 +146,9 @@ impl Shard {
     /// # Errors
     /// When the backend's wait fails.
     pub fn run(&mut self, shutdown: &AtomicBool) -> std::io::Result<()> {
+        if let Some(slot) = &self.slot {
+            slot.lock().unwrap_or_else(|e| e.into_inner()).tid = crate::sys::gettid();
+        }
         while !shutdown.load(Ordering::Relaxed) {
             self.turn(MAX_WAIT)?;
         }
@@ -218,7 +179,23 @@ impl Shard {
         }
         self.close_released();
         self.reap_closing();
+        self.publish(now);
         Ok(())
+    }
+
+    /// Copies the counters into the metrics slot, unless the exporter holds it (then the
+    /// next turn does); recounts the gauges once per [`GAUGE_PERIOD`].
+    fn publish(&mut self, now: Instant) {
+        let Some(slot) = &self.slot else {
+            return;
+        };
+        if now.saturating_duration_since(self.gauges_at) >= GAUGE_PERIOD {
+            self.gauges_at = now;
+            self.core.stats.gauges = self.core.server.gauges();
+        }
+        if let Ok(mut p) = slot.try_lock() {
+            p.stats = self.stats();
+        }
     }
 
     /// This shard's counters.
@@ -257,12 +234,16 @@ impl Shard {
                     .core
                     .server
                     .complete_allocate(now, request, result, &mut self.scratch);
+                self.core.count_response(completion.response);
+                if let (Some(h), Some(waited)) = (&self.core.histograms, completion.waited) {
+                    h.setup.observe(waited.as_secs_f64());
+                }
                 self.core.drain_events();
                 if let Some(addr) = completion.release {
                     self.core.release(addr);
                 }
                 if let Some(fd) = self.core.listener_fd(ft.server) {
-                    self.core.stats.responses += 1;
+                    self.core.stats.responses_total += 1;
                     self.io.send_now(fd, &self.scratch, ft.client);
                 }
             }
@@ -381,9 +362,56 @@ impl Core {
     /// free. Its socket is closed after the backend's wait.
     fn drain_events(&mut self) {
         while let Some(event) = self.server.poll_event() {
-            if let Event::AllocationClosed { relayed, .. } = event {
-                self.release(relayed);
+            match event {
+                Event::AllocationCreated { .. } => self.stats.allocations_created += 1,
+                Event::AllocationClosed {
+                    five_tuple,
+                    relayed,
+                    reason,
+                    age,
+                    usage,
+                    username,
+                } => {
+                    self.release(relayed);
+                    let reason = match reason {
+                        CloseReason::Expired => {
+                            self.stats.allocations_expired += 1;
+                            "expired"
+                        }
+                        CloseReason::Deleted => {
+                            self.stats.allocations_deleted += 1;
+                            "deleted"
+                        }
+                    };
+                    if let Some(h) = &self.histograms {
+                        h.lifetime.observe(age.as_secs_f64());
+                    }
+                    // The usage record: one line per closed allocation, for billing.
+                    tracing::info!(
+                        target: "turnpike::usage",
+                        user = %username,
+                        realm = %self.server.config().realm,
+                        client = %five_tuple.client,
+                        relayed = %relayed,
+                        duration_s = age.as_secs_f64(),
+                        to_peer_packets = usage.to_peer_packets,
+                        to_peer_bytes = usage.to_peer_bytes,
+                        to_client_packets = usage.to_client_packets,
+                        to_client_bytes = usage.to_client_bytes,
+                        reason,
+                        "allocation closed"
+                    );
+                }
+                _ => {}
             }
+        }
+    }
+
+    /// Counts a response sent by method and code.
+    fn count_response(&mut self, r: Response) {
+        self.stats.responses[method_index(r.method)][code_index(r.error)] += 1;
+        if r.auth_error == Some(AuthError::BadCredentials) {
+            self.stats.auth_failures += 1;
         }
     }
 
@@ -416,19 +444,28 @@ impl Core {
         if sharded && request_needs_owner(data) && self.server.allocation(&ft).is_none() && self.hand_over(ft, data) {
             return Verdict::Drop;
         }
+        if !channel_data::is_channel_data(data) && data.len() >= 2 {
+            if let Some(t) = MessageType::from_u16(u16::from_be_bytes([data[0], data[1]])) {
+                if t.class == Class::Request {
+                    self.stats.requests[method_index(t.method)] += 1;
+                }
+            }
+        }
         let base = d.buf.as_ptr() as usize;
         match self.server.handle_client(self.now, ft, data, out) {
-            ClientAction::Respond(_) => {
-                self.stats.responses += 1;
+            ClientAction::Respond(response) => {
+                self.stats.responses_total += 1;
+                self.count_response(response);
                 self.drain_events();
                 Verdict::Reply {
                     socket: d.socket,
                     to: d.from,
                 }
             }
-            ClientAction::RespondFrom(origin, _) => match self.listener_id(origin) {
+            ClientAction::RespondFrom(origin, response) => match self.listener_id(origin) {
                 Some(socket) => {
-                    self.stats.responses += 1;
+                    self.stats.responses_total += 1;
+                    self.count_response(response);
                     Verdict::Reply { socket, to: d.from }
                 }
                 None => Verdict::Drop,
@@ -439,6 +476,7 @@ impl Core {
                 match self.relay_ids.get(&relayed) {
                     Some(&socket) => {
                         self.stats.to_peer += 1;
+                        self.stats.to_peer_bytes += payload.len() as u64;
                         Verdict::Forward {
                             socket,
                             to: peer,
@@ -506,6 +544,7 @@ impl Core {
                     return Verdict::Drop;
                 };
                 self.stats.to_client += 1;
+                self.stats.to_client_bytes += d.len as u64;
                 match channel {
                     Some(ch) => {
                         // Zero-copy: the ChannelData header goes into the headroom.

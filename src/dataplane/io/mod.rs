@@ -12,6 +12,7 @@
 pub mod mmsg;
 pub mod uring;
 
+pub use crate::stats::IoStats;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::RawFd;
@@ -63,25 +64,6 @@ pub enum Verdict {
         /// Destination.
         to: SocketAddr,
     },
-}
-
-/// Counters a backend keeps.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct IoStats {
-    /// Datagrams received.
-    pub rx: u64,
-    /// Datagrams handed to the kernel for sending.
-    pub tx: u64,
-    /// Sends the kernel refused (buffer full, unreachable, ...).
-    pub send_errors: u64,
-    /// The errno of the last refused send (0 if none), to tell the causes apart.
-    pub last_send_errno: i32,
-    /// Sends made with a plain sendto(2) because every io_uring send slot was in flight.
-    pub sync_sends: u64,
-    /// Datagrams longer than [`MAX_PAYLOAD`], dropped.
-    pub truncated: u64,
-    /// Receive or send batches submitted.
-    pub batches: u64,
 }
 
 /// Which backend to run.

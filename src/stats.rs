@@ -1,0 +1,181 @@
+//! Counters shared by the data plane, the control thread and the metrics exporter: plain
+//! data, so that none of those modules needs another's internals (no import cycles).
+
+use std::net::IpAddr;
+
+use crate::proto::server::{DropReason, Gauges};
+
+/// Drop reasons in counter order.
+pub const DROP_REASONS: [DropReason; 12] = [
+    DropReason::Malformed,
+    DropReason::BadFingerprint,
+    DropReason::UnexpectedMessage,
+    DropReason::NoAllocation,
+    DropReason::NoChannel,
+    DropReason::NoPermission,
+    DropReason::PeerDenied,
+    DropReason::FamilyMismatch,
+    DropReason::RateLimited,
+    DropReason::BandwidthExceeded,
+    DropReason::UnknownAttribute,
+    DropReason::AllocatePending,
+];
+
+/// Index of `r` in [`DROP_REASONS`].
+pub fn drop_index(r: DropReason) -> usize {
+    match r {
+        DropReason::Malformed => 0,
+        DropReason::BadFingerprint => 1,
+        DropReason::UnexpectedMessage => 2,
+        DropReason::NoAllocation => 3,
+        DropReason::NoChannel => 4,
+        DropReason::NoPermission => 5,
+        DropReason::PeerDenied => 6,
+        DropReason::FamilyMismatch => 7,
+        DropReason::RateLimited => 8,
+        DropReason::BandwidthExceeded => 9,
+        DropReason::UnknownAttribute => 10,
+        DropReason::AllocatePending => 11,
+    }
+}
+
+/// A shard's counters: plain integers, summed by the runtime and copied once per loop turn
+/// into the shard's metrics slot ([`crate::metrics`]).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ShardStats {
+    /// Payload bytes relayed to peers.
+    pub to_peer_bytes: u64,
+    /// Payload bytes relayed to clients.
+    pub to_client_bytes: u64,
+    /// STUN requests received, by [`crate::metrics::METHODS`] index.
+    pub requests: [u64; 6],
+    /// STUN responses sent, by method and [`crate::metrics::CODES`] index.
+    pub responses: [[u64; 17]; 6],
+    /// Signed requests whose credentials did not verify.
+    pub auth_failures: u64,
+    /// Allocations created.
+    pub allocations_created: u64,
+    /// Allocations closed at their expiry.
+    pub allocations_expired: u64,
+    /// Allocations deleted by Refresh with LIFETIME 0.
+    pub allocations_deleted: u64,
+    /// Allocations, permissions and channels held (refreshed about once a second).
+    pub gauges: Gauges,
+    /// Datagrams from clients.
+    pub client_rx: u64,
+    /// Datagrams from peers.
+    pub peer_rx: u64,
+    /// Datagrams relayed to peers.
+    pub to_peer: u64,
+    /// Datagrams relayed to clients.
+    pub to_client: u64,
+    /// STUN responses sent.
+    pub responses_total: u64,
+    /// Drops by reason, in [`DROP_REASONS`] order.
+    pub drops: [u64; 12],
+    /// Allocate tickets the control queue refused (full).
+    pub control_overflow: u64,
+    /// Datagrams handed to or received from another shard.
+    pub handovers: u64,
+    /// Handovers refused because the owner's inbox was full.
+    pub handover_overflow: u64,
+    /// Backend counters.
+    pub io: IoStats,
+}
+
+impl ShardStats {
+    /// Adds another shard's counters (gauges too) to these.
+    pub fn add(&mut self, s: &ShardStats) {
+        self.client_rx += s.client_rx;
+        self.peer_rx += s.peer_rx;
+        self.to_peer += s.to_peer;
+        self.to_client += s.to_client;
+        self.to_peer_bytes += s.to_peer_bytes;
+        self.to_client_bytes += s.to_client_bytes;
+        self.responses_total += s.responses_total;
+        for m in 0..self.requests.len() {
+            self.requests[m] += s.requests[m];
+            for c in 0..self.responses[m].len() {
+                self.responses[m][c] += s.responses[m][c];
+            }
+        }
+        self.auth_failures += s.auth_failures;
+        self.allocations_created += s.allocations_created;
+        self.allocations_expired += s.allocations_expired;
+        self.allocations_deleted += s.allocations_deleted;
+        for f in 0..2 {
+            self.gauges.allocations[f] += s.gauges.allocations[f];
+            self.gauges.permissions[f] += s.gauges.permissions[f];
+            self.gauges.channels[f] += s.gauges.channels[f];
+        }
+        for i in 0..self.drops.len() {
+            self.drops[i] += s.drops[i];
+        }
+        self.control_overflow += s.control_overflow;
+        self.handovers += s.handovers;
+        self.handover_overflow += s.handover_overflow;
+        self.io.rx += s.io.rx;
+        self.io.tx += s.io.tx;
+        self.io.send_errors += s.io.send_errors;
+        self.io.last_send_errno = self.io.last_send_errno.max(s.io.last_send_errno);
+        self.io.sync_sends += s.io.sync_sends;
+        self.io.truncated += s.io.truncated;
+        self.io.batches += s.io.batches;
+    }
+
+    /// STUN responses sent (all methods and codes).
+    pub fn responses_sent(&self) -> u64 {
+        self.responses_total
+    }
+}
+
+/// Counters a backend keeps.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct IoStats {
+    /// Datagrams received.
+    pub rx: u64,
+    /// Datagrams handed to the kernel for sending.
+    pub tx: u64,
+    /// Sends the kernel refused (buffer full, unreachable, ...).
+    pub send_errors: u64,
+    /// The errno of the last refused send (0 if none), to tell the causes apart.
+    pub last_send_errno: i32,
+    /// Sends made with a plain sendto(2) because every io_uring send slot was in flight.
+    pub sync_sends: u64,
+    /// Datagrams longer than [`MAX_PAYLOAD`], dropped.
+    pub truncated: u64,
+    /// Receive or send batches submitted.
+    pub batches: u64,
+}
+
+/// The control thread's accounting as of its last batch.
+#[derive(Debug, Default, Clone)]
+pub struct ControlPublished {
+    /// Relay ports per relay IP: (IP, in use, free).
+    pub relay_ports: Vec<(IpAddr, usize, usize)>,
+    /// EVEN-PORT reservations held.
+    pub reservations: usize,
+    /// Allocate tickets refused for the user quota.
+    pub user_quota_refusals: u64,
+    /// Allocate tickets refused for the total quota.
+    pub total_quota_refusals: u64,
+    /// Allocate tickets refused for want of a port.
+    pub port_refusals: u64,
+    /// Allocate tickets refused for an unknown, expired or foreign RESERVATION-TOKEN.
+    pub token_refusals: u64,
+}
+
+/// The kernel's UDP `RcvbufErrors` and `SndbufErrors` counters (/proc/net/snmp).
+pub fn kernel_udp_buffer_errors() -> Option<(u64, u64)> {
+    let text = std::fs::read_to_string("/proc/net/snmp").ok()?;
+    let mut lines = text.lines().filter(|l| l.starts_with("Udp:"));
+    let names: Vec<&str> = lines.next()?.split_whitespace().collect();
+    let values: Vec<&str> = lines.next()?.split_whitespace().collect();
+    let get = |name: &str| {
+        names
+            .iter()
+            .position(|n| *n == name)
+            .and_then(|i| values.get(i)?.parse().ok())
+    };
+    Some((get("RcvbufErrors")?, get("SndbufErrors")?))
+}

@@ -1,0 +1,253 @@
+//! The metrics endpoint under a real Prometheus (Debian's `prometheus`, started here as a
+//! plain process on loopback): counters move while traffic flows, the allocation gauge
+//! rises and falls, a planted bad datagram shows up as a drop by reason, the exposition
+//! passes `promtool check metrics` and holds no series twice.
+
+use std::collections::HashSet;
+use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use turnpike::proto::stun::{Attribute, Class, Method, PasswordAlgorithm};
+
+use crate::client::Client;
+use crate::harness::{require, Server, PASSWORD, USER};
+
+/// A TCP port that was free a moment ago on 127.0.0.1.
+fn free_tcp_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// GET `url` with curl; the body.
+fn get(url: &str) -> String {
+    let out = Command::new("curl")
+        .args(["-sf", "--max-time", "5", url])
+        .output()
+        .expect("curl");
+    assert!(out.status.success(), "GET {url}: {}", out.status);
+    String::from_utf8(out.stdout).expect("UTF-8")
+}
+
+/// A Prometheus process scraping one target every second, stopped on drop.
+struct Prometheus {
+    child: Child,
+    api: String,
+    _dir: TempDir,
+}
+
+struct TempDir(std::path::PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+impl Prometheus {
+    fn start(target: SocketAddr) -> Prometheus {
+        require("prometheus");
+        let dir = std::env::temp_dir().join(format!("turnpike-prom-{}-{}", std::process::id(), target.port()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = dir.join("prometheus.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  - job_name: turnpike\n    static_configs:\n      - targets: ['{target}']\n"
+            ),
+        )
+        .unwrap();
+        let port = free_tcp_port();
+        let child = Command::new("prometheus")
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn prometheus");
+        Prometheus {
+            child,
+            api: format!("http://127.0.0.1:{port}/api/v1/query"),
+            _dir: TempDir(dir),
+        }
+    }
+
+    /// The value of an instant query that returns one sample, if it does.
+    fn value(&self, query: &str) -> Option<f64> {
+        let out = Command::new("curl")
+            .args(["-s", "--max-time", "5", "--get", "--data-urlencode"])
+            .arg(format!("query={query}"))
+            .arg(&self.api)
+            .output()
+            .ok()?;
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        let result = v["data"]["result"].as_array()?;
+        let sample = result.first()?;
+        sample["value"][1].as_str()?.parse().ok()
+    }
+
+    /// Polls `query` until `ok` holds for its value (at most `timeout`); the last value.
+    fn wait(&self, query: &str, timeout: Duration, ok: impl Fn(f64) -> bool) -> Option<f64> {
+        let deadline = Instant::now() + timeout;
+        let mut last = None;
+        while Instant::now() < deadline {
+            last = self.value(query);
+            if last.is_some_and(&ok) {
+                return last;
+            }
+            thread::sleep(Duration::from_millis(250));
+        }
+        panic!("{query}: last value {last:?} after {timeout:?}");
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn prometheus_scrapes_live_counters_gauges_and_drops() {
+    let mport = free_tcp_port();
+    let maddr: SocketAddr = format!("127.0.0.1:{mport}").parse().unwrap();
+    // The endpoint is up before turnpike logs that it listens.
+    let server = Server::start(&["--metrics-listen", &maddr.to_string()]);
+    assert_eq!(get(&format!("http://{maddr}/healthz")), "ok\n");
+    assert_eq!(get(&format!("http://{maddr}/readyz")), "ready\n");
+    let prom = Prometheus::start(maddr);
+    prom.wait("up", Duration::from_secs(30), |v| v == 1.0);
+
+    // An allocation with a channel to an echo peer, and traffic for a bounded time.
+    let peer = UdpSocket::bind("127.0.0.1:0").unwrap();
+    peer.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+    let peer_addr = peer.local_addr().unwrap();
+    let mut c = Client::new(server.addr, USER, PASSWORD, PasswordAlgorithm::Md5);
+    assert_eq!(c.allocate().class(), Class::Success);
+    assert_eq!(c.channel_bind(0x4000, peer_addr).class(), Class::Success);
+    let stop = Arc::new(AtomicBool::new(false));
+    let echo_stop = stop.clone();
+    let echo = thread::spawn(move || {
+        let mut buf = [0u8; 2048];
+        while !echo_stop.load(Ordering::Relaxed) {
+            if let Ok((n, from)) = peer.recv_from(&mut buf) {
+                let _ = peer.send_to(&buf[..n], from);
+            }
+        }
+    });
+    let sender = c.sock.try_clone().unwrap();
+    let server_addr = server.addr;
+    let send_stop = stop.clone();
+    let traffic = thread::spawn(move || {
+        let mut frame = vec![0x40, 0x00, 0x00, 100];
+        frame.extend_from_slice(&[7u8; 100]);
+        let deadline = Instant::now() + Duration::from_secs(40);
+        while !send_stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+            let _ = sender.send_to(&frame, server_addr);
+            thread::sleep(Duration::from_millis(5));
+        }
+    });
+
+    // Two scrapes during the run: the relayed-packet counter moves between them.
+    let relayed = "sum(turnpike_relayed_packets_total)";
+    let first = prom.wait(relayed, Duration::from_secs(20), |v| v > 0.0).unwrap();
+    prom.wait(relayed, Duration::from_secs(10), |v| v > first);
+    prom.wait("sum(turnpike_allocations)", Duration::from_secs(10), |v| v == 1.0);
+    prom.wait("sum(turnpike_channels)", Duration::from_secs(10), |v| v == 1.0);
+    prom.wait(
+        "sum(rate(turnpike_relayed_bytes_total{direction=\"client_to_peer\"}[5s]))",
+        Duration::from_secs(15),
+        |v| v > 0.0,
+    );
+
+    // A planted bad datagram: a drop by reason.
+    let junk = UdpSocket::bind("127.0.0.1:0").unwrap();
+    junk.send_to(b"\x00\x01\x00\x04garbage-that-is-not-stun", server.addr)
+        .unwrap();
+    prom.wait(
+        "sum(turnpike_drops_total{reason=\"malformed\"})",
+        Duration::from_secs(15),
+        |v| v >= 1.0,
+    );
+    prom.wait(
+        "sum(turnpike_stun_responses_total{method=\"allocate\",code=\"401\"})",
+        Duration::from_secs(10),
+        |v| v >= 1.0,
+    );
+
+    // Deleting the allocation brings the gauge back down.
+    stop.store(true, Ordering::Relaxed);
+    traffic.join().unwrap();
+    echo.join().unwrap();
+    assert_eq!(
+        c.request(Method::Refresh, &[Attribute::Lifetime(0)]).class(),
+        Class::Success
+    );
+    prom.wait("sum(turnpike_allocations)", Duration::from_secs(15), |v| v == 0.0);
+    prom.wait(
+        "sum(turnpike_allocations_closed_total{reason=\"deleted\"})",
+        Duration::from_secs(10),
+        |v| v == 1.0,
+    );
+
+    // The exposition itself: promtool accepts it and no series appears twice.
+    let text = get(&format!("http://{maddr}/metrics"));
+    require("promtool");
+    let mut check = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    check.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    let out = check.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut seen = HashSet::new();
+    for line in text.lines().filter(|l| !l.starts_with('#') && !l.is_empty()) {
+        let series = line.rsplit_once(' ').map(|(s, _)| s).unwrap_or(line);
+        assert!(seen.insert(series.to_string()), "series twice: {series}");
+    }
+    drop(prom);
+    server.stop();
+}
+
+#[test]
+fn metrics_endpoint_is_off_by_default_and_coturn_names_on_request() {
+    let mport = free_tcp_port();
+    let server = Server::start(&[]);
+    thread::sleep(Duration::from_millis(200));
+    assert!(
+        TcpListener::bind(("127.0.0.1", mport)).is_ok(),
+        "nothing listens unless --metrics-listen"
+    );
+    server.stop();
+    let maddr = format!("127.0.0.1:{mport}");
+    let server = Server::start(&["--metrics-listen", &maddr, "--metrics-coturn-names"]);
+    let mut c = Client::new(server.addr, USER, PASSWORD, PasswordAlgorithm::Md5);
+    assert_eq!(c.allocate().class(), Class::Success);
+    // The gauges are recounted once a second.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let text = get(&format!("http://{maddr}/metrics"));
+        assert!(text.contains("turn_total_traffic_rcvp"), "coturn names served");
+        assert!(text.contains("stun_binding_request"));
+        if text.contains("turn_total_allocations{type=\"UDP\"} 1") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "turn_total_allocations never 1:\n{text}");
+        thread::sleep(Duration::from_millis(200));
+    }
+    server.stop();
+}
