@@ -523,6 +523,8 @@ mod tests {
         assert_eq!(c.ports, (49152, 65535));
         assert_eq!(c.server.realm, "turnpike");
         assert_eq!(c.server.max_lifetime, Duration::from_secs(3600));
+        assert_eq!(c.user_quota, DEFAULT_USER_QUOTA);
+        assert!(!c.log_json && c.metrics_listen.is_none());
     }
 
     #[test]
