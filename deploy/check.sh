@@ -61,6 +61,13 @@ quiet_ok() {
     if [ $rc -eq 0 ] && [ -z "$out" ]; then ok "$name"; else bad "$name (exit $rc)"; [ -n "$out" ] && printf '%s\n' "$out" | sed 's/^/     /'; fi
 }
 
+# Runs a Python check from stdin; passes when it exits 0. Its output is the reasons.
+py_check() {
+    local name=$1 out rc
+    out=$("$PY" - 2>&1); rc=$?
+    if [ $rc -eq 0 ]; then ok "$name"; else bad "$name"; [ -n "$out" ] && printf '%s\n' "$out"; fi
+}
+
 # ---- systemd -------------------------------------------------------------------------
 UNIT="$DEPLOY/systemd/turnpike.service"
 # verify insists that ExecStart's binary exists and is executable. Rather than install
@@ -90,7 +97,7 @@ if [ $rc -eq 0 ] && ! grep -qiE 'ignoring|unknown|fail|error|invalid' <<<"$out" 
 else
     bad "systemd: turnpike.sysusers"; printf '%s\n' "$out" | sed 's/^/     /'
 fi
-UNIT="$UNIT" "$PY" - <<'EOF' && ok "systemd: SystemCallFilter allows turnpike's syscalls, stop drains" || bad "systemd: SystemCallFilter / stop settings"
+UNIT="$UNIT" py_check "systemd: SystemCallFilter allows turnpike's syscalls; stop drains; hardening keys" <<'EOF'
 import os, re, subprocess, sys
 unit = open(os.environ["UNIT"]).read()
 settings = {}
@@ -167,7 +174,7 @@ if [ $rc -eq 0 ] && [ "$(wc -l <<<"$out")" = "$nkeys" ] && ! grep -qiE 'cannot|e
 else
     bad "sysctl: sysctl --dry-run -p (exit $rc)"; printf '%s\n' "$out" | sed 's/^/     /'
 fi
-CONF="$CONF" DEPLOY="$DEPLOY" "$PY" - <<'EOF' && ok "sysctl: keys exist, port range clear of relay ports, buffers >= socket-buffer" || bad "sysctl: 60-turnpike.conf"
+CONF="$CONF" DEPLOY="$DEPLOY" py_check "sysctl: keys exist, port range clear of relay ports, buffers >= socket-buffer" <<'EOF'
 import os, re, sys, tomllib
 errors, values = [], {}
 for n, line in enumerate(open(os.environ["CONF"]), 1):
@@ -208,9 +215,11 @@ fi
 # kubernetes-validate has schemas for built-in kinds only; for any other kind it prints a
 # WARN and exits 0. So: built-in kinds go to it and any output fails; the one CRD kind,
 # PodMonitor, is checked against our own strict schema; any other kind fails.
-WORK="$WORK" "$PY" - <<'EOF' || bad "kubernetes: splitting kustomize output"
+WORK="$WORK" py_check "kubernetes: kustomize output split into built-in kinds and CRDs" <<'EOF'
 import os, yaml
 docs = [d for d in yaml.safe_load_all(open(os.environ["WORK"] + "/all.yaml")) if d]
+if not docs:
+    raise SystemExit("     no objects to validate")
 core = [d for d in docs if d.get("apiVersion") != "monitoring.coreos.com/v1"]
 crd = [d for d in docs if d.get("apiVersion") == "monitoring.coreos.com/v1"]
 yaml.safe_dump_all(core, open(os.environ["WORK"] + "/core.yaml", "w"))
@@ -220,7 +229,7 @@ for v in $K8S_VERSIONS; do
     quiet_ok "kubernetes: kubernetes-validate --strict, Kubernetes $v (no output)" \
         "${KV[@]}" --strict --quiet -k "$v" "$WORK/core.yaml"
 done
-WORK="$WORK" DEPLOY="$DEPLOY" ROOT="$ROOT" "$PY" - <<'EOF' && ok "kubernetes: PodMonitor schema, selectors, ports, drain hook, config keys" || bad "kubernetes: PodMonitor / consistency"
+WORK="$WORK" DEPLOY="$DEPLOY" ROOT="$ROOT" py_check "kubernetes: PodMonitor schema; selectors, ports, drain hook, config keys, Dockerfile agree" <<'EOF'
 import json, os, re, sys, tomllib, yaml, jsonschema
 W, D = os.environ["WORK"], os.environ["DEPLOY"]
 errors = []
