@@ -193,6 +193,16 @@ pub struct Settings {
     #[arg(long)]
     pub metrics_coturn_names: bool,
 
+    /// Where new clients go while draining (SIGUSR1): 300 Try Alternate with this
+    /// ALTERNATE-SERVER (RFC 8489 §10); without it, 403.
+    #[arg(long)]
+    pub alternate_server: Option<SocketAddr>,
+
+    /// Longest drain, seconds: after it the process exits even with allocations left
+    /// [default: 3600].
+    #[arg(long)]
+    pub drain_timeout: Option<u64>,
+
     /// Log format: text or json (one JSON object per line, for log shippers) [default: text].
     #[arg(long)]
     pub log_format: Option<String>,
@@ -248,7 +258,8 @@ impl Settings {
                  rest_max_ahead, max_permissions, max_channels,
                  default_lifetime, max_lifetime, nonce_lifetime, software, socket_buffer,
                  relay_socket_buffer, shards, io_backend, ring_entries, challenge_rate, request_rate,
-                 rate_limit_v4_prefix, rate_limit_v6_prefix, max_bitrate, metrics_listen, log_format;
+                 rate_limit_v4_prefix, rate_limit_v6_prefix, max_bitrate, metrics_listen, log_format,
+                 alternate_server, drain_timeout;
             vec: listen, relay_ip, users, static_auth_secret, allowed_peer_ip, denied_peer_ip;
             flag: strict_channel_numbers, no_pin, metrics_coturn_names);
         Ok(base)
@@ -284,6 +295,10 @@ pub struct Config {
     pub metrics_listen: Option<SocketAddr>,
     /// Serve coturn's metric names too.
     pub metrics_coturn_names: bool,
+    /// ALTERNATE-SERVER for 300 answers while draining.
+    pub alternate_server: Option<SocketAddr>,
+    /// Longest drain.
+    pub drain_timeout: Duration,
     /// Protocol settings.
     pub server: ServerConfig,
     /// Allocations per user, 0 for no limit (enforced by the control thread's relay allocator).
@@ -492,6 +507,8 @@ impl Config {
             log_json: log_json?,
             metrics_listen: s.metrics_listen,
             metrics_coturn_names: s.metrics_coturn_names,
+            alternate_server: s.alternate_server,
+            drain_timeout: Duration::from_secs(s.drain_timeout.unwrap_or(3600)),
             server,
             user_quota: s.user_quota.unwrap_or(DEFAULT_USER_QUOTA),
             total_quota: s.total_quota.unwrap_or(0),

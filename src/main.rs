@@ -83,6 +83,10 @@ fn main() -> Result<()> {
         tracing::info!("{user_count} static user(s), {secret_count} REST API secret(s)");
     }
     let shutdown = Arc::new(AtomicBool::new(false));
+    // SIGUSR1: drain (graceful scale-in and upgrade), then exit 0.
+    let drain = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGUSR1, drain.clone())?;
+    runtime.drain_on(drain);
     signal_hook::flag::register(signal_hook::consts::SIGINT, shutdown.clone())?;
     signal_hook::flag::register(signal_hook::consts::SIGTERM, shutdown.clone())?;
     let report = runtime.run(shutdown)?;

@@ -90,6 +90,11 @@ pub enum AllocateError {
     DontFragment,
     /// The relay allocator refused (440, 486 or 508).
     Relay(RelayError),
+    /// The server is draining and names another (300 Try Alternate with ALTERNATE-SERVER,
+    /// RFC 8489 §10).
+    Draining,
+    /// The server is draining and knows no other (403).
+    DrainingNoAlternate,
 }
 
 impl From<AllocateError> for ErrorCode {
@@ -102,6 +107,8 @@ impl From<AllocateError> for ErrorCode {
             AllocateError::UnsupportedTransport => ErrorCode::UNSUPPORTED_TRANSPORT,
             AllocateError::DontFragment => ErrorCode::UNKNOWN_ATTRIBUTE,
             AllocateError::Relay(r) => r.into(),
+            AllocateError::Draining => ErrorCode::TRY_ALTERNATE,
+            AllocateError::DrainingNoAlternate => ErrorCode::FORBIDDEN,
         }
     }
 }
@@ -242,6 +249,8 @@ mod tests {
             (AllocateError::MalformedAttribute.into(), 400),
             (AllocateError::ConflictingAttributes.into(), 400),
             (AllocateError::DontFragment.into(), 420),
+            (AllocateError::Draining.into(), 300),
+            (AllocateError::DrainingNoAlternate.into(), 403),
             (AllocateError::Relay(RelayError::FamilyNotSupported).into(), 440),
             (AllocateError::Relay(RelayError::UserQuota).into(), 486),
             (AllocateError::Relay(RelayError::TotalQuota).into(), 508),

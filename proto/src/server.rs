@@ -549,6 +549,8 @@ pub struct Server {
     challenge_limiter: Option<RefCell<PrefixLimiter>>,
     /// What the last response written carries.
     response: Cell<Response>,
+    /// Draining: `Some(alternate server)` refuses new Allocates (300 with it, or 403).
+    draining: Option<Option<SocketAddr>>,
     request_limiter: Option<PrefixLimiter>,
 }
 
@@ -589,6 +591,7 @@ impl Server {
             tid_rng: ChaCha8Rng::from_seed(derive_seed(&secret)),
             pending_allocates: AHashMap::new(),
             challenge_limiter,
+            draining: None,
             response: Cell::new(Response {
                 method: Method::Binding,
                 error: None,
@@ -604,6 +607,18 @@ impl Server {
     pub fn with_tid_seed(mut self, seed: [u8; 32]) -> Self {
         self.tid_rng = ChaCha8Rng::from_seed(seed);
         self
+    }
+
+    /// Starts draining (graceful scale-in and upgrade): new Allocates are answered 300 (Try
+    /// Alternate) with ALTERNATE-SERVER `alternate` (RFC 8489 §10), or 403 without one;
+    /// Refresh, permissions, channels and relaying go on for the allocations held.
+    pub fn drain(&mut self, alternate: Option<SocketAddr>) {
+        self.draining = Some(alternate);
+    }
+
+    /// Whether the server is draining.
+    pub fn is_draining(&self) -> bool {
+        self.draining.is_some()
     }
 
     /// The settings.
@@ -784,6 +799,25 @@ impl Server {
                     return ClientAction::Respond(self.response.get());
                 }
                 self.binding(ft, msg, &reply, out)
+            }
+            Method::Allocate if self.draining.is_some() && !self.allocations.contains_key(&ft) => {
+                // Draining: no new allocations. RFC 8489 §10: 300 (Try Alternate) with
+                // ALTERNATE-SERVER sends the client elsewhere; without an alternate, 403. Before
+                // authentication, so that no state is created and the answer stays within the
+                // request plus 12 bytes (ERROR-CODE without reason, ALTERNATE-SERVER). A
+                // retransmission of an Allocate that succeeded before the drain still gets its
+                // answer (the 5-tuple has its allocation).
+                match self.draining.expect("checked") {
+                    Some(alternate) => self.respond(out, &reply, Class::Error, |b| {
+                        b.attribute(&Attribute::ErrorCode {
+                            code: AllocateError::Draining.into(),
+                            reason: "",
+                        });
+                        b.attribute(&Attribute::AlternateServer(alternate));
+                    }),
+                    None => self.error(out, &reply, AllocateError::DrainingNoAlternate),
+                }
+                ClientAction::Respond(self.response.get())
             }
             Method::Allocate if msg.raw(kind::REQUESTED_TRANSPORT).is_none() => {
                 // RFC 8656 §7.2 bullet 3: 400 without REQUESTED-TRANSPORT. Checked before

@@ -3155,3 +3155,39 @@ fn responses_name_their_method_and_code() {
     };
     assert_eq!((resp.method, resp.error), (Method::Binding, None));
 }
+
+/// Drain (graceful scale-in): new Allocates get 300 with ALTERNATE-SERVER (RFC 8489 §10), or
+/// 403 without an alternate, within the request plus 12 bytes; the allocations held keep
+/// refreshing and relaying.
+#[test]
+fn draining_refuses_new_allocates_and_keeps_the_old() {
+    let mut h = Harness::new();
+    let now = h.t0;
+    let mut old = Client::alice();
+    h.allocate_ok(now, &mut old, relay(1));
+    assert_success(&h.channel_bind(now, &mut old, 0x4000, sa(P1)), Method::ChannelBind);
+    let alternate = sa("198.51.100.7:3478");
+    h.server.drain(Some(alternate));
+    assert!(h.server.is_draining());
+    let new = Client::bob();
+    let req = new.unauthenticated(Method::Allocate, fresh_tid(), &[Attribute::RequestedTransport(17)]);
+    let r = h.send(now, new.ft, &req).response();
+    assert_error(&r, Method::Allocate, 300);
+    assert_eq!(
+        get(&decode(&r), kind::ALTERNATE_SERVER),
+        Attribute::AlternateServer(alternate)
+    );
+    assert!(r.len() <= req.len() + 12, "{} for {}", r.len(), req.len());
+    assert_eq!(h.server.table_sizes().pending, 0, "no state for a refused Allocate");
+    // The allocation held goes on.
+    assert_success(&h.refresh(h.at(10), &mut old, Some(600)), Method::Refresh);
+    assert!(matches!(
+        h.send(h.at(10), old.ft, &channel_data(0x4000, b"still relaying")),
+        Outcome::Relay { .. }
+    ));
+    // Without an alternate: 403.
+    h.server.drain(None);
+    let r = h.send(now, new.ft, &req).response();
+    assert_error(&r, Method::Allocate, 403);
+    assert!(!has(&r, kind::ALTERNATE_SERVER));
+}

@@ -69,6 +69,11 @@ pub enum ShardMessage {
         /// The datagram.
         data: Vec<u8>,
     },
+    /// Start draining: new Allocates get 300 with this ALTERNATE-SERVER, or 403 without.
+    Drain {
+        /// The server to send new clients to.
+        alternate: Option<SocketAddr>,
+    },
 }
 
 /// A shard's inbox: the queue and the eventfd that wakes the shard.

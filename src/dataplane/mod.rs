@@ -60,6 +60,11 @@ pub struct Runtime {
     backend_reason: String,
     pin: bool,
     metrics: Option<Metrics>,
+    state: Arc<State>,
+    handles: Vec<ShardHandle>,
+    drain: Option<Arc<AtomicBool>>,
+    alternate_server: Option<SocketAddr>,
+    drain_timeout: std::time::Duration,
 }
 
 fn bind_reuseport(addr: SocketAddr, buffer: usize) -> std::io::Result<UdpSocket> {
@@ -143,7 +148,7 @@ impl Runtime {
             Some(_) => Some(Metrics::new(
                 slots.clone(),
                 control_slot.clone(),
-                state,
+                state.clone(),
                 &config.server.realm,
                 backend.name(),
                 config.metrics_coturn_names,
@@ -176,6 +181,7 @@ impl Runtime {
                 metrics: metrics.as_ref().map(|m| (slots[index].clone(), m.histograms())),
             })?);
         }
+        let shard_handles = handles.clone();
         let control = Control::new(
             ControlConfig {
                 allocator: AllocatorConfig {
@@ -204,12 +210,24 @@ impl Runtime {
             backend_reason,
             pin: config.pin_cores,
             metrics,
+            state,
+            handles: shard_handles,
+            drain: None,
+            alternate_server: config.alternate_server,
+            drain_timeout: config.drain_timeout,
         })
     }
 
     /// The bound listening addresses (port 0 resolved).
     pub fn listen_addrs(&self) -> &[SocketAddr] {
         &self.listen
+    }
+
+    /// Drains when `signal` is set (SIGUSR1): the shards refuse new Allocates (300 with
+    /// `--alternate-server`, else 403), `/readyz` answers 503, and [`Runtime::run`] returns
+    /// once the last allocation is gone or `--drain-timeout` has passed.
+    pub fn drain_on(&mut self, signal: Arc<AtomicBool>) {
+        self.drain = Some(signal);
     }
 
     /// The metrics of this runtime (with `--metrics-listen`), to serve on an
@@ -252,6 +270,13 @@ impl Runtime {
         } else {
             Vec::new()
         };
+        let drain = Drain {
+            signal: self.drain,
+            state: self.state,
+            handles: self.handles,
+            alternate: self.alternate_server,
+            timeout: self.drain_timeout,
+        };
         let control = self.control;
         let control_rx = self.control_rx;
         // The control thread outlives the shards so that their last releases are counted.
@@ -263,8 +288,9 @@ impl Runtime {
         let mut threads = Vec::new();
         for (i, mut shard) in self.shards.into_iter().enumerate() {
             let stop = shutdown.clone();
+            let allocations = shard.allocation_counter();
             let core = (!cores.is_empty()).then(|| cores[i % cores.len()]);
-            threads.push(
+            threads.push((
                 thread::Builder::new()
                     .name(format!("turnpike-shard-{i}"))
                     .spawn(move || {
@@ -274,8 +300,12 @@ impl Runtime {
                         let result = shard.run(&stop);
                         (shard.stats(), result)
                     })?,
-            );
+                allocations,
+            ));
         }
+        let counters: Vec<_> = threads.iter().map(|(_, c)| c.clone()).collect();
+        drain.watch(&shutdown, &counters, &threads);
+        let threads: Vec<_> = threads.into_iter().map(|(t, _)| t).collect();
         let mut report = Report::default();
         let mut failure = None;
         for t in threads {
@@ -302,6 +332,64 @@ impl Runtime {
             return Err(e.into());
         }
         Ok(report)
+    }
+}
+
+/// What [`Runtime::run`] needs to drain.
+struct Drain {
+    signal: Option<Arc<AtomicBool>>,
+    state: Arc<State>,
+    handles: Vec<ShardHandle>,
+    alternate: Option<SocketAddr>,
+    timeout: std::time::Duration,
+}
+
+type ShardThread = (
+    thread::JoinHandle<(ShardStats, std::io::Result<()>)>,
+    Arc<std::sync::atomic::AtomicUsize>,
+);
+
+impl Drain {
+    /// Until shutdown: when the drain signal comes, tells every shard to drain, then sets
+    /// `shutdown` once no shard holds an allocation or the drain timeout has passed. Returns
+    /// at once without a drain signal; also when a shard thread ended.
+    fn watch(
+        &self,
+        shutdown: &AtomicBool,
+        allocations: &[Arc<std::sync::atomic::AtomicUsize>],
+        threads: &[ShardThread],
+    ) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let Some(signal) = &self.signal else {
+            return;
+        };
+        let mut started: Option<Instant> = None;
+        while !shutdown.load(Relaxed) && !threads.iter().any(|(t, _)| t.is_finished()) {
+            thread::sleep(std::time::Duration::from_millis(50));
+            if started.is_none() && signal.load(Relaxed) {
+                started = Some(Instant::now());
+                self.state.draining.store(true, Relaxed);
+                for h in &self.handles {
+                    h.send(crate::control::ShardMessage::Drain {
+                        alternate: self.alternate,
+                    });
+                }
+                tracing::info!(
+                    alternate = ?self.alternate,
+                    timeout_s = self.timeout.as_secs(),
+                    "draining: new allocations refused, waiting for the held ones to end"
+                );
+            }
+            let Some(t0) = started else { continue };
+            let held: usize = allocations.iter().map(|a| a.load(Relaxed)).sum();
+            if held == 0 && t0.elapsed() > std::time::Duration::from_millis(200) {
+                tracing::info!("drained: no allocation left, exiting");
+                shutdown.store(true, Relaxed);
+            } else if t0.elapsed() >= self.timeout {
+                tracing::info!(held, "drain timeout, exiting");
+                shutdown.store(true, Relaxed);
+            }
+        }
     }
 }
 

@@ -4,7 +4,8 @@
 
 use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ahash::AHashMap;
@@ -58,6 +59,7 @@ pub struct Shard {
     core: Core,
     slot: Option<MetricsSlot>,
     gauges_at: Instant,
+    allocations: Arc<AtomicUsize>,
     inbox: Receiver<ShardMessage>,
     scratch: Vec<u8>,
 }
@@ -136,6 +138,7 @@ impl Shard {
             core,
             slot: parts.metrics.map(|(slot, _)| slot),
             gauges_at: Instant::now(),
+            allocations: Arc::new(AtomicUsize::new(0)),
             inbox: parts.inbox,
             scratch: Vec::with_capacity(64 * 1024),
         })
@@ -179,6 +182,8 @@ impl Shard {
         }
         self.close_released();
         self.reap_closing();
+        self.allocations
+            .store(self.core.server.allocation_count(), Ordering::Relaxed);
         self.publish(now);
         Ok(())
     }
@@ -198,6 +203,11 @@ impl Shard {
         }
     }
 
+    /// The live allocation count, published every loop turn (read while draining).
+    pub fn allocation_counter(&self) -> Arc<AtomicUsize> {
+        self.allocations.clone()
+    }
+
     /// This shard's counters.
     pub fn stats(&self) -> ShardStats {
         let mut s = self.core.stats;
@@ -212,6 +222,7 @@ impl Shard {
 
     fn apply(&mut self, msg: ShardMessage) {
         match msg {
+            ShardMessage::Drain { alternate } => self.core.server.drain(alternate),
             ShardMessage::Allocated { request, result } => {
                 let ft = request.five_tuple;
                 let result = match result {

@@ -32,9 +32,12 @@ impl Response {
 
     pub fn addr(&self, k: u16) -> Option<SocketAddr> {
         match self.msg().get(k)? {
-            Ok(Attribute::XorRelayedAddress(a) | Attribute::XorMappedAddress(a) | Attribute::XorPeerAddress(a)) => {
-                Some(a)
-            }
+            Ok(
+                Attribute::XorRelayedAddress(a)
+                | Attribute::XorMappedAddress(a)
+                | Attribute::XorPeerAddress(a)
+                | Attribute::AlternateServer(a),
+            ) => Some(a),
             _ => None,
         }
     }

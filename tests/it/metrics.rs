@@ -251,3 +251,87 @@ fn metrics_endpoint_is_off_by_default_and_coturn_names_on_request() {
     }
     server.stop();
 }
+
+/// Drain: SIGUSR1 to the first of two turnpikes. A new Allocate gets 300 with the second's
+/// address as ALTERNATE-SERVER, `/readyz` turns 503 and `turnpike_draining` 1, the allocation
+/// held keeps relaying; after its Refresh 0 the process exits 0 by itself.
+#[test]
+fn drain_redirects_new_allocations_and_exits_when_the_last_one_ends() {
+    let second = Server::start(&[]);
+    let mport = free_tcp_port();
+    let maddr = format!("127.0.0.1:{mport}");
+    let mut first = Server::start(&[
+        "--metrics-listen",
+        &maddr,
+        "--alternate-server",
+        &second.addr.to_string(),
+        "--drain-timeout",
+        "60",
+    ]);
+    let peer = UdpSocket::bind("127.0.0.1:0").unwrap();
+    peer.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let mut held = Client::new(first.addr, USER, PASSWORD, PasswordAlgorithm::Md5);
+    assert_eq!(held.allocate().class(), Class::Success);
+    assert_eq!(
+        held.channel_bind(0x4000, peer.local_addr().unwrap()).class(),
+        Class::Success
+    );
+
+    first.signal("USR1");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut newcomer = Client::new(first.addr, USER, PASSWORD, PasswordAlgorithm::Md5);
+    let r = loop {
+        let r = newcomer.allocate();
+        if r.error_code() == Some(300) || Instant::now() > deadline {
+            break r;
+        }
+        // Not draining yet: give the allocation back and try again on a fresh 5-tuple.
+        let _ = newcomer.request(Method::Refresh, &[Attribute::Lifetime(0)]);
+        newcomer = Client::new(first.addr, USER, PASSWORD, PasswordAlgorithm::Md5);
+        thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(r.error_code(), Some(300), "Try Alternate");
+    assert_eq!(
+        r.addr(turnpike::proto::stun::attribute::kind::ALTERNATE_SERVER),
+        Some(second.addr)
+    );
+    // The client follows the redirect.
+    let mut redirected = Client::new(second.addr, USER, PASSWORD, PasswordAlgorithm::Md5);
+    assert_eq!(redirected.allocate().class(), Class::Success);
+    let readyz = Command::new("curl")
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            &format!("http://{maddr}/readyz"),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&readyz.stdout), "503");
+    assert!(get(&format!("http://{maddr}/metrics")).contains("turnpike_draining 1"));
+
+    // The held allocation keeps relaying, and keeps the process alive.
+    let mut buf = [0u8; 256];
+    held.send_channel_data(0x4000, b"during the drain");
+    let (n, _) = peer.recv_from(&mut buf).expect("relayed while draining");
+    assert_eq!(&buf[..n], b"during the drain");
+    assert!(
+        first.wait_exit(Duration::from_millis(500)).is_none(),
+        "exited with an allocation held"
+    );
+    assert_eq!(
+        held.request(Method::Refresh, &[Attribute::Lifetime(0)]).class(),
+        Class::Success
+    );
+    let status = first
+        .wait_exit(Duration::from_secs(10))
+        .expect("exits after the last allocation");
+    assert!(status.success(), "{status}");
+    assert_eq!(
+        redirected.request(Method::Refresh, &[Attribute::Lifetime(0)]).class(),
+        Class::Success
+    );
+    second.stop();
+}
