@@ -148,7 +148,9 @@ def one(key):
     return v[-1] if v else None
 if one("KillSignal") != "SIGUSR1":
     errors.append("KillSignal must be SIGUSR1 (stop = drain)")
-drain = 3600  # --drain-timeout default; TimeoutStopSec must outlast it
+import tomllib
+# TimeoutStopSec must outlast the drain: drain-timeout of the shipped config, else 3600.
+drain = tomllib.load(open(os.path.join(os.path.dirname(os.environ["UNIT"]), "..", "turnpike.toml"), "rb")).get("drain-timeout", 3600)
 t = one("TimeoutStopSec") or ""
 if not t.isdigit() or int(t) <= drain:
     errors.append(f"TimeoutStopSec={t} must be plain seconds > drain-timeout {drain}")
@@ -276,8 +278,10 @@ if ds:
     pre = " ".join(c.get("lifecycle", {}).get("preStop", {}).get("exec", {}).get("command", []))
     if "kill -USR1 1" not in pre or "while kill -0 1" not in pre:
         errors.append("preStop must send SIGUSR1 to PID 1 and wait for it to exit")
-    if spec.get("terminationGracePeriodSeconds", 30) <= 3600:
-        errors.append("terminationGracePeriodSeconds must outlast drain-timeout (3600)")
+    cmk = next((d for d in docs if d["kind"] == "ConfigMap"), None)
+    drain = tomllib.loads(cmk["data"]["turnpike.toml"]).get("drain-timeout", 3600) if cmk else 3600
+    if spec.get("terminationGracePeriodSeconds", 30) <= drain:
+        errors.append(f"terminationGracePeriodSeconds must outlast drain-timeout ({drain})")
     args = c.get("args", [])
     env = {e["name"] for e in c.get("env", [])}
     for ref in re.findall(r"\$\((\w+)\)", " ".join(args)):
