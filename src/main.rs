@@ -33,18 +33,33 @@ fn main() -> Result<()> {
         println!("{report}");
         return Ok(());
     }
-    let settings = Settings::load(cli)?;
+    let settings = Settings::load(cli.clone())?;
     let config = Config::resolve(settings)?;
     let filter = EnvFilter::try_new(&config.log_level).unwrap_or_else(|_| EnvFilter::new("info"));
-    let logs = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if config.log_json {
-        logs.json().init();
+    let logs = tracing_subscriber::fmt().with_writer(std::io::stderr);
+    // The log level is reloadable (SIGHUP).
+    let set_level: Box<dyn Fn(&str) + Send> = if config.log_json {
+        let logs = logs.json().with_env_filter(filter).with_filter_reloading();
+        let handle = logs.reload_handle();
+        logs.init();
+        Box::new(move |level| {
+            if let Ok(f) = EnvFilter::try_new(level) {
+                let _ = handle.reload(f);
+            }
+        })
     } else {
-        logs.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-            .init();
-    }
+        let logs = logs
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .with_env_filter(filter)
+            .with_filter_reloading();
+        let handle = logs.reload_handle();
+        logs.init();
+        Box::new(move |level| {
+            if let Ok(f) = EnvFilter::try_new(level) {
+                let _ = handle.reload(f);
+            }
+        })
+    };
     let nofile = turnpike::sys::raise_nofile_limit();
     let (user_count, secret_count) = (config.user_count, config.secret_count);
     let (realm, ports) = (config.server.realm.clone(), config.ports);
@@ -87,6 +102,17 @@ fn main() -> Result<()> {
     let drain = Arc::new(AtomicBool::new(false));
     signal_hook::flag::register(signal_hook::consts::SIGUSR1, drain.clone())?;
     runtime.drain_on(drain);
+    // SIGHUP: re-read the configuration file (the command line still overrides it).
+    let reload = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGHUP, reload.clone())?;
+    runtime.reload_on(
+        reload,
+        Box::new(move || {
+            let config = Config::resolve(Settings::load(cli.clone())?)?;
+            set_level(&config.log_level);
+            Ok(config)
+        }),
+    );
     signal_hook::flag::register(signal_hook::consts::SIGINT, shutdown.clone())?;
     signal_hook::flag::register(signal_hook::consts::SIGTERM, shutdown.clone())?;
     let report = runtime.run(shutdown)?;

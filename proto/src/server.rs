@@ -547,6 +547,8 @@ pub struct Server {
     /// Allocate tickets with the control thread: 5-tuple to (transaction ID, when sent).
     pending_allocates: AHashMap<FiveTuple, (TransactionId, Instant)>,
     challenge_limiter: Option<RefCell<PrefixLimiter>>,
+    /// The secret of nonces and limiter seeds, kept for [`Server::reload`].
+    secret: [u8; 32],
     /// What the last response written carries.
     response: Cell<Response>,
     /// Draining: `Some(alternate server)` refuses new Allocates (300 with it, or 403).
@@ -568,16 +570,9 @@ impl Server {
         unix_now: u64,
     ) -> Self {
         let nonces = NonceIssuer::new(secret, config.nonce_lifetime.as_secs());
-        let seed = u64::from_le_bytes(secret[16..24].try_into().expect("8 bytes"));
-        let limiter = |rate: u32| {
-            (rate > 0).then(|| {
-                let (v4, v6) = (config.rate_limit_v4_prefix, config.rate_limit_v6_prefix);
-                PrefixLimiter::new(rate, rate.saturating_mul(2), v4, v6, now, seed ^ rate as u64)
-            })
-        };
-        let challenge_limiter = limiter(config.challenge_rate).map(RefCell::new);
-        let request_limiter = limiter(config.request_rate);
+        let (challenge_limiter, request_limiter) = limiters(&config, &secret, now);
         Server {
+            secret,
             config,
             credentials,
             policy,
@@ -599,6 +594,31 @@ impl Server {
             }),
             request_limiter,
         }
+    }
+
+    /// Takes a new configuration (SIGHUP): settings, credentials and peer policy. The
+    /// allocations held keep relaying; their permissions and channels stay as granted (the
+    /// new peer policy applies to every new permission and to each peer datagram from now
+    /// on). Rate limiters start afresh when their settings changed; nonces issued before stay
+    /// valid unless the nonce lifetime shrank.
+    pub fn reload(&mut self, config: ServerConfig, credentials: Credentials, policy: PeerPolicy, now: Instant) {
+        let limits = |c: &ServerConfig| {
+            (
+                c.challenge_rate,
+                c.request_rate,
+                c.rate_limit_v4_prefix,
+                c.rate_limit_v6_prefix,
+            )
+        };
+        if limits(&config) != limits(&self.config) {
+            let (challenge, request) = limiters(&config, &self.secret, now);
+            self.challenge_limiter = challenge;
+            self.request_limiter = request;
+        }
+        self.nonces = NonceIssuer::new(self.secret, config.nonce_lifetime.as_secs());
+        self.config = config;
+        self.credentials = credentials;
+        self.policy = policy;
     }
 
     /// Seeds the generator of Data indication transaction IDs (ChaCha8) with `seed`; the
@@ -1795,6 +1815,26 @@ fn charge(
     budgets.get_or_insert_with(Default::default)[dir]
         .get_or_insert_with(|| TokenBucket::new(burst, now))
         .take(len, now, rate, burst)
+}
+
+/// The challenge and request limiters of `config` (`None` where the rate is 0), keyed from
+/// the server secret.
+fn limiters(
+    config: &ServerConfig,
+    secret: &[u8; 32],
+    now: Instant,
+) -> (Option<RefCell<PrefixLimiter>>, Option<PrefixLimiter>) {
+    let seed = u64::from_le_bytes(secret[16..24].try_into().expect("8 bytes"));
+    let limiter = |rate: u32| {
+        (rate > 0).then(|| {
+            let (v4, v6) = (config.rate_limit_v4_prefix, config.rate_limit_v6_prefix);
+            PrefixLimiter::new(rate, rate.saturating_mul(2), v4, v6, now, seed ^ rate as u64)
+        })
+    };
+    (
+        limiter(config.challenge_rate).map(RefCell::new),
+        limiter(config.request_rate),
+    )
 }
 
 /// A ChaCha seed derived from the server secret (HMAC-SHA256 with a label), so that it

@@ -3191,3 +3191,43 @@ fn draining_refuses_new_allocates_and_keeps_the_old() {
     assert_error(&r, Method::Allocate, 403);
     assert!(!has(&r, kind::ALTERNATE_SERVER));
 }
+
+/// SIGHUP's sans-IO half: new credentials and limits take effect at once, a removed user
+/// gets 401, and the allocations held keep relaying.
+#[test]
+fn reload_swaps_credentials_and_keeps_allocations() {
+    let mut h = Harness::new();
+    let now = h.t0;
+    let mut alice = Client::alice();
+    h.allocate_ok(now, &mut alice, relay(1));
+    assert_success(&h.channel_bind(now, &mut alice, 0x4000, sa(P1)), Method::ChannelBind);
+    let creds = Credentials::new(
+        [
+            ("alice".to_string(), "alice-pw".to_string()),
+            ("carol".to_string(), "carol-pw".to_string()),
+        ],
+        vec![],
+        REALM,
+    );
+    let config = ServerConfig {
+        max_permissions_per_allocation: 7,
+        ..ServerConfig::default()
+    };
+    h.server.reload(config, creds, PeerPolicy::default(), now);
+    assert_eq!(h.server.config().max_permissions_per_allocation, 7);
+    let mut carol = Client::new("203.0.113.30:40000", "carol", "carol-pw");
+    h.allocate_ok(h.at(1), &mut carol, relay(2));
+    let mut bob = Client::bob();
+    let r = h.respond(
+        h.at(1),
+        &mut bob,
+        Method::Allocate,
+        &[Attribute::RequestedTransport(17)],
+    );
+    assert_error(&r, Method::Allocate, 401);
+    assert!(matches!(
+        h.send(h.at(2), alice.ft, &channel_data(0x4000, b"after the reload")),
+        Outcome::Relay { .. }
+    ));
+    assert_success(&h.refresh(h.at(2), &mut alice, Some(600)), Method::Refresh);
+}

@@ -311,6 +311,13 @@ impl<S> RelayAllocator<S> {
         }
     }
 
+    /// New quotas (SIGHUP). Allocations held beyond a lowered quota stay; new ones are
+    /// refused until the user (or the server) is below it again.
+    pub fn set_quotas(&mut self, user_quota: usize, total_quota: usize) {
+        self.config.user_quota = user_quota;
+        self.config.total_quota = total_quota;
+    }
+
     /// What the metrics report: ports per relay IP and refusals by reason.
     pub fn published(&self) -> crate::stats::ControlPublished {
         crate::stats::ControlPublished {

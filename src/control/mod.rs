@@ -50,6 +50,13 @@ pub enum ControlRequest {
         /// The relayed transport address.
         relayed: SocketAddr,
     },
+    /// New quotas from a configuration reload (SIGHUP).
+    SetQuotas {
+        /// Allocations per user, 0 for no limit.
+        user_quota: usize,
+        /// Allocations in total, 0 for no limit.
+        total_quota: usize,
+    },
 }
 
 /// A message to a shard.
@@ -69,11 +76,24 @@ pub enum ShardMessage {
         /// The datagram.
         data: Vec<u8>,
     },
+    /// A configuration reload (SIGHUP): settings, credentials and peer policy.
+    Reload(Box<Reload>),
     /// Start draining: new Allocates get 300 with this ALTERNATE-SERVER, or 403 without.
     Drain {
         /// The server to send new clients to.
         alternate: Option<SocketAddr>,
     },
+}
+
+/// What a shard's server takes from a reloaded configuration.
+#[derive(Debug, Clone)]
+pub struct Reload {
+    /// Protocol settings.
+    pub config: crate::proto::server::ServerConfig,
+    /// Users and REST secrets.
+    pub credentials: crate::proto::auth::Credentials,
+    /// The peer address policy.
+    pub policy: crate::proto::peer_policy::PeerPolicy,
 }
 
 /// A shard's inbox: the queue and the eventfd that wakes the shard.
@@ -277,6 +297,10 @@ impl Control {
                 }
             }
             ControlRequest::Release { relayed } => self.release(relayed),
+            ControlRequest::SetQuotas {
+                user_quota,
+                total_quota,
+            } => self.allocator.set_quotas(user_quota, total_quota),
         }
     }
 

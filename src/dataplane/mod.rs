@@ -22,7 +22,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::config::{BackendChoice, Config};
 use crate::control::allocator::AllocatorConfig;
-use crate::control::{Control, ControlConfig, ControlReport, ShardHandle};
+use crate::control::{Control, ControlConfig, ControlReport, ControlRequest, ShardHandle, ShardMessage};
 use crate::metrics::{Metrics, Slot, State};
 use crate::proto::server::{DropReason, Server};
 use crate::stats::ControlPublished;
@@ -63,6 +63,9 @@ pub struct Runtime {
     state: Arc<State>,
     handles: Vec<ShardHandle>,
     drain: Option<Arc<AtomicBool>>,
+    reload: Option<(Arc<AtomicBool>, Reloader)>,
+    control_tx: crossbeam_channel::Sender<ControlRequest>,
+    restart_only: String,
     alternate_server: Option<SocketAddr>,
     drain_timeout: std::time::Duration,
 }
@@ -213,6 +216,9 @@ impl Runtime {
             state,
             handles: shard_handles,
             drain: None,
+            reload: None,
+            control_tx: control_tx.clone(),
+            restart_only: restart_only(&config),
             alternate_server: config.alternate_server,
             drain_timeout: config.drain_timeout,
         })
@@ -228,6 +234,14 @@ impl Runtime {
     /// once the last allocation is gone or `--drain-timeout` has passed.
     pub fn drain_on(&mut self, signal: Arc<AtomicBool>) {
         self.drain = Some(signal);
+    }
+
+    /// Reloads when `signal` is set (SIGHUP): `reloader` re-reads the configuration, and
+    /// users, REST secrets, limits, quotas, the peer policy and the drain settings take
+    /// effect without dropping an allocation; a configuration that does not load keeps the
+    /// running one (counted in `turnpike_config_reloads_total{result="failure"}`).
+    pub fn reload_on(&mut self, signal: Arc<AtomicBool>, reloader: Reloader) {
+        self.reload = Some((signal, reloader));
     }
 
     /// The metrics of this runtime (with `--metrics-listen`), to serve on an
@@ -270,10 +284,14 @@ impl Runtime {
         } else {
             Vec::new()
         };
-        let drain = Drain {
-            signal: self.drain,
+        let mut signals = Signals {
+            drain: self.drain,
+            reload: self.reload,
             state: self.state,
             handles: self.handles,
+            control: self.control_tx,
+            listen: self.listen.clone(),
+            restart_only: self.restart_only,
             alternate: self.alternate_server,
             timeout: self.drain_timeout,
         };
@@ -304,7 +322,7 @@ impl Runtime {
             ));
         }
         let counters: Vec<_> = threads.iter().map(|(_, c)| c.clone()).collect();
-        drain.watch(&shutdown, &counters, &threads);
+        signals.watch(&shutdown, &counters, &threads);
         let threads: Vec<_> = threads.into_iter().map(|(t, _)| t).collect();
         let mut report = Report::default();
         let mut failure = None;
@@ -335,11 +353,18 @@ impl Runtime {
     }
 }
 
-/// What [`Runtime::run`] needs to drain.
-struct Drain {
-    signal: Option<Arc<AtomicBool>>,
+/// Re-reads the configuration for a reload (SIGHUP); an error keeps the running one.
+pub type Reloader = Box<dyn FnMut() -> Result<Config> + Send>;
+
+/// What [`Runtime::run`] watches besides the shards: drain and reload signals.
+struct Signals {
+    drain: Option<Arc<AtomicBool>>,
+    reload: Option<(Arc<AtomicBool>, Reloader)>,
     state: Arc<State>,
     handles: Vec<ShardHandle>,
+    control: crossbeam_channel::Sender<ControlRequest>,
+    listen: Vec<SocketAddr>,
+    restart_only: String,
     alternate: Option<SocketAddr>,
     timeout: std::time::Duration,
 }
@@ -349,28 +374,40 @@ type ShardThread = (
     Arc<std::sync::atomic::AtomicUsize>,
 );
 
-impl Drain {
-    /// Until shutdown: when the drain signal comes, tells every shard to drain, then sets
-    /// `shutdown` once no shard holds an allocation or the drain timeout has passed. Returns
-    /// at once without a drain signal; also when a shard thread ended.
+/// The settings a reload cannot change (sockets and threads), as text to compare.
+fn restart_only(config: &Config) -> String {
+    format!(
+        "{:?} {:?} {:?} {} {:?} {}",
+        config.listen, config.relay_ips, config.ports, config.shards, config.io_backend, config.ring_entries
+    )
+}
+
+impl Signals {
+    /// Until shutdown: applies reloads (SIGHUP); when the drain signal comes, tells every
+    /// shard to drain, then sets `shutdown` once no shard holds an allocation or the drain
+    /// timeout has passed. Returns at once with neither signal; also when a shard thread
+    /// ended.
     fn watch(
-        &self,
+        &mut self,
         shutdown: &AtomicBool,
         allocations: &[Arc<std::sync::atomic::AtomicUsize>],
         threads: &[ShardThread],
     ) {
         use std::sync::atomic::Ordering::Relaxed;
-        let Some(signal) = &self.signal else {
+        if self.drain.is_none() && self.reload.is_none() {
             return;
-        };
+        }
         let mut started: Option<Instant> = None;
         while !shutdown.load(Relaxed) && !threads.iter().any(|(t, _)| t.is_finished()) {
             thread::sleep(std::time::Duration::from_millis(50));
-            if started.is_none() && signal.load(Relaxed) {
+            if self.reload.as_ref().is_some_and(|(flag, _)| flag.swap(false, Relaxed)) {
+                self.reload_now();
+            }
+            if started.is_none() && self.drain.as_ref().is_some_and(|d| d.load(Relaxed)) {
                 started = Some(Instant::now());
                 self.state.draining.store(true, Relaxed);
                 for h in &self.handles {
-                    h.send(crate::control::ShardMessage::Drain {
+                    h.send(ShardMessage::Drain {
                         alternate: self.alternate,
                     });
                 }
@@ -390,6 +427,46 @@ impl Drain {
                 shutdown.store(true, Relaxed);
             }
         }
+    }
+
+    /// Re-reads the configuration and hands it to the shards and the control thread; a
+    /// file that does not parse (or does not resolve) keeps the running configuration.
+    fn reload_now(&mut self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let Some((_, reloader)) = &mut self.reload else {
+            return;
+        };
+        let config = match reloader() {
+            Ok(c) => c,
+            Err(e) => {
+                self.state.reloads_failed.fetch_add(1, Relaxed);
+                tracing::warn!("configuration reload failed, the running configuration stays: {e:#}");
+                return;
+            }
+        };
+        if restart_only(&config) != self.restart_only {
+            tracing::warn!("listen addresses, relay IPs, ports, shards and the I/O backend change only on restart");
+        }
+        let reload = crate::control::Reload {
+            config: config.server.clone(),
+            credentials: config.credentials.clone(),
+            policy: config.peer_policy(&self.listen),
+        };
+        for h in &self.handles {
+            h.send(ShardMessage::Reload(Box::new(reload.clone())));
+        }
+        let _ = self.control.send(ControlRequest::SetQuotas {
+            user_quota: config.user_quota,
+            total_quota: config.total_quota,
+        });
+        self.alternate = config.alternate_server;
+        self.timeout = config.drain_timeout;
+        self.state.reloads_ok.fetch_add(1, Relaxed);
+        tracing::info!(
+            users = config.user_count,
+            secrets = config.secret_count,
+            "configuration reloaded"
+        );
     }
 }
 

@@ -223,6 +223,12 @@ impl Shard {
     fn apply(&mut self, msg: ShardMessage) {
         match msg {
             ShardMessage::Drain { alternate } => self.core.server.drain(alternate),
+            ShardMessage::Reload(r) => {
+                let r = *r;
+                self.core
+                    .server
+                    .reload(r.config, r.credentials, r.policy, Instant::now());
+            }
             ShardMessage::Allocated { request, result } => {
                 let ft = request.five_tuple;
                 let result = match result {

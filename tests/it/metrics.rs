@@ -335,3 +335,94 @@ fn drain_redirects_new_allocations_and_exits_when_the_last_one_ends() {
     );
     second.stop();
 }
+
+/// Reload (SIGHUP): the file gains a user and a REST secret and loses one of each; the new
+/// ones allocate, the removed ones get 401, an allocation held keeps relaying; a file that
+/// does not parse changes nothing and is counted.
+#[test]
+fn sighup_reloads_users_and_secrets_and_keeps_allocations() {
+    let dir = std::env::temp_dir().join(format!("turnpike-reload-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("turnpike.toml");
+    let mport = free_tcp_port();
+    let base = format!(
+        "listen = [\"127.0.0.1:0\"]\nrelay-ip = [\"127.0.0.1\"]\nallowed-peer-ip = [\"127.0.0.0/8\"]\nuser-quota = 0\nmetrics-listen = \"127.0.0.1:{mport}\"\n"
+    );
+    std::fs::write(
+        &file,
+        format!("{base}user = [\"alice:wonderland\", \"bob:builder\"]\nstatic-auth-secret = [\"s1\"]\n"),
+    )
+    .unwrap();
+    let server = Server::start_with(&["--config".to_string(), file.display().to_string()]);
+    let rest = |secret: &str| {
+        let exp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            + 3600;
+        let user = format!("{exp}:rest-user");
+        let pw = turnpike::proto::auth::rest_api_password(secret, &user);
+        (user, pw)
+    };
+    let allocate = |user: &str, pw: &str| {
+        let mut c = Client::new(server.addr, user, pw, PasswordAlgorithm::Md5);
+        let r = c.allocate();
+        let _ = c.request(Method::Refresh, &[Attribute::Lifetime(0)]);
+        r.error_code()
+    };
+    let (u1, p1) = rest("s1");
+    assert_eq!(allocate("bob", "builder"), None);
+    assert_eq!(allocate(&u1, &p1), None);
+    assert_eq!(allocate("carol", "cat"), Some(401));
+
+    // A live allocation with a channel, relaying across the reload.
+    let peer = UdpSocket::bind("127.0.0.1:0").unwrap();
+    peer.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let mut held = Client::new(server.addr, USER, PASSWORD, PasswordAlgorithm::Md5);
+    assert_eq!(held.allocate().class(), Class::Success);
+    assert_eq!(
+        held.channel_bind(0x4000, peer.local_addr().unwrap()).class(),
+        Class::Success
+    );
+
+    std::fs::write(
+        &file,
+        format!("{base}user = [\"alice:wonderland\", \"carol:cat\"]\nstatic-auth-secret = [\"s2\"]\n"),
+    )
+    .unwrap();
+    server.signal("HUP");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while allocate("carol", "cat").is_some() {
+        assert!(Instant::now() < deadline, "carol never allocated after SIGHUP");
+        thread::sleep(Duration::from_millis(100));
+    }
+    let (u2, p2) = rest("s2");
+    assert_eq!(allocate(&u2, &p2), None, "the new REST secret");
+    assert_eq!(allocate("bob", "builder"), Some(401), "the removed user");
+    let (u1, p1) = rest("s1");
+    assert_eq!(allocate(&u1, &p1), Some(401), "the removed REST secret");
+    let mut buf = [0u8; 64];
+    held.send_channel_data(0x4000, b"across the reload");
+    let (n, _) = peer.recv_from(&mut buf).expect("relayed after the reload");
+    assert_eq!(&buf[..n], b"across the reload");
+
+    // A broken file changes nothing.
+    std::fs::write(&file, "this is = = not toml\n").unwrap();
+    server.signal("HUP");
+    assert!(server
+        .wait_for_log("configuration reload failed", Duration::from_secs(5))
+        .is_some());
+    assert_eq!(allocate("carol", "cat"), None);
+    assert_eq!(allocate("bob", "builder"), Some(401));
+    let text = get(&format!("http://127.0.0.1:{mport}/metrics"));
+    assert!(
+        text.contains("turnpike_config_reloads_total{result=\"failure\"} 1"),
+        "{text}"
+    );
+    assert!(text.contains("turnpike_config_reloads_total{result=\"success\"} 1"));
+    held.send_channel_data(0x4000, b"still");
+    let (n, _) = peer.recv_from(&mut buf).expect("relayed after the failed reload");
+    assert_eq!(&buf[..n], b"still");
+    server.stop();
+    let _ = std::fs::remove_dir_all(&dir);
+}
