@@ -64,3 +64,12 @@ for cfg in "--io-backend io-uring --shards 1" "--io-backend mmsg --shards 1" "--
 done
 echo "== doc tests"
 cargo test --workspace --doc
+# Operations files: the Grafana dashboard against Grafana's schema (npm @grafana/schema +
+# TypeScript), the Prometheus alerting rules with promtool unit tests, the systemd unit,
+# sysctl file and Kubernetes base (systemd-analyze, kubectl kustomize | kubernetes-validate).
+echo "== grafana/check.sh"
+grafana/check.sh
+echo "== deploy/prometheus/check.sh"
+deploy/prometheus/check.sh
+echo "== deploy/check.sh"
+deploy/check.sh

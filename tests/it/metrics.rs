@@ -90,6 +90,25 @@ impl Prometheus {
         sample["value"][1].as_str()?.parse().ok()
     }
 
+    /// Whether an instant query returns at least one sample (or a scalar).
+    fn has_data(&self, query: &str) -> bool {
+        let Ok(out) = Command::new("curl")
+            .args(["-s", "--max-time", "5", "--get", "--data-urlencode"])
+            .arg(format!("query={query}"))
+            .arg(&self.api)
+            .output()
+        else {
+            return false;
+        };
+        let Ok(v) = serde_json::from_slice::<serde_json::Value>(&out.stdout) else {
+            return false;
+        };
+        match v["data"]["resultType"].as_str() {
+            Some("scalar") => true,
+            _ => v["data"]["result"].as_array().is_some_and(|r| !r.is_empty()),
+        }
+    }
+
     /// Polls `query` until `ok` holds for its value (at most `timeout`); the last value.
     fn wait(&self, query: &str, timeout: Duration, ok: impl Fn(f64) -> bool) -> Option<f64> {
         let deadline = Instant::now() + timeout;
@@ -219,6 +238,27 @@ fn prometheus_scrapes_live_counters_gauges_and_drops() {
         let series = line.rsplit_once(' ').map(|(s, _)| s).unwrap_or(line);
         assert!(seen.insert(series.to_string()), "series twice: {series}");
     }
+
+    // Every panel and variable query of the Grafana dashboard returns data from this
+    // Prometheus after the run (grafana/check/exprs.js prints them, `$__rate_interval` as 1m).
+    require("node");
+    let exprs = Command::new("node")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/grafana/check/exprs.js"))
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/grafana/turnpike.json"))
+        .output()
+        .expect("node grafana/check/exprs.js");
+    assert!(exprs.status.success(), "{}", String::from_utf8_lossy(&exprs.stderr));
+    let exprs = String::from_utf8(exprs.stdout).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut empty: Vec<&str> = exprs.lines().filter(|e| !e.is_empty()).collect();
+    assert!(empty.len() > 20, "the dashboard's expressions: {exprs}");
+    while !empty.is_empty() && Instant::now() < deadline {
+        empty.retain(|e| !prom.has_data(e));
+        if !empty.is_empty() {
+            thread::sleep(Duration::from_millis(500));
+        }
+    }
+    assert!(empty.is_empty(), "dashboard expressions without data: {empty:#?}");
     drop(prom);
     server.stop();
 }
