@@ -2,7 +2,7 @@
 //! `/metrics` (text exposition format), `/healthz` and `/readyz`.
 //!
 //! Nothing here touches the packet path. Each shard counts in plain integers of its own
-//! ([`crate::dataplane::shard::ShardStats`]) and, once per loop turn, copies them into its
+//! ([`crate::stats::ShardStats`]) and, once per loop turn, copies them into its
 //! [`Published`] slot with `try_lock` (never waiting: when the exporter holds the slot, the
 //! copy is skipped until the next turn, at most 100 ms later). At scrape time the exporter
 //! copies every slot, brings the `prometheus` counters up to the shards' totals and encodes

@@ -142,7 +142,7 @@ pub struct IoStats {
     pub last_send_errno: i32,
     /// Sends made with a plain sendto(2) because every io_uring send slot was in flight.
     pub sync_sends: u64,
-    /// Datagrams longer than [`MAX_PAYLOAD`], dropped.
+    /// Datagrams longer than [`crate::dataplane::io::MAX_PAYLOAD`], dropped.
     pub truncated: u64,
     /// Receive or send batches submitted.
     pub batches: u64,
