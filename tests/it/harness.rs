@@ -53,8 +53,20 @@ impl Server {
                 args.extend(extra.split_whitespace().map(String::from));
             }
         }
-        let mut child = Command::new(env!("CARGO_BIN_EXE_turnpike"))
-            .args(&args)
+        Self::spawn(Command::new(env!("CARGO_BIN_EXE_turnpike")).args(&args))
+    }
+
+    /// Starts turnpike with `args` inside the network namespace `netns` (`ip netns exec`).
+    pub fn start_in_netns(netns: &str, args: &[String]) -> Server {
+        Self::spawn(
+            Command::new("ip")
+                .args(["netns", "exec", netns, env!("CARGO_BIN_EXE_turnpike")])
+                .args(args),
+        )
+    }
+
+    fn spawn(command: &mut Command) -> Server {
+        let mut child = command
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
