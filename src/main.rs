@@ -66,6 +66,26 @@ fn main() -> Result<()> {
     let relays: Vec<String> = config.relay_ips.iter().map(|a| a.to_string()).collect();
     let metrics_listen = config.metrics_listen;
     let mut runtime = Runtime::new(config)?;
+    // Signals are set up before the "listening" line: a supervisor (or a test) that signals as
+    // soon as it sees that line must not meet the default action (termination).
+    let shutdown = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGINT, shutdown.clone())?;
+    signal_hook::flag::register(signal_hook::consts::SIGTERM, shutdown.clone())?;
+    // SIGUSR1: drain (graceful scale-in and upgrade), then exit 0.
+    let drain = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGUSR1, drain.clone())?;
+    runtime.drain_on(drain);
+    // SIGHUP: re-read the configuration file (the command line still overrides it).
+    let reload = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGHUP, reload.clone())?;
+    runtime.reload_on(
+        reload,
+        Box::new(move || {
+            let config = Config::resolve(Settings::load(cli.clone())?)?;
+            set_level(&config.log_level);
+            Ok(config)
+        }),
+    );
     let _endpoint = match (metrics_listen, runtime.take_metrics()) {
         (Some(addr), Some(metrics)) => {
             let endpoint = turnpike::metrics::Endpoint::start(addr, metrics)?;
@@ -97,24 +117,6 @@ fn main() -> Result<()> {
     } else {
         tracing::info!("{user_count} static user(s), {secret_count} REST API secret(s)");
     }
-    let shutdown = Arc::new(AtomicBool::new(false));
-    // SIGUSR1: drain (graceful scale-in and upgrade), then exit 0.
-    let drain = Arc::new(AtomicBool::new(false));
-    signal_hook::flag::register(signal_hook::consts::SIGUSR1, drain.clone())?;
-    runtime.drain_on(drain);
-    // SIGHUP: re-read the configuration file (the command line still overrides it).
-    let reload = Arc::new(AtomicBool::new(false));
-    signal_hook::flag::register(signal_hook::consts::SIGHUP, reload.clone())?;
-    runtime.reload_on(
-        reload,
-        Box::new(move || {
-            let config = Config::resolve(Settings::load(cli.clone())?)?;
-            set_level(&config.log_level);
-            Ok(config)
-        }),
-    );
-    signal_hook::flag::register(signal_hook::consts::SIGINT, shutdown.clone())?;
-    signal_hook::flag::register(signal_hook::consts::SIGTERM, shutdown.clone())?;
     let report = runtime.run(shutdown)?;
     let s = &report.stats;
     tracing::info!(
