@@ -271,10 +271,13 @@ fn prometheus_scrapes_live_counters_gauges_and_drops() {
 fn metrics_endpoint_is_off_by_default_and_coturn_names_on_request() {
     let mport = free_tcp_port();
     let server = Server::start(&[]);
-    thread::sleep(Duration::from_millis(200));
+    // No TCP listener at all in the process unless --metrics-listen.
+    let ss = Command::new("ss").args(["-ltnpH"]).output().expect("ss");
+    let listeners = String::from_utf8_lossy(&ss.stdout);
+    let owner = format!("pid={},", server.pid());
     assert!(
-        TcpListener::bind(("127.0.0.1", mport)).is_ok(),
-        "nothing listens unless --metrics-listen"
+        !listeners.lines().any(|l| l.contains(&owner)),
+        "a TCP listener without --metrics-listen:\n{listeners}"
     );
     server.stop();
     let maddr = format!("127.0.0.1:{mport}");
