@@ -206,6 +206,47 @@ pub struct Settings {
     /// Log format: text or json (one JSON object per line, for log shippers) [default: text].
     #[arg(long)]
     pub log_format: Option<String>,
+
+    /// Do not accept TURN over TCP on the `--listen` addresses (by default each listens on
+    /// UDP and TCP, as coturn does).
+    #[arg(long)]
+    pub no_tcp: bool,
+
+    /// TLS transport address to listen on for TURN over TLS (RFC 8656 §3.1; 5349 and 443 are
+    /// the usual ports); repeatable. Needs `--cert` and `--pkey`.
+    #[arg(long)]
+    pub tls_listen: Vec<SocketAddr>,
+
+    /// PEM certificate chain for TLS, leaf first (re-read on SIGHUP).
+    #[arg(long)]
+    pub cert: Option<PathBuf>,
+
+    /// PEM private key for `--cert` (PKCS#8, PKCS#1 or SEC1; re-read on SIGHUP).
+    #[arg(long)]
+    pub pkey: Option<PathBuf>,
+
+    /// TCP and TLS connections held at once, all listeners together; more are closed at
+    /// accept [default: 10000].
+    #[arg(long)]
+    pub max_connections: Option<usize>,
+
+    /// TCP and TLS connections from one client IP at once [default: 64].
+    #[arg(long)]
+    pub max_connections_per_ip: Option<usize>,
+
+    /// Seconds a TLS handshake may take before the connection is closed [default: 10].
+    #[arg(long)]
+    pub tls_handshake_timeout: Option<u64>,
+
+    /// Seconds a TCP or TLS connection without an allocation may go without completing a
+    /// message before it is closed (slow or idle clients) [default: 60].
+    #[arg(long)]
+    pub stream_idle_timeout: Option<u64>,
+
+    /// Longest STUN or ChannelData message on a TCP or TLS connection, bytes (header and
+    /// padding included); a longer one closes the connection [default: 8192].
+    #[arg(long)]
+    pub max_stream_frame: Option<usize>,
 }
 
 /// Client tools of the `turnpike` binary.
@@ -259,9 +300,10 @@ impl Settings {
                  default_lifetime, max_lifetime, nonce_lifetime, software, socket_buffer,
                  relay_socket_buffer, shards, io_backend, ring_entries, challenge_rate, request_rate,
                  rate_limit_v4_prefix, rate_limit_v6_prefix, max_bitrate, metrics_listen, log_format,
-                 alternate_server, drain_timeout;
-            vec: listen, relay_ip, users, static_auth_secret, allowed_peer_ip, denied_peer_ip;
-            flag: strict_channel_numbers, no_pin, metrics_coturn_names);
+                 alternate_server, drain_timeout, cert, pkey, max_connections, max_connections_per_ip,
+                 tls_handshake_timeout, stream_idle_timeout, max_stream_frame;
+            vec: listen, relay_ip, users, static_auth_secret, allowed_peer_ip, denied_peer_ip, tls_listen;
+            flag: strict_channel_numbers, no_pin, metrics_coturn_names, no_tcp);
         Ok(base)
     }
 
@@ -327,6 +369,29 @@ pub struct Config {
     pub ring_entries: u32,
     /// Pin shard threads to cores.
     pub pin_cores: bool,
+    /// Accept TCP on the `listen` addresses.
+    pub tcp: bool,
+    /// TLS listening addresses.
+    pub tls_listen: Vec<SocketAddr>,
+    /// The certificate and key (loaded), with `tls_listen`.
+    pub tls: Option<crate::tls::TlsConfig>,
+    /// Limits of TCP and TLS connections.
+    pub streams: StreamLimits,
+}
+
+/// Limits of TCP and TLS client connections (the slowloris and exhaustion defences).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamLimits {
+    /// Connections at once, all listeners and shards together.
+    pub max_connections: usize,
+    /// Connections at once from one client IP.
+    pub max_per_ip: usize,
+    /// Longest TLS handshake.
+    pub handshake_timeout: Duration,
+    /// Longest time a connection without an allocation goes without a complete message.
+    pub idle_timeout: Duration,
+    /// Longest message on a stream, bytes (header and padding included).
+    pub max_frame: usize,
 }
 
 /// The `--io-backend` choice.
@@ -499,6 +564,22 @@ impl Config {
             max_ahead_secs: s.rest_max_ahead.unwrap_or(DEFAULT_REST_MAX_AHEAD_SECS),
         };
         let credentials = Credentials::new(users, s.static_auth_secret, &realm).with_rest_policy(rest);
+        let tls = match (&s.cert, &s.pkey) {
+            (Some(cert), Some(key)) => Some(crate::tls::TlsConfig::load(cert, key)?),
+            (None, None) if s.tls_listen.is_empty() => None,
+            (None, None) => bail!("--tls-listen needs --cert and --pkey"),
+            _ => bail!("--cert and --pkey go together"),
+        };
+        let streams = StreamLimits {
+            max_connections: s.max_connections.unwrap_or(10_000),
+            max_per_ip: s.max_connections_per_ip.unwrap_or(64),
+            handshake_timeout: Duration::from_secs(s.tls_handshake_timeout.unwrap_or(10)),
+            idle_timeout: Duration::from_secs(s.stream_idle_timeout.unwrap_or(60)),
+            max_frame: s.max_stream_frame.unwrap_or(8192),
+        };
+        if streams.max_frame < 24 {
+            bail!("--max-stream-frame must be at least 24 bytes (a STUN header and one attribute)");
+        }
         Ok(Config {
             listen,
             relay_ips,
@@ -523,6 +604,10 @@ impl Config {
             io_backend,
             ring_entries: s.ring_entries.unwrap_or(4096),
             pin_cores: !s.no_pin,
+            tcp: !s.no_tcp,
+            tls_listen: s.tls_listen,
+            tls,
+            streams,
         })
     }
 }

@@ -18,6 +18,7 @@ pub mod metrics;
 pub mod probe;
 pub mod stats;
 pub mod sys;
+pub mod tls;
 /// The sans-IO protocol core, its own crate (`turnpike-proto`) so that the build enforces the
 /// rule: no socket, clock, thread or io_uring dependency, and `#![forbid(unsafe_code)]`.
 pub use turnpike_proto as proto;

@@ -94,6 +94,15 @@ fn main() -> Result<()> {
         }
         _ => None,
     };
+    let streams: Vec<String> = runtime
+        .stream_listen_addrs()
+        .iter()
+        .map(|(a, t)| format!("{} {a}", t.name()))
+        .collect();
+    if !streams.is_empty() {
+        // Before the "listening on udp" line, which supervisors and tests wait for.
+        tracing::info!("listening on {}", streams.join(", "));
+    }
     let listen: Vec<String> = runtime.listen_addrs().iter().map(|a| a.to_string()).collect();
     let (backend, why) = runtime.backend();
     tracing::info!(

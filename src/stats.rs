@@ -39,6 +39,80 @@ pub fn drop_index(r: DropReason) -> usize {
     }
 }
 
+/// Why a TCP or TLS connection was closed, in counter order ([`StreamStats::closed`]).
+pub const STREAM_CLOSES: [&str; 9] = [
+    "eof",
+    "reset",
+    "bad_frame",
+    "frame_too_long",
+    "idle_timeout",
+    "handshake_timeout",
+    "tls_error",
+    "write_stalled",
+    "refused",
+];
+
+/// Index of a close reason in [`STREAM_CLOSES`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(usize)]
+pub enum StreamClose {
+    /// The client closed (FIN, or TLS close_notify).
+    Eof = 0,
+    /// A read or write failed (reset, broken pipe).
+    Reset = 1,
+    /// Bytes that cannot start a STUN or ChannelData message.
+    BadFrame = 2,
+    /// A message longer than `--max-stream-frame`.
+    FrameTooLong = 3,
+    /// No complete message within `--stream-idle-timeout` without an allocation.
+    IdleTimeout = 4,
+    /// The TLS handshake took longer than `--tls-handshake-timeout`.
+    HandshakeTimeout = 5,
+    /// The TLS layer failed (a ClientHello of garbage, a bad record).
+    TlsError = 6,
+    /// The client read nothing of what was queued for it for `--stream-idle-timeout`.
+    WriteStalled = 7,
+    /// Over `--max-connections` or `--max-connections-per-ip` at accept.
+    Refused = 8,
+}
+
+/// Transports of client streams, in counter order.
+pub const STREAM_TRANSPORTS: [&str; 2] = ["tcp", "tls"];
+
+/// Counters of a shard's TCP and TLS client connections.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct StreamStats {
+    /// Connections accepted, by [`STREAM_TRANSPORTS`] index.
+    pub accepted: [u64; 2],
+    /// Connections open now, by transport.
+    pub open: [u64; 2],
+    /// Connections closed, by [`STREAM_CLOSES`] index.
+    pub closed: [u64; 9],
+    /// Messages (STUN and ChannelData) received on streams.
+    pub messages: u64,
+    /// Messages to clients dropped because the connection's write buffer was full.
+    pub backpressure_drops: u64,
+}
+
+impl StreamStats {
+    fn add(&mut self, s: &StreamStats) {
+        for t in 0..2 {
+            self.accepted[t] += s.accepted[t];
+            self.open[t] += s.open[t];
+        }
+        for r in 0..self.closed.len() {
+            self.closed[r] += s.closed[r];
+        }
+        self.messages += s.messages;
+        self.backpressure_drops += s.backpressure_drops;
+    }
+
+    /// All connections closed, whatever the reason.
+    pub fn closed_total(&self) -> u64 {
+        self.closed.iter().sum()
+    }
+}
+
 /// A shard's counters: plain integers, summed by the runtime and copied once per loop turn
 /// into the shard's metrics slot ([`crate::metrics`]).
 #[derive(Debug, Default, Clone, Copy)]
@@ -81,6 +155,8 @@ pub struct ShardStats {
     pub handover_overflow: u64,
     /// Backend counters.
     pub io: IoStats,
+    /// TCP and TLS connections.
+    pub streams: StreamStats,
 }
 
 impl ShardStats {
@@ -114,6 +190,7 @@ impl ShardStats {
         self.control_overflow += s.control_overflow;
         self.handovers += s.handovers;
         self.handover_overflow += s.handover_overflow;
+        self.streams.add(&s.streams);
         self.io.rx += s.io.rx;
         self.io.tx += s.io.tx;
         self.io.send_errors += s.io.send_errors;

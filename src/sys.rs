@@ -203,3 +203,39 @@ pub fn clock_ticks_per_second() -> u64 {
         100
     }
 }
+
+/// A new epoll instance (close-on-exec), owned.
+///
+/// # Errors
+/// When the kernel refuses (descriptor limit).
+pub fn epoll_create() -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: plain syscall.
+    let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh descriptor that nothing else owns.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+}
+
+/// `epoll_ctl(epfd, op, fd)` with `events` and the 64-bit `token`.
+///
+/// # Errors
+/// What the kernel says (EEXIST, ENOENT, ...).
+pub fn epoll_ctl(epfd: RawFd, op: i32, fd: RawFd, events: u32, token: u64) -> io::Result<()> {
+    let mut ev = libc::epoll_event { events, u64: token };
+    // SAFETY: `ev` is a valid epoll_event for the duration of the call.
+    if unsafe { libc::epoll_ctl(epfd, op, fd, &mut ev) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// `epoll_wait` without waiting: fills `events` and returns how many are ready (0 on error).
+pub fn epoll_poll(epfd: RawFd, events: &mut [libc::epoll_event]) -> usize {
+    let len = events.len().min(i32::MAX as usize) as i32;
+    // SAFETY: `events` is a valid buffer of the length passed.
+    let n = unsafe { libc::epoll_wait(epfd, events.as_mut_ptr(), len, 0) };
+    n.max(0) as usize
+}

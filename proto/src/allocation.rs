@@ -14,6 +14,29 @@ use super::stun::TransactionId;
 pub enum Transport {
     /// UDP (RFC 8656).
     Udp,
+    /// TCP (RFC 8656 §3.1): messages framed on the connection, ChannelData padded to a
+    /// multiple of 4 bytes (§12.5).
+    Tcp,
+    /// TLS over TCP (RFC 8656 §3.1): framed as over TCP. The 5-tuple's protocol is TCP; the
+    /// variant is kept apart for counters and logs.
+    Tls,
+}
+
+impl Transport {
+    /// Whether messages are framed on a byte stream (TCP or TLS): ChannelData is then padded
+    /// to a multiple of 4 bytes (RFC 8656 §12.5) and the allocation ends with the connection.
+    pub fn is_stream(self) -> bool {
+        !matches!(self, Transport::Udp)
+    }
+
+    /// The name used in logs and metric labels: `udp`, `tcp` or `tls`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Transport::Udp => "udp",
+            Transport::Tcp => "tcp",
+            Transport::Tls => "tls",
+        }
+    }
 }
 
 /// The 5-tuple that identifies an allocation (RFC 8656 §2 and §6): client transport address,
@@ -29,6 +52,15 @@ pub struct FiveTuple {
 }
 
 impl FiveTuple {
+    /// A 5-tuple over `transport`.
+    pub fn new(client: SocketAddr, server: SocketAddr, transport: Transport) -> Self {
+        FiveTuple {
+            client,
+            server,
+            transport,
+        }
+    }
+
     /// A UDP 5-tuple.
     pub fn udp(client: SocketAddr, server: SocketAddr) -> Self {
         FiveTuple {

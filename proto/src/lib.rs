@@ -7,6 +7,7 @@ pub mod auth;
 pub mod channel_data;
 pub mod client;
 pub mod errors;
+pub mod framing;
 pub mod peer_policy;
 pub mod rate_limit;
 pub mod server;

@@ -337,6 +337,9 @@ pub enum CloseReason {
     Expired,
     /// A Refresh with LIFETIME 0 deleted it (RFC 8656 §8).
     Deleted,
+    /// Its TCP or TLS connection closed (RFC 8656 §3.1: the allocation lives no longer than
+    /// the connection it was made on).
+    ConnectionClosed,
 }
 
 /// What the server decided, for the shell and whatever it feeds (metrics, a kernel fast
@@ -1755,6 +1758,13 @@ impl Server {
                 username: alloc.username,
             });
         }
+    }
+
+    /// Deletes the allocation of a TCP or TLS 5-tuple whose connection closed (RFC 8656
+    /// §3.1); emits [`Event::AllocationClosed`] with [`CloseReason::ConnectionClosed`]. Does
+    /// nothing when the 5-tuple has no allocation.
+    pub fn connection_closed(&mut self, now: Instant, five_tuple: FiveTuple) {
+        self.remove_allocation(five_tuple, CloseReason::ConnectionClosed, now);
     }
 
     /// The next instant at which [`Server::handle_timeout`] has work, if any.

@@ -94,6 +94,9 @@ pub struct Reload {
     pub credentials: crate::proto::auth::Credentials,
     /// The peer address policy.
     pub policy: crate::proto::peer_policy::PeerPolicy,
+    /// The TLS certificate and key, re-read (new TLS connections use them; open ones keep
+    /// theirs).
+    pub tls: Option<crate::tls::TlsConfig>,
 }
 
 /// A shard's inbox: the queue and the eventfd that wakes the shard.

@@ -9,6 +9,7 @@
 
 pub mod io;
 pub mod shard;
+pub mod stream;
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, UdpSocket};
@@ -26,9 +27,11 @@ use crate::control::{Control, ControlConfig, ControlReport, ControlRequest, Shar
 use crate::metrics::{Metrics, Slot, State};
 use crate::proto::server::{DropReason, Server};
 use crate::stats::ControlPublished;
+use crate::proto::allocation::Transport;
 use crate::stats::{kernel_udp_buffer_errors, ShardStats, DROP_REASONS};
 use io::{BackendKind, Io};
 use shard::{Shard, ShardParts};
+use stream::{StreamListener, StreamShared, Streams};
 
 /// Capacity of each shard's inbox and of the control queue.
 const QUEUE: usize = 4096;
@@ -56,6 +59,7 @@ pub struct Runtime {
     control: Control,
     control_rx: crossbeam_channel::Receiver<crate::control::ControlRequest>,
     listen: Vec<SocketAddr>,
+    stream_listen: Vec<(SocketAddr, Transport)>,
     backend: BackendKind,
     backend_reason: String,
     pin: bool,
@@ -80,6 +84,19 @@ fn bind_reuseport(addr: SocketAddr, buffer: usize) -> std::io::Result<UdpSocket>
     let _ = socket.set_send_buffer_size(buffer);
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
+    Ok(socket.into())
+}
+
+fn bind_tcp_reuseport(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
     Ok(socket.into())
 }
 
@@ -119,6 +136,35 @@ impl Runtime {
                 list.push((bound, s));
             }
         }
+        // TCP on the UDP listening addresses (same ports), and TLS: one SO_REUSEPORT listener
+        // per shard each.
+        let mut stream_per_shard: Vec<Vec<StreamListener>> = (0..shards).map(|_| Vec::new()).collect();
+        let mut stream_listen = Vec::new();
+        let tcp = if config.tcp { listen.clone() } else { Vec::new() };
+        let wanted = tcp
+            .iter()
+            .map(|a| (*a, Transport::Tcp))
+            .chain(config.tls_listen.iter().map(|a| (*a, Transport::Tls)));
+        for (addr, transport) in wanted {
+            let name = transport.name();
+            let first = bind_tcp_reuseport(addr).with_context(|| format!("binding {name} {addr}"))?;
+            let bound = first.local_addr()?;
+            stream_listen.push((bound, transport));
+            stream_per_shard[0].push(StreamListener {
+                addr: bound,
+                transport,
+                socket: first,
+            });
+            for list in stream_per_shard.iter_mut().skip(1) {
+                let socket = bind_tcp_reuseport(bound).with_context(|| format!("binding {name} {bound}"))?;
+                list.push(StreamListener {
+                    addr: bound,
+                    transport,
+                    socket,
+                });
+            }
+        }
+        let stream_shared = Arc::new(StreamShared::default());
         let mut secret = [0u8; 32];
         getrandom::getrandom(&mut secret).map_err(|e| anyhow!("reading random bytes: {e}"))?;
         let unix = SystemTime::now()
@@ -158,7 +204,9 @@ impl Runtime {
             )?),
         };
         let mut built = Vec::new();
-        for (index, ((io, inbox), listeners)) in ios.into_iter().zip(inboxes).zip(per_shard).enumerate() {
+        for (index, (((io, inbox), listeners), stream_listeners)) in
+            ios.into_iter().zip(inboxes).zip(per_shard).zip(stream_per_shard).enumerate()
+        {
             // The same secret on every shard: a nonce issued by one validates on another.
             // Each shard's Data indication transaction IDs from its own CSPRNG seed.
             let mut tid_seed = [0u8; 32];
@@ -182,6 +230,12 @@ impl Runtime {
                 peers: handles.clone(),
                 routes: routes.clone(),
                 metrics: metrics.as_ref().map(|m| (slots[index].clone(), m.histograms())),
+                streams: Streams::new(
+                    stream_listeners,
+                    config.streams,
+                    stream_shared.clone(),
+                    config.tls.clone(),
+                )?,
             })?);
         }
         let shard_handles = handles.clone();
@@ -209,6 +263,7 @@ impl Runtime {
             control,
             control_rx,
             listen,
+            stream_listen,
             backend,
             backend_reason,
             pin: config.pin_cores,
@@ -227,6 +282,11 @@ impl Runtime {
     /// The bound listening addresses (port 0 resolved).
     pub fn listen_addrs(&self) -> &[SocketAddr] {
         &self.listen
+    }
+
+    /// The bound TCP and TLS listening addresses (port 0 resolved).
+    pub fn stream_listen_addrs(&self) -> &[(SocketAddr, Transport)] {
+        &self.stream_listen
     }
 
     /// Drains when `signal` is set (SIGUSR1): the shards refuse new Allocates (300 with
@@ -451,6 +511,7 @@ impl Signals {
             config: config.server.clone(),
             credentials: config.credentials.clone(),
             policy: config.peer_policy(&self.listen),
+            tls: config.tls.clone(),
         };
         for h in &self.handles {
             h.send(ShardMessage::Reload(Box::new(reload.clone())));

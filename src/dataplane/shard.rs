@@ -12,15 +12,17 @@ use ahash::AHashMap;
 use crossbeam_channel::{Receiver, Sender};
 
 use super::io::{Datagram, Io, SocketId, Verdict, HEADROOM};
+use super::stream::{Conn, ReadOutcome, SendError, Streams, Token, READS_PER_TURN};
 use crate::control::{ControlRequest, Routes, ShardHandle, ShardMessage};
 use crate::metrics::{code_index, method_index, Histograms, Slot as MetricsSlot};
 use crate::proto::allocation::FiveTuple;
 use crate::proto::channel_data::{self, ChannelData};
+use crate::proto::framing::{self, Frame, FrameError};
 use crate::proto::server::{
     AuthError, ClientAction, CloseReason, DropReason, Event, PeerAction, RelayError, Response, Server,
 };
 use crate::proto::stun::{Class, MessageType, Method};
-use crate::stats::{drop_index, ShardStats};
+use crate::stats::{drop_index, ShardStats, StreamClose};
 
 /// Longest sleep of a shard, so shutdown requests are seen promptly.
 const MAX_WAIT: Duration = Duration::from_millis(100);
@@ -51,6 +53,10 @@ struct Core {
     now: Instant,
     stats: ShardStats,
     histograms: Option<Histograms>,
+    /// TCP and TLS client connections.
+    streams: Streams,
+    /// Connections closed in this step, whose allocations are to end.
+    stream_closed: Vec<(FiveTuple, StreamClose)>,
 }
 
 /// One shard.
@@ -85,6 +91,8 @@ pub struct ShardParts {
     /// Where to publish the counters, and the histograms to observe (with a metrics
     /// endpoint).
     pub metrics: Option<(MetricsSlot, Histograms)>,
+    /// The TCP and TLS listeners and their connections.
+    pub streams: Streams,
 }
 
 /// How often a shard recounts its gauges (allocations, permissions, channels).
@@ -127,7 +135,12 @@ impl Shard {
             now: Instant::now(),
             stats: ShardStats::default(),
             histograms: parts.metrics.as_ref().map(|(_, h)| h.clone()),
+            streams: parts.streams,
+            stream_closed: Vec::new(),
         };
+        if core.streams.is_active() {
+            io.watch(core.streams.fd())?;
+        }
         for (addr, socket) in parts.listeners {
             let id = core.new_id(Slot::Listener(addr));
             io.register(id, socket.as_raw_fd())?;
@@ -166,6 +179,7 @@ impl Shard {
     pub fn turn(&mut self, max_wait: Duration) -> std::io::Result<()> {
         let now = Instant::now();
         let wait = match self.core.server.poll_timeout() {
+            _ if self.core.streams.pending => Duration::ZERO,
             Some(t) => t.saturating_duration_since(now).min(max_wait),
             None => max_wait,
         };
@@ -175,6 +189,10 @@ impl Shard {
             .wait(Some(wait), &mut self.scratch, |d, out| core.handle(d, out))?;
         let now = Instant::now();
         self.core.now = now;
+        if self.io.take_watched() || self.core.streams.pending {
+            self.core.poll_streams(&mut self.scratch);
+        }
+        self.core.stream_housekeeping();
         self.core.server.handle_timeout(now);
         self.core.drain_events();
         while let Ok(msg) = self.inbox.try_recv() {
@@ -212,6 +230,9 @@ impl Shard {
     pub fn stats(&self) -> ShardStats {
         let mut s = self.core.stats;
         s.io = self.io.stats();
+        // Relays from stream clients are sent outside the backend.
+        s.io.send_errors += self.core.stats.io.send_errors;
+        s.streams = self.core.streams.stats;
         s
     }
 
@@ -228,6 +249,9 @@ impl Shard {
                 self.core
                     .server
                     .reload(r.config, r.credentials, r.policy, Instant::now());
+                if let Some(tls) = r.tls {
+                    self.core.streams.set_tls(tls);
+                }
             }
             ShardMessage::Allocated { request, result } => {
                 let ft = request.five_tuple;
@@ -259,7 +283,11 @@ impl Shard {
                 if let Some(addr) = completion.release {
                     self.core.release(addr);
                 }
-                if let Some(fd) = self.core.listener_fd(ft.server) {
+                if ft.transport.is_stream() {
+                    if self.core.streams.send_to(&ft, &[&self.scratch], now).is_ok() {
+                        self.core.stats.responses_total += 1;
+                    }
+                } else if let Some(fd) = self.core.listener_fd(ft.server) {
                     self.core.stats.responses_total += 1;
                     self.io.send_now(fd, &self.scratch, ft.client);
                 }
@@ -399,6 +427,10 @@ impl Core {
                             self.stats.allocations_deleted += 1;
                             "deleted"
                         }
+                        CloseReason::ConnectionClosed => {
+                            self.stats.allocations_deleted += 1;
+                            "connection_closed"
+                        }
                     };
                     if let Some(h) = &self.histograms {
                         h.lifetime.observe(age.as_secs_f64());
@@ -442,6 +474,171 @@ impl Core {
 
     fn count_drop(&mut self, reason: DropReason) {
         self.stats.drops[drop_index(reason)] += 1;
+    }
+
+    /// Serves the ready stream listeners and connections.
+    fn poll_streams(&mut self, out: &mut Vec<u8>) {
+        let n = self.streams.poll();
+        for i in 0..n {
+            match self.streams.event(i) {
+                (Token::Listener(l), _) => self.streams.accept(l, self.now),
+                (Token::Conn(id), flags) => self.service_conn(id, flags, out),
+            }
+        }
+    }
+
+    /// Closes connections that timed out or died while relaying, and ends their allocations.
+    fn stream_housekeeping(&mut self) {
+        let mut closed = std::mem::take(&mut self.stream_closed);
+        let server = &self.server;
+        self.streams
+            .sweep(self.now, |ft| server.allocation(ft).is_some(), &mut closed);
+        self.streams.reap(&mut closed);
+        for (ft, _) in closed.drain(..) {
+            self.server.connection_closed(self.now, ft);
+        }
+        self.stream_closed = closed;
+        self.drain_events();
+    }
+
+    /// Reads what connection `id` has (a few reads at most), frames it and handles each
+    /// message; writes what is queued when the socket is writable again.
+    fn service_conn(&mut self, id: u32, flags: u32, out: &mut Vec<u8>) {
+        let Some(mut conn) = self.streams.take(id) else {
+            return;
+        };
+        if flags & libc::EPOLLOUT as u32 != 0 {
+            conn.flush(self.now);
+        }
+        let readable = (libc::EPOLLIN | libc::EPOLLRDHUP | libc::EPOLLHUP | libc::EPOLLERR) as u32;
+        if flags & readable != 0 {
+            let mut raw = std::mem::take(&mut self.streams.raw);
+            let mut plain = std::mem::take(&mut self.streams.plain);
+            let tls = self.streams.tls().cloned();
+            for round in 0..READS_PER_TURN {
+                if conn.dead().is_some() {
+                    break;
+                }
+                match conn.read(&mut raw, &mut plain, tls.as_ref(), self.now) {
+                    ReadOutcome::Data { plain: p, len } => {
+                        let data = if p { &plain[..len] } else { &raw[..len] };
+                        self.stream_bytes(&mut conn, data, out);
+                    }
+                    ReadOutcome::WouldBlock => break,
+                    ReadOutcome::Closed(why) => conn.kill(why),
+                }
+                if round + 1 == READS_PER_TURN {
+                    self.streams.pending = true;
+                }
+            }
+            self.streams.raw = raw;
+            self.streams.plain = plain;
+        }
+        if let Some((ft, _)) = self.streams.put(id, conn) {
+            self.server.connection_closed(self.now, ft);
+            self.drain_events();
+        }
+    }
+
+    /// Appends bytes read from a connection to its unframed rest and handles every complete
+    /// message.
+    fn stream_bytes(&mut self, conn: &mut Conn, data: &[u8], out: &mut Vec<u8>) {
+        if data.is_empty() {
+            return;
+        }
+        if conn.rbuf.is_empty() {
+            // The common case: whole messages straight from the read buffer.
+            let used = self.stream_frames(conn, data, out);
+            if conn.dead().is_none() {
+                conn.rbuf.extend_from_slice(&data[used..]);
+            }
+        } else {
+            let mut buf = std::mem::take(&mut conn.rbuf);
+            buf.extend_from_slice(data);
+            let used = self.stream_frames(conn, &buf, out);
+            buf.drain(..used);
+            if buf.is_empty() && buf.capacity() > 16 * 1024 {
+                buf = Vec::new();
+            }
+            conn.rbuf = buf;
+        }
+    }
+
+    /// Handles the complete messages at the front of `data`; returns the bytes consumed. A
+    /// stream that cannot be framed marks the connection dead.
+    fn stream_frames(&mut self, conn: &mut Conn, data: &[u8], out: &mut Vec<u8>) -> usize {
+        let max = self.streams.limits().max_frame;
+        let mut at = 0;
+        while conn.dead().is_none() {
+            match framing::next_frame(&data[at..], max) {
+                Ok(Frame::Incomplete) => break,
+                Ok(Frame::Stun(n)) | Ok(Frame::ChannelData(n)) => {
+                    self.stream_message(conn, &data[at..at + n], out);
+                    at += n;
+                }
+                Err(FrameError::TooLong(_)) => conn.kill(StreamClose::FrameTooLong),
+                Err(_) => conn.kill(StreamClose::BadFrame),
+            }
+        }
+        at
+    }
+
+    /// One message from a TCP or TLS client: the same server logic as a datagram, with
+    /// responses written back on the connection (RFC 8656 §3.1).
+    fn stream_message(&mut self, conn: &mut Conn, data: &[u8], out: &mut Vec<u8>) {
+        let ft = conn.five_tuple;
+        conn.last_message = self.now;
+        self.stats.client_rx += 1;
+        self.stats.streams.messages += 1;
+        if !channel_data::is_channel_data(data) {
+            if let Some(t) = MessageType::from_u16(u16::from_be_bytes([data[0], data[1]])) {
+                if t.class == Class::Request {
+                    self.stats.requests[method_index(t.method)] += 1;
+                }
+            }
+        }
+        match self.server.handle_client(self.now, ft, data, out) {
+            ClientAction::Respond(response) | ClientAction::RespondFrom(_, response) => {
+                self.count_response(response);
+                self.drain_events();
+                match conn.send(&[out], self.now) {
+                    Ok(()) => self.stats.responses_total += 1,
+                    Err(SendError::Full) => self.stats.streams.backpressure_drops += 1,
+                    Err(SendError::NoConnection) => {}
+                }
+            }
+            ClientAction::Relay { relayed, peer, payload } => {
+                let fd = self
+                    .relay_ids
+                    .get(&relayed)
+                    .and_then(|id| self.relay_sockets.get(id))
+                    .map(|s| s.as_raw_fd());
+                match fd {
+                    Some(fd) => match crate::sys::send_to(fd, payload, peer) {
+                        Ok(_) => {
+                            self.stats.to_peer += 1;
+                            self.stats.to_peer_bytes += payload.len() as u64;
+                        }
+                        Err(_) => self.stats.io.send_errors += 1,
+                    },
+                    None => self.count_drop(DropReason::NoAllocation),
+                }
+            }
+            ClientAction::Allocate(request) => {
+                if self
+                    .control
+                    .try_send(ControlRequest::Allocate {
+                        shard: self.index,
+                        request,
+                    })
+                    .is_err()
+                {
+                    self.stats.control_overflow += 1;
+                }
+            }
+            ClientAction::Drop(reason) => self.count_drop(reason),
+            ClientAction::Nothing => {}
+        }
     }
 
     /// The per-datagram handler: the fast path.
@@ -555,6 +752,33 @@ impl Core {
     fn peer_datagram(&mut self, d: Datagram<'_>, relayed: SocketAddr, out: &mut Vec<u8>) -> Verdict {
         self.stats.peer_rx += 1;
         match self.server.handle_peer(self.now, relayed, d.from, d.len) {
+            PeerAction::Forward { five_tuple, channel } if five_tuple.transport.is_stream() => {
+                let payload = &d.buf[HEADROOM..HEADROOM + d.len];
+                let sent = match channel {
+                    Some(ch) => {
+                        // RFC 8656 §12.5: "Over TCP and TLS-over-TCP, the ChannelData message
+                        // MUST be padded to a multiple of four bytes".
+                        let header = ChannelData::header(ch, d.len as u16);
+                        let pad = [0u8; 3];
+                        let parts: [&[u8]; 3] = [&header, payload, &pad[..framing::channel_data_padding(d.len)]];
+                        self.streams.send_to(&five_tuple, &parts, self.now)
+                    }
+                    None => {
+                        self.server.encode_data_indication(d.from, payload, out);
+                        self.streams.send_to(&five_tuple, &[out], self.now)
+                    }
+                };
+                match sent {
+                    Ok(()) => {
+                        self.stats.to_client += 1;
+                        self.stats.to_client_bytes += d.len as u64;
+                    }
+                    Err(SendError::NoConnection) => self.count_drop(DropReason::NoAllocation),
+                    // Counted by the stream layer.
+                    Err(SendError::Full) => {}
+                }
+                Verdict::Drop
+            }
             PeerAction::Forward { five_tuple, channel } => {
                 let Some(listener) = self.listener_id(five_tuple.server) else {
                     self.count_drop(DropReason::NoAllocation);

@@ -19,6 +19,7 @@ const REPLY_SLOT: usize = SLOT + 64;
 /// recvmmsg rounds per ready socket before moving on (fairness between sockets).
 const ROUNDS: usize = 4;
 const WAKER: u64 = u64::MAX;
+const WATCHED: u64 = u64::MAX - 1;
 
 struct Pending {
     fd: RawFd,
@@ -32,6 +33,7 @@ struct Pending {
 pub struct MmsgIo {
     epfd: RawFd,
     waker: RawFd,
+    watch_fired: bool,
     fds: Vec<RawFd>,
     events: Vec<libc::epoll_event>,
     bufs: Vec<u8>,
@@ -76,6 +78,7 @@ impl MmsgIo {
         let mut io = MmsgIo {
             epfd,
             waker,
+            watch_fired: false,
             fds: Vec::new(),
             events: vec![libc::epoll_event { events: 0, u64: 0 }; 256],
             bufs: vec![0u8; BATCH * SLOT],
@@ -129,6 +132,20 @@ impl MmsgIo {
         self.epoll_add(fd, id as u64)
     }
 
+    /// Watches `fd` for readability (an epoll descriptor of the stream layer): its readiness
+    /// ends a wait and sets the flag [`MmsgIo::take_watched`] returns.
+    ///
+    /// # Errors
+    /// When epoll refuses the descriptor.
+    pub fn watch(&mut self, fd: RawFd) -> io::Result<()> {
+        self.epoll_add(fd, WATCHED)
+    }
+
+    /// Whether the watched descriptor was readable at the last wait.
+    pub fn take_watched(&mut self) -> bool {
+        std::mem::take(&mut self.watch_fired)
+    }
+
     /// Stops watching socket `id` (descriptor `fd`).
     pub fn deregister(&mut self, id: SocketId, fd: RawFd) {
         // SAFETY: EPOLL_CTL_DEL ignores the event pointer on current kernels; a valid one is
@@ -171,6 +188,10 @@ impl MmsgIo {
             let data = self.events[e].u64;
             if data == WAKER {
                 sys::drain_eventfd(self.waker);
+                continue;
+            }
+            if data == WATCHED {
+                self.watch_fired = true;
                 continue;
             }
             let id = data as SocketId;

@@ -127,6 +127,26 @@ impl Io {
         }
     }
 
+    /// Watches `fd` (one descriptor per backend: the stream layer's epoll) for readability:
+    /// it ends [`Io::wait`], and [`Io::take_watched`] then says so.
+    ///
+    /// # Errors
+    /// When the kernel refuses.
+    pub fn watch(&mut self, fd: RawFd) -> io::Result<()> {
+        match self {
+            Io::Uring(u) => u.watch(fd),
+            Io::Mmsg(m) => m.watch(fd),
+        }
+    }
+
+    /// Whether the watched descriptor became readable since the last call.
+    pub fn take_watched(&mut self) -> bool {
+        match self {
+            Io::Uring(u) => u.take_watched(),
+            Io::Mmsg(m) => m.take_watched(),
+        }
+    }
+
     /// Stops receiving on socket `id`. The caller may close the socket only once
     /// [`Io::is_released`] says so (io_uring finishes cancelled operations asynchronously).
     pub fn deregister(&mut self, id: SocketId, fd: RawFd) {

@@ -37,6 +37,7 @@ const TAG_RECV: u64 = 1 << 56;
 const TAG_SEND: u64 = 2 << 56;
 const TAG_WAKE: u64 = 3 << 56;
 const TAG_CANCEL: u64 = 4 << 56;
+const TAG_WATCH: u64 = 5 << 56;
 const TAG_MASK: u64 = 0xff << 56;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -64,6 +65,8 @@ struct SendSlot {
 pub struct UringIo {
     ring: IoUring,
     waker: RawFd,
+    watched: Option<RawFd>,
+    watch_fired: bool,
     ring_mem: *mut BufRingEntry,
     ring_layout: Layout,
     tail: u16,
@@ -142,6 +145,8 @@ impl UringIo {
         let mut io = UringIo {
             ring,
             waker,
+            watched: None,
+            watch_fired: false,
             ring_mem,
             ring_layout,
             tail: 0,
@@ -211,6 +216,33 @@ impl UringIo {
             .build()
             .user_data(TAG_WAKE);
         self.push(e);
+    }
+
+    fn arm_watch(&mut self) {
+        if let Some(fd) = self.watched {
+            let e = opcode::PollAdd::new(Fd(fd), libc::POLLIN as u32)
+                .multi(true)
+                .build()
+                .user_data(TAG_WATCH);
+            self.push(e);
+        }
+    }
+
+    /// Watches `fd` for readability (an epoll descriptor of the stream layer): its readiness
+    /// ends a wait and sets the flag [`UringIo::take_watched`] returns.
+    ///
+    /// # Errors
+    /// When the ring refuses the submission.
+    pub fn watch(&mut self, fd: RawFd) -> io::Result<()> {
+        self.watched = Some(fd);
+        self.arm_watch();
+        self.ring.submit()?;
+        Ok(())
+    }
+
+    /// Whether the watched descriptor became readable since the last call.
+    pub fn take_watched(&mut self) -> bool {
+        std::mem::take(&mut self.watch_fired)
     }
 
     fn arm(&mut self, id: SocketId, fd: RawFd) {
@@ -302,6 +334,12 @@ impl UringIo {
                     sys::drain_eventfd(self.waker);
                     if !cqueue::more(flags) {
                         self.arm_waker();
+                    }
+                }
+                TAG_WATCH => {
+                    self.watch_fired = true;
+                    if !cqueue::more(flags) {
+                        self.arm_watch();
                     }
                 }
                 // Nothing was left to cancel: the receive had already ended.
