@@ -131,6 +131,8 @@ pub struct Conn {
     pub rbuf: Vec<u8>,
     wbuf: Vec<u8>,
     wpos: usize,
+    /// A message's parts gathered into one TLS record.
+    gather: Vec<u8>,
     /// When the last complete message arrived (or the connection opened).
     pub last_message: Instant,
     opened: Instant,
@@ -157,6 +159,7 @@ impl Conn {
             rbuf: Vec::new(),
             wbuf: Vec::new(),
             wpos: 0,
+            gather: Vec::new(),
             last_message: now,
             opened: now,
             stalled_since: None,
@@ -197,16 +200,25 @@ impl Conn {
         match &mut self.tls {
             Tls::Accepting(_) => return Err(SendError::Full),
             Tls::Session(session) => {
-                for part in parts {
-                    if session.writer().write_all(part).is_err() {
-                        self.kill(StreamClose::TlsError);
-                        return Err(SendError::NoConnection);
+                // One message, one TLS record: some clients (coturn's uclient) take each
+                // record they read for a whole message.
+                let message: &[u8] = if let [one] = parts {
+                    one
+                } else {
+                    self.gather.clear();
+                    for part in parts {
+                        self.gather.extend_from_slice(part);
                     }
-                    // Records go to our own queue at once, so rustls's buffer stays small.
-                    while session.wants_write() {
-                        if session.write_tls(&mut self.wbuf).is_err() {
-                            break;
-                        }
+                    &self.gather
+                };
+                if session.writer().write_all(message).is_err() {
+                    self.kill(StreamClose::TlsError);
+                    return Err(SendError::NoConnection);
+                }
+                // Records go to our own queue at once, so rustls's buffer stays small.
+                while session.wants_write() {
+                    if session.write_tls(&mut self.wbuf).is_err() {
+                        break;
                     }
                 }
             }
