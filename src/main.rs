@@ -128,6 +128,12 @@ fn main() -> Result<()> {
     }
     let report = runtime.run(shutdown)?;
     let s = &report.stats;
+    let stream_closes: Vec<String> = turnpike::stats::STREAM_CLOSES
+        .iter()
+        .zip(s.streams.closed)
+        .filter(|(_, n)| *n > 0)
+        .map(|(reason, n)| format!("{reason}:{n}"))
+        .collect();
     tracing::info!(
         allocations = report.control.allocations,
         relay_ports_in_use = report.control.relay_ports_in_use,
@@ -142,6 +148,12 @@ fn main() -> Result<()> {
         sync_sends = s.io.sync_sends,
         truncated = s.io.truncated,
         handovers = s.handovers,
+        streams_accepted = s.streams.accepted.iter().sum::<u64>(),
+        streams_closed = s.streams.closed_total(),
+        streams_refused = s.streams.closed[turnpike::stats::StreamClose::Refused as usize],
+        stream_messages = s.streams.messages,
+        stream_backpressure_drops = s.streams.backpressure_drops,
+        stream_closes = %stream_closes.join(","),
         control_overflow = s.control_overflow,
         quota_refusals = report.control.quota_refusals,
         port_refusals = report.control.port_refusals,

@@ -20,7 +20,7 @@ use prometheus::{
 
 use crate::proto::server::DropReason;
 use crate::proto::stun::{ErrorCode, Method};
-use crate::stats::{ControlPublished, ShardStats, DROP_REASONS};
+use crate::stats::{ControlPublished, ShardStats, DROP_REASONS, STREAM_CLOSES, STREAM_TRANSPORTS};
 
 /// Method label values, in [`method_index`] order.
 pub const METHODS: [&str; 6] = [
@@ -150,6 +150,12 @@ pub struct Metrics {
     relay_ports: IntGaugeVec,
     reservations: IntGauge,
     draining: IntGauge,
+    transport_allocations: IntGaugeVec,
+    streams_open: IntGaugeVec,
+    streams_accepted: IntCounterVec,
+    streams_closed: IntCounterVec,
+    stream_messages: IntCounter,
+    stream_backpressure: IntCounter,
     histograms: Histograms,
     coturn: Option<Coturn>,
 }
@@ -358,6 +364,40 @@ impl Metrics {
                 &r,
                 "turnpike_control_queue_overflows_total",
                 "Allocate tickets dropped because the control queue was full.",
+            )?,
+            transport_allocations: gauge_vec(
+                &r,
+                "turnpike_allocations_by_transport",
+                "Allocations held, by the client's transport (udp, tcp, tls).",
+                &["transport"],
+            )?,
+            streams_open: gauge_vec(
+                &r,
+                "turnpike_stream_connections",
+                "TCP and TLS client connections open.",
+                &["transport"],
+            )?,
+            streams_accepted: counter_vec(
+                &r,
+                "turnpike_stream_connections_accepted_total",
+                "TCP and TLS client connections accepted.",
+                &["transport"],
+            )?,
+            streams_closed: counter_vec(
+                &r,
+                "turnpike_stream_connections_closed_total",
+                "TCP and TLS client connections closed (or refused at accept: reason=\"refused\"), by reason.",
+                &["reason"],
+            )?,
+            stream_messages: counter(
+                &r,
+                "turnpike_stream_messages_total",
+                "STUN and ChannelData messages received on TCP and TLS connections.",
+            )?,
+            stream_backpressure: counter(
+                &r,
+                "turnpike_stream_backpressure_drops_total",
+                "Messages to TCP and TLS clients dropped because the connection's write buffer was full.",
             )?,
             handovers: counter(
                 &r,
@@ -570,6 +610,20 @@ impl Metrics {
         catch_up(&self.closed.with_label_values(&["deleted"]), t.allocations_deleted);
         catch_up(&self.control_overflows, t.control_overflow);
         catch_up(&self.handovers, t.handovers);
+        for (i, name) in ["udp", "tcp", "tls"].iter().enumerate() {
+            self.transport_allocations
+                .with_label_values(&[name])
+                .set(t.gauges.by_transport[i] as i64);
+        }
+        for (i, name) in STREAM_TRANSPORTS.iter().enumerate() {
+            self.streams_open.with_label_values(&[name]).set(t.streams.open[i] as i64);
+            catch_up(&self.streams_accepted.with_label_values(&[name]), t.streams.accepted[i]);
+        }
+        for (i, name) in STREAM_CLOSES.iter().enumerate() {
+            catch_up(&self.streams_closed.with_label_values(&[name]), t.streams.closed[i]);
+        }
+        catch_up(&self.stream_messages, t.streams.messages);
+        catch_up(&self.stream_backpressure, t.streams.backpressure_drops);
         catch_up(&self.handover_overflows, t.handover_overflow);
         catch_up(
             &self.realm_bytes.with_label_values(&[&self.realm]),

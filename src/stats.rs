@@ -181,6 +181,7 @@ impl ShardStats {
         self.allocations_deleted += s.allocations_deleted;
         for f in 0..2 {
             self.gauges.allocations[f] += s.gauges.allocations[f];
+            self.gauges.by_transport[f] += s.gauges.by_transport[f];
             self.gauges.permissions[f] += s.gauges.permissions[f];
             self.gauges.channels[f] += s.gauges.channels[f];
         }
@@ -190,6 +191,7 @@ impl ShardStats {
         self.control_overflow += s.control_overflow;
         self.handovers += s.handovers;
         self.handover_overflow += s.handover_overflow;
+        self.gauges.by_transport[2] += s.gauges.by_transport[2];
         self.streams.add(&s.streams);
         self.io.rx += s.io.rx;
         self.io.tx += s.io.tx;

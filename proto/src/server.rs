@@ -41,7 +41,7 @@ use ahash::AHashMap;
 use rand_chacha::rand_core::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use super::allocation::{Allocation, ChannelBinding, Expired, FiveTuple, Usage};
+use super::allocation::{Allocation, ChannelBinding, Expired, FiveTuple, Transport, Usage};
 use super::auth::{Authenticated, Credentials, NonceError, NonceIssuer};
 use super::channel_data::{self, ChannelData, MAX_CHANNEL_RFC5766, MAX_CHANNEL_STRICT, MIN_CHANNEL};
 use super::errors::{
@@ -451,6 +451,8 @@ pub enum Event {
 pub struct Gauges {
     /// Allocations.
     pub allocations: [usize; 2],
+    /// Allocations by the client transport (`[UDP, TCP, TLS]`), all families together.
+    pub by_transport: [usize; 3],
     /// Permissions.
     pub permissions: [usize; 2],
     /// Channel bindings.
@@ -670,9 +672,10 @@ impl Server {
     /// once a second, not per packet.
     pub fn gauges(&self) -> Gauges {
         let mut g = Gauges::default();
-        for a in self.allocations.values() {
+        for (ft, a) in &self.allocations {
             let f = usize::from(a.relayed.is_ipv6());
             g.allocations[f] += 1;
+            g.by_transport[ft_transport_index(ft.transport)] += 1;
             g.permissions[f] += a.permission_count();
             g.channels[f] += a.channel_count();
         }
@@ -1798,6 +1801,14 @@ impl Server {
     /// The next event for the shell, if any.
     pub fn poll_event(&mut self) -> Option<Event> {
         self.events.pop_front()
+    }
+}
+
+fn ft_transport_index(t: Transport) -> usize {
+    match t {
+        Transport::Udp => 0,
+        Transport::Tcp => 1,
+        Transport::Tls => 2,
     }
 }
 
