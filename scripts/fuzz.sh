@@ -14,7 +14,7 @@ secs="${1:-60}"
 shift || true
 targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
-  targets=(stun_decode channel_data server_input)
+  targets=(stun_decode channel_data server_input stream_framing)
 fi
 
 if ! cargo fuzz --version >/dev/null 2>&1; then

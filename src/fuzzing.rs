@@ -143,6 +143,84 @@ pub fn channel_data(data: &[u8]) {
 }
 
 // ---------------------------------------------------------------------------------------
+// Stream framing (TCP and TLS)
+// ---------------------------------------------------------------------------------------
+
+/// Largest message the stream fuzz body accepts (the server's default `--max-stream-frame`).
+pub const STREAM_MAX_FRAME: usize = 8192;
+
+/// Frames `data` as one stream read after another, the reads cut where `cuts` says (each
+/// byte of `cuts` is the length of the next read, 0 meaning 1), keeping unframed bytes as
+/// the shard does; returns the frames and how the stream ended.
+pub fn frame_stream(data: &[u8], cuts: &[u8]) -> (Vec<(bool, Vec<u8>)>, Option<turnpike_proto::framing::FrameError>) {
+    use turnpike_proto::framing::{next_frame, Frame};
+    let mut frames = Vec::new();
+    let mut rest: Vec<u8> = Vec::new();
+    let mut at = 0;
+    let mut cut = cuts.iter().cycle();
+    while at < data.len() {
+        let n = if cuts.is_empty() {
+            data.len() - at
+        } else {
+            (*cut.next().unwrap_or(&1) as usize).max(1).min(data.len() - at)
+        };
+        rest.extend_from_slice(&data[at..at + n]);
+        at += n;
+        let mut used = 0;
+        loop {
+            match next_frame(&rest[used..], STREAM_MAX_FRAME) {
+                Ok(Frame::Incomplete) => break,
+                Ok(Frame::Stun(len)) => {
+                    frames.push((true, rest[used..used + len].to_vec()));
+                    used += len;
+                }
+                Ok(Frame::ChannelData(len)) => {
+                    frames.push((false, rest[used..used + len].to_vec()));
+                    used += len;
+                }
+                Err(e) => return (frames, Some(e)),
+            }
+        }
+        rest.drain(..used);
+        assert!(rest.len() < STREAM_MAX_FRAME, "unframed bytes beyond the largest message");
+    }
+    (frames, None)
+}
+
+/// Fuzz body for the stream framer: the frames do not depend on how the stream was cut
+/// into reads; each STUN frame is 20 bytes plus its length field, each ChannelData frame 4
+/// plus its length rounded up to 4, and decodes as ChannelData when its channel is valid;
+/// the frames are the stream's prefix in order; no frame exceeds the maximum.
+pub fn stream_framing(data: &[u8]) {
+    let Some((&first, data)) = data.split_first() else {
+        return;
+    };
+    // The first byte says how many of the next bytes are read lengths; the rest is the stream.
+    let (cuts, stream) = data.split_at((first as usize % 16).min(data.len()));
+    let (whole, whole_end) = frame_stream(stream, &[]);
+    let (pieces, pieces_end) = frame_stream(stream, cuts);
+    assert_eq!(whole, pieces, "framing depends on read boundaries");
+    assert_eq!(whole_end, pieces_end);
+    let mut at = 0;
+    for (stun, frame) in &whole {
+        assert_eq!(&stream[at..at + frame.len()], &frame[..], "frames are the stream in order");
+        at += frame.len();
+        assert!(frame.len() <= STREAM_MAX_FRAME);
+        let len = u16::from_be_bytes([frame[2], frame[3]]) as usize;
+        if *stun {
+            assert_eq!(frame.len(), 20 + len);
+            // Whatever the body, decoding does not panic.
+            let _ = Message::decode(frame);
+        } else {
+            assert_eq!(frame.len(), 4 + len.div_ceil(4) * 4);
+            if let Ok(cd) = ChannelData::decode(frame) {
+                assert_eq!(cd.payload.len(), len);
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
 // The whole server
 // ---------------------------------------------------------------------------------------
 
@@ -1614,6 +1692,43 @@ mod tests {
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        #[test]
+        fn stream_framing_random(data in proptest::collection::vec(any::<u8>(), 0..400)) {
+            super::stream_framing(&data);
+        }
+
+        #[test]
+        fn stream_framing_of_valid_messages(
+            cut in 0u8..16,
+            lens in proptest::collection::vec((any::<bool>(), 0u16..300), 0..8),
+        ) {
+            // A stream of well-formed STUN and padded ChannelData messages, after the read
+            // lengths the fuzz body takes from the front.
+            let mut stream = vec![cut];
+            stream.extend(std::iter::repeat_n(3u8, cut as usize));
+            for (i, (stun, len)) in lens.iter().enumerate() {
+                if *stun {
+                    let len = len / 4 * 4;
+                    stream.extend_from_slice(&[0x00, 0x01]);
+                    stream.extend_from_slice(&len.to_be_bytes());
+                    stream.extend_from_slice(&0x2112_A442u32.to_be_bytes());
+                    stream.extend_from_slice(&[i as u8; 12]);
+                    stream.extend(std::iter::repeat_n(i as u8, len as usize));
+                } else {
+                    stream.extend_from_slice(&[0x40, i as u8]);
+                    stream.extend_from_slice(&len.to_be_bytes());
+                    stream.extend(std::iter::repeat_n(i as u8, (*len as usize).div_ceil(4) * 4));
+                }
+            }
+            let messages = &stream[1 + cut as usize..];
+            for cuts in [&[][..], &stream[1..1 + cut as usize]] {
+                let (frames, end) = super::frame_stream(messages, cuts);
+                prop_assert_eq!(frames.len(), lens.len());
+                prop_assert_eq!(end, None);
+            }
+            super::stream_framing(&stream);
+        }
 
         #[test]
         fn stun_decode_random(data in proptest::collection::vec(any::<u8>(), 0..200), stunlike in any::<bool>()) {
