@@ -113,8 +113,11 @@ pub struct Usage {
 /// bindings. That replaced three hash maps per allocation (about 1 KB each allocation).
 #[derive(Debug, Clone)]
 pub struct Allocation {
-    /// The relayed transport address on the server.
+    /// The relayed transport address on the server (the IPv4 one of a dual allocation).
     pub relayed: SocketAddr,
+    /// The IPv6 relayed transport address of a dual allocation (RFC 8656 §7.2,
+    /// ADDITIONAL-ADDRESS-FAMILY).
+    pub additional: Option<SocketAddr>,
     /// The user that created it; later requests must come from the same user (441).
     pub username: Box<str>,
     /// The key that authenticated the Allocate.
@@ -137,8 +140,8 @@ pub struct Allocation {
     pub(crate) budgets: Option<Box<[Option<TokenBucket>; 2]>>,
     /// The RESERVATION-TOKEN of the first success response, repeated on a retransmission.
     pub(crate) reservation_token: Option<[u8; 8]>,
-    /// The family refused with ADDRESS-ERROR-CODE in the first success response.
-    pub(crate) refused_family: Option<super::stun::AddressFamily>,
+    /// The family refused with ADDRESS-ERROR-CODE in the first success response, and the code.
+    pub(crate) refused_family: Option<(super::stun::AddressFamily, super::stun::ErrorCode)>,
 }
 
 impl Allocation {
@@ -153,6 +156,7 @@ impl Allocation {
     ) -> Self {
         Allocation {
             relayed,
+            additional: None,
             username,
             key,
             allocate_tid,
@@ -165,6 +169,18 @@ impl Allocation {
             budgets: None,
             reservation_token: None,
             refused_family: None,
+        }
+    }
+
+    /// The relayed transport address that talks to peers of `peer`'s family: the
+    /// allocation's own, or the additional one of a dual allocation; `None` when the
+    /// allocation has no address of that family.
+    #[inline]
+    pub fn relayed_for(&self, peer: SocketAddr) -> Option<SocketAddr> {
+        if peer.is_ipv4() == self.relayed.is_ipv4() {
+            Some(self.relayed)
+        } else {
+            self.additional.filter(|a| a.is_ipv4() == peer.is_ipv4())
         }
     }
 

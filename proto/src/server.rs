@@ -271,6 +271,9 @@ pub struct AllocateCompletion {
     /// A relayed transport address the shell must release again: the allocation could not
     /// take it (another ticket of the same 5-tuple got there first).
     pub release: Option<SocketAddr>,
+    /// The additional (IPv6) relayed transport address of a dual allocation to release
+    /// again, for the same reason or because the first family failed.
+    pub release_additional: Option<SocketAddr>,
     /// How long the Allocate waited for its relayed transport address (from the ticket to
     /// this answer), when its ticket was this server's.
     pub waited: Option<Duration>,
@@ -297,10 +300,27 @@ pub struct AllocateRequest {
     auth: Auth,
     lifetime: Duration,
     fingerprint: bool,
-    additional_family_refused: Option<AddressFamily>,
+    /// ADDITIONAL-ADDRESS-FAMILY (IPv6): the client asks for a dual allocation.
+    additional_family: Option<AddressFamily>,
+    /// The shell's result for the additional family ([`AllocateRequest::grant_additional`]).
+    additional: Option<Result<SocketAddr, RelayError>>,
 }
 
 impl AllocateRequest {
+    /// The family of the second relayed transport address of a dual allocation
+    /// (ADDITIONAL-ADDRESS-FAMILY, RFC 8656 §7.2), if the client asked for one. The shell
+    /// reserves an address of it too and reports with [`AllocateRequest::grant_additional`];
+    /// without a report the family is refused with ADDRESS-ERROR-CODE 440.
+    pub fn additional_family(&self) -> Option<AddressFamily> {
+        self.additional_family
+    }
+
+    /// Records the shell's result for [`AllocateRequest::additional_family`]: the address,
+    /// or why none (answered with ADDRESS-ERROR-CODE: 440, 486 or 508, RFC 8656 §7.2).
+    pub fn grant_additional(&mut self, result: Result<SocketAddr, RelayError>) {
+        self.additional = Some(result);
+    }
+
     /// Records the token under which the shell reserved the next port (for
     /// [`AllocateRequest::reserve_next`]); the success response carries it.
     pub fn grant_reservation(&mut self, token: [u8; 8]) {
@@ -357,6 +377,8 @@ pub enum Event {
         five_tuple: FiveTuple,
         /// The relayed transport address.
         relayed: SocketAddr,
+        /// The IPv6 relayed transport address of a dual allocation.
+        additional: Option<SocketAddr>,
         /// The granted lifetime.
         lifetime: Duration,
     },
@@ -366,6 +388,8 @@ pub enum Event {
         five_tuple: FiveTuple,
         /// The relayed transport address.
         relayed: SocketAddr,
+        /// The IPv6 relayed transport address of a dual allocation.
+        additional: Option<SocketAddr>,
         /// The granted lifetime, from now.
         lifetime: Duration,
     },
@@ -376,6 +400,8 @@ pub enum Event {
         five_tuple: FiveTuple,
         /// The relayed transport address to release.
         relayed: SocketAddr,
+        /// The IPv6 relayed transport address of a dual allocation, to release too.
+        additional: Option<SocketAddr>,
         /// Why.
         reason: CloseReason,
         /// How long it lived.
@@ -505,11 +531,32 @@ struct Auth {
     mac: Mac,
 }
 
+/// The relayed transport addresses of an allocation (two for a dual allocation), copied out
+/// of it while the server's tables are borrowed.
+#[derive(Debug, Clone, Copy)]
+struct RelayedPair(SocketAddr, Option<SocketAddr>);
+
+impl RelayedPair {
+    fn of(alloc: &Allocation) -> Self {
+        RelayedPair(alloc.relayed, alloc.additional)
+    }
+
+    /// The address that talks to peers of `peer`'s family (RFC 8656 §7.2, dual allocation).
+    fn for_peer(self, peer: SocketAddr) -> Option<SocketAddr> {
+        if peer.is_ipv4() == self.0.is_ipv4() {
+            Some(self.0)
+        } else {
+            self.1.filter(|a| a.is_ipv4() == peer.is_ipv4())
+        }
+    }
+}
+
 /// What an Allocate success response reports (RFC 8656 §7.2).
 struct Grant {
     relayed: SocketAddr,
+    additional: Option<SocketAddr>,
     lifetime: Duration,
-    refused_family: Option<AddressFamily>,
+    refused_family: Option<(AddressFamily, ErrorCode)>,
     token: Option<[u8; 8]>,
 }
 
@@ -519,6 +566,7 @@ impl Grant {
     fn repeated(alloc: &Allocation, now: Instant) -> Grant {
         Grant {
             relayed: alloc.relayed,
+            additional: alloc.additional,
             lifetime: alloc.expires.saturating_duration_since(now),
             refused_family: alloc.refused_family,
             token: alloc.reservation_token,
@@ -757,7 +805,8 @@ impl Server {
         alloc.usage.to_peer_packets += 1;
         alloc.usage.to_peer_bytes += cd.payload.len() as u64;
         ClientAction::Relay {
-            relayed: alloc.relayed,
+            // A bound peer's family always has a relayed address (checked at ChannelBind).
+            relayed: alloc.relayed_for(binding.peer).unwrap_or(alloc.relayed),
             peer: binding.peer,
             payload: cd.payload,
         }
@@ -780,9 +829,9 @@ impl Server {
         else {
             return ClientAction::Drop(DropReason::Malformed);
         };
-        if peer.is_ipv4() != alloc.relayed.is_ipv4() {
+        let Some(relayed) = alloc.relayed_for(peer) else {
             return ClientAction::Drop(DropReason::FamilyMismatch);
-        }
+        };
         if self.policy.check(peer).is_err() {
             return ClientAction::Drop(DropReason::PeerDenied);
         }
@@ -794,11 +843,7 @@ impl Server {
         }
         alloc.usage.to_peer_packets += 1;
         alloc.usage.to_peer_bytes += payload.len() as u64;
-        ClientAction::Relay {
-            relayed: alloc.relayed,
-            peer,
-            payload,
-        }
+        ClientAction::Relay { relayed, peer, payload }
     }
 
     fn handle_request<'a>(
@@ -1225,7 +1270,12 @@ impl Server {
             Some(Ok(Attribute::RequestedAddressFamily(f))) => Some(f),
             Some(_) => return err(AllocateError::MalformedAttribute),
         };
-        let additional = match msg.get(kind::ADDITIONAL_ADDRESS_FAMILY) {
+        // Deviation for interoperability: coturn 4.6's clients send the attribute under its
+        // draft code point (0x8032); both are accepted.
+        let additional = match msg
+            .get(kind::ADDITIONAL_ADDRESS_FAMILY)
+            .or_else(|| msg.get(kind::ADDITIONAL_ADDRESS_FAMILY_DRAFT))
+        {
             None => None,
             Some(Ok(Attribute::AdditionalAddressFamily(AddressFamily::V6))) => Some(AddressFamily::V6),
             Some(_) => return err(AllocateError::MalformedAttribute),
@@ -1288,20 +1338,25 @@ impl Server {
             auth: auth.clone(),
             lifetime,
             fingerprint: reply.fingerprint,
-            additional_family_refused: additional,
+            additional_family: additional,
+            additional: None,
         })
     }
 
     fn allocate_success(&self, out: &mut Vec<u8>, reply: &Reply<'_>, ft: FiveTuple, grant: Grant) {
         self.respond(out, reply, Class::Success, |b| {
             b.attribute(&Attribute::XorRelayedAddress(grant.relayed));
+            // RFC 8656 §7.2 (dual allocation): the success response carries one
+            // XOR-RELAYED-ADDRESS per family allocated.
+            if let Some(additional) = grant.additional {
+                b.attribute(&Attribute::XorRelayedAddress(additional));
+            }
             b.attribute(&Attribute::Lifetime(grant.lifetime.as_secs() as u32));
             b.attribute(&Attribute::XorMappedAddress(ft.client));
             if let Some(t) = grant.token {
                 b.attribute(&Attribute::ReservationToken(t));
             }
-            if let Some(family) = grant.refused_family {
-                let code = RelayError::FamilyNotSupported.into();
+            if let Some((family, code)) = grant.refused_family {
                 b.attribute(&Attribute::AddressErrorCode {
                     family,
                     code,
@@ -1326,21 +1381,31 @@ impl Server {
             .get(&request.five_tuple)
             .filter(|&&(tid, _)| tid == request.tid)
             .map(|&(_, sent)| now.saturating_duration_since(sent));
-        let release = self.finish_allocate(now, request, result, out);
+        let additional = request.additional.and_then(Result::ok);
+        let kept = self.finish_allocate(now, request, result, out);
+        // What the shell reserved and the server did not keep goes back.
+        let release = match (kept, result) {
+            (false, Ok(a)) => Some(a),
+            _ => None,
+        };
+        let release_additional = additional.filter(|_| !kept);
         AllocateCompletion {
             response: self.response.get(),
             release,
+            release_additional,
             waited,
         }
     }
 
+    /// Answers the Allocate; returns whether a new allocation now holds the reserved
+    /// address(es).
     fn finish_allocate(
         &mut self,
         now: Instant,
         request: AllocateRequest,
         result: Result<SocketAddr, RelayError>,
         out: &mut Vec<u8>,
-    ) -> Option<SocketAddr> {
+    ) -> bool {
         let ft = request.five_tuple;
         let reply = Reply {
             method: Method::Allocate,
@@ -1364,24 +1429,36 @@ impl Server {
             } else {
                 self.error(out, &reply, AllocateError::AllocationExists);
             }
-            return result.ok();
+            return false;
         }
         let relayed = match result {
             Ok(a) => a,
             Err(e) => {
                 self.error(out, &reply, AllocateError::Relay(e));
-                return None;
+                return false;
             }
         };
         let expires = now + request.lifetime;
+        // RFC 8656 §7.2: a family of a dual allocation that cannot be allocated is reported
+        // with ADDRESS-ERROR-CODE in the success response (440 when not supported).
+        let (additional, refused_family) = match (request.additional_family, request.additional) {
+            (None, _) => (None, None),
+            (Some(_), Some(Ok(a))) => (Some(a), None),
+            (Some(f), Some(Err(e))) => (None, Some((f, e.into()))),
+            (Some(f), None) => (None, Some((f, RelayError::FamilyNotSupported.into()))),
+        };
         let grant = Grant {
             relayed,
+            additional,
             lifetime: request.lifetime,
-            refused_family: request.additional_family_refused,
+            refused_family,
             token: request.granted_token,
         };
         self.allocate_success(out, &reply, ft, grant);
         self.by_relay.insert(relayed, ft);
+        if let Some(a) = additional {
+            self.by_relay.insert(a, ft);
+        }
         let mut alloc = Allocation::new(
             relayed,
             request.auth.username.into_boxed_str(),
@@ -1391,15 +1468,17 @@ impl Server {
             expires,
         );
         alloc.reservation_token = request.granted_token;
-        alloc.refused_family = request.additional_family_refused;
+        alloc.refused_family = refused_family;
+        alloc.additional = additional;
         self.allocations.insert(ft, alloc);
         self.push_timer(expires, ft);
         self.events.push_back(Event::AllocationCreated {
             five_tuple: ft,
             relayed,
+            additional,
             lifetime: request.lifetime,
         });
-        None
+        true
     }
 
     /// The allocation for a request that needs one: 437 if none, 441 if another user's.
@@ -1450,7 +1529,11 @@ impl Server {
         // attribute and the attribute value does not match the address family of the
         // allocation, the server MUST reply with a 443 (Peer Address Family Mismatch) Refresh
         // error response." (test rfc8656_8_2_refresh_lifetimes_delete_and_family_mismatch_443)
-        if family.is_some_and(|f| f != AddressFamily::of(&alloc.relayed.ip())) {
+        // A dual allocation has both families.
+        let has_family = |f: AddressFamily| {
+            f == AddressFamily::of(&alloc.relayed.ip()) || alloc.additional.is_some_and(|a| f == AddressFamily::of(&a.ip()))
+        };
+        if family.is_some_and(|f| !has_family(f)) {
             self.error(out, reply, RefreshError::FamilyMismatch);
             return ClientAction::Respond(self.response.get());
         }
@@ -1459,7 +1542,9 @@ impl Server {
         } else {
             alloc.expires = now + lifetime;
             let relayed = alloc.relayed;
+            let additional = alloc.additional;
             self.events.push_back(Event::AllocationRefreshed {
+                additional,
                 five_tuple: ft,
                 relayed,
                 lifetime,
@@ -1474,13 +1559,13 @@ impl Server {
 
     /// Checks a peer address for CreatePermission and ChannelBind: 443 on a family
     /// mismatch with the relayed address, 403 when the policy refuses it.
-    fn check_peer(&self, relayed: SocketAddr, peer: SocketAddr) -> Result<(), PeerError> {
+    fn check_peer(&self, relayed: RelayedPair, peer: SocketAddr) -> Result<(), PeerError> {
         // RFC 8656 §10.2 (and §12.2 alike): "If an XOR-PEER-ADDRESS attribute contains an
         // address of an address family that is not the same as that of a relayed transport
         // address for the allocation, the server MUST generate an error response with the 443
         // (Peer Address Family Mismatch) response code." (test
         // rfc8656_10_2_and_12_2_peer_of_another_family_is_443)
-        if peer.is_ipv4() != relayed.is_ipv4() {
+        if relayed.for_peer(peer).is_none() {
             return Err(PeerError::FamilyMismatch);
         }
         self.policy.check(peer).map_err(PeerError::Denied)
@@ -1497,7 +1582,7 @@ impl Server {
         let Some(alloc) = self.owned_allocation(ft, reply, out) else {
             return ClientAction::Respond(self.response.get());
         };
-        let relayed = alloc.relayed;
+        let relayed = RelayedPair::of(alloc);
         let tid = msg.transaction_id();
         let mut peers: Vec<IpAddr> = Vec::new();
         let mut failure = None;
@@ -1543,12 +1628,11 @@ impl Server {
             self.error(out, reply, PermissionError::TooManyPermissions);
             return ClientAction::Respond(self.response.get());
         }
-        let relayed = alloc.relayed;
         for ip in peers {
             alloc.set_permission(ip, now + lifetime);
             self.events.push_back(Event::PermissionInstalled {
                 five_tuple: ft,
-                relayed,
+                relayed: relayed.for_peer(SocketAddr::new(ip, 0)).unwrap_or(relayed.0),
                 peer: ip,
                 expires: now + lifetime,
             });
@@ -1589,7 +1673,7 @@ impl Server {
         let Some(alloc) = self.owned_allocation(ft, reply, out) else {
             return ClientAction::Respond(self.response.get());
         };
-        let relayed = alloc.relayed;
+        let relayed = RelayedPair::of(alloc);
         if let Err(e) = self.check_peer(relayed, peer) {
             self.error(out, reply, ChannelBindError::Peer(e));
             return ClientAction::Respond(self.response.get());
@@ -1616,7 +1700,7 @@ impl Server {
             let expires = now + ch_life;
             alloc.bind_channel(channel, ChannelBinding { peer, expires });
             alloc.set_permission(peer.ip(), now + perm_life);
-            let (five_tuple, relayed) = (ft, alloc.relayed);
+            let (five_tuple, relayed) = (ft, relayed.for_peer(peer).unwrap_or(relayed.0));
             self.events.push_back(if rebound {
                 Event::ChannelRebound {
                     five_tuple,
@@ -1730,18 +1814,18 @@ impl Server {
         let Some(alloc) = self.allocations.get_mut(&ft) else {
             return;
         };
-        let relayed = alloc.relayed;
+        let relayed = RelayedPair::of(alloc);
         let events = &mut self.events;
         alloc.purge(now, |expired| {
             events.push_back(match expired {
                 Expired::Permission(peer) => Event::PermissionExpired {
                     five_tuple: ft,
-                    relayed,
+                    relayed: relayed.for_peer(SocketAddr::new(peer, 0)).unwrap_or(relayed.0),
                     peer,
                 },
                 Expired::Channel(channel, peer) => Event::ChannelExpired {
                     five_tuple: ft,
-                    relayed,
+                    relayed: relayed.for_peer(peer).unwrap_or(relayed.0),
                     channel,
                     peer,
                 },
@@ -1752,9 +1836,13 @@ impl Server {
     fn remove_allocation(&mut self, ft: FiveTuple, reason: CloseReason, now: Instant) {
         if let Some(alloc) = self.allocations.remove(&ft) {
             self.by_relay.remove(&alloc.relayed);
+            if let Some(a) = alloc.additional {
+                self.by_relay.remove(&a);
+            }
             self.events.push_back(Event::AllocationClosed {
                 five_tuple: ft,
                 relayed: alloc.relayed,
+                additional: alloc.additional,
                 reason,
                 age: now.saturating_duration_since(alloc.created),
                 usage: alloc.usage,

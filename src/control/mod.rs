@@ -27,6 +27,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::proto::allocation::FiveTuple;
 use crate::proto::server::{AllocateRequest, RelayError};
+use crate::proto::stun::AddressFamily;
 use crate::sys;
 use allocator::{AllocatorConfig, RelayAllocator, RouteChange, Ticket};
 
@@ -68,6 +69,9 @@ pub enum ShardMessage {
         request: AllocateRequest,
         /// The bound relay socket and its address, or why there is none.
         result: Result<(UdpSocket, SocketAddr), RelayError>,
+        /// For a dual allocation (ADDITIONAL-ADDRESS-FAMILY) whose first family was granted:
+        /// the second relay socket and address, or why there is none.
+        additional: Option<Result<(UdpSocket, SocketAddr), RelayError>>,
     },
     /// A datagram that reached another shard's listener but belongs to an allocation here.
     Handover {
@@ -283,10 +287,23 @@ impl Control {
             ControlRequest::Allocate { shard, mut request } => {
                 let result = self.allocate(shard, &mut request, now);
                 let granted = result.as_ref().ok().map(|(_, addr)| *addr);
-                let delivered = self
-                    .shards
-                    .get(shard)
-                    .is_some_and(|h| h.queue(ShardMessage::Allocated { request, result }));
+                // A dual allocation (RFC 8656 §7.2): the additional family is a second grant
+                // of the same user and 5-tuple, with its own port and quota unit.
+                let additional = match (granted, request.additional_family()) {
+                    (Some(_), Some(family)) => Some(self.allocate_additional(shard, &request, family, now)),
+                    _ => None,
+                };
+                let granted_additional = additional
+                    .as_ref()
+                    .and_then(|r| r.as_ref().ok())
+                    .map(|(_, addr)| *addr);
+                let delivered = self.shards.get(shard).is_some_and(|h| {
+                    h.queue(ShardMessage::Allocated {
+                        request,
+                        result,
+                        additional,
+                    })
+                });
                 if let Some(w) = woken.get_mut(shard) {
                     *w |= delivered;
                 }
@@ -294,7 +311,7 @@ impl Control {
                     // The shard's inbox is full: the client retransmits and gets a fresh
                     // attempt. Give back what was taken for this one (the socket is closed).
                     tracing::warn!(shard, "shard inbox full, Allocate answer dropped");
-                    if let Some(addr) = granted {
+                    for addr in granted.into_iter().chain(granted_additional) {
                         self.release(addr);
                     }
                 }
@@ -324,6 +341,31 @@ impl Control {
         if let Some(token) = granted.token {
             request.grant_reservation(token);
         }
+        self.change_route(granted.route);
+        Ok((granted.socket, granted.relayed))
+    }
+
+    /// The second relayed transport address of a dual allocation: a plain grant of
+    /// `family` (no EVEN-PORT, no reservation).
+    fn allocate_additional(
+        &mut self,
+        shard: usize,
+        request: &AllocateRequest,
+        family: AddressFamily,
+        now: Instant,
+    ) -> Result<(UdpSocket, SocketAddr), RelayError> {
+        let buffer = self.relay_socket_buffer;
+        let ticket = Ticket {
+            family,
+            even_port: false,
+            reserve_next: false,
+            reservation_token: None,
+            ..Ticket::new(shard, request)
+        };
+        let granted = self.allocator.allocate(&ticket, now, |addr, _| {
+            let socket = bind_udp(addr, buffer)?;
+            Ok((socket, None))
+        })?;
         self.change_route(granted.route);
         Ok((granted.socket, granted.relayed))
     }

@@ -253,23 +253,18 @@ impl Shard {
                     self.core.streams.set_tls(tls);
                 }
             }
-            ShardMessage::Allocated { request, result } => {
+            ShardMessage::Allocated {
+                mut request,
+                result,
+                additional,
+            } => {
                 let ft = request.five_tuple;
-                let result = match result {
-                    Ok((socket, addr)) => {
-                        let id = self.core.new_id(Slot::Relay(addr));
-                        if self.io.register(id, socket.as_raw_fd()).is_ok() {
-                            self.core.relay_ids.insert(addr, id);
-                            self.core.relay_sockets.insert(id, socket);
-                            Ok(addr)
-                        } else {
-                            self.core.free_id(id);
-                            let _ = self.core.control.send(ControlRequest::Release { relayed: addr });
-                            Err(RelayError::Exhausted)
-                        }
-                    }
-                    Err(e) => Err(e),
-                };
+                let result = result.and_then(|(socket, addr)| self.install_relay(socket, addr));
+                if let Some(additional) = additional {
+                    let additional = additional.and_then(|(socket, addr)| self.install_relay(socket, addr));
+                    tracing::debug!(?additional, "dual allocation: additional family");
+                    request.grant_additional(additional);
+                }
                 let now = Instant::now();
                 let completion = self
                     .core
@@ -280,7 +275,7 @@ impl Shard {
                     h.setup.observe(waited.as_secs_f64());
                 }
                 self.core.drain_events();
-                if let Some(addr) = completion.release {
+                for addr in completion.release.into_iter().chain(completion.release_additional) {
                     self.core.release(addr);
                 }
                 if ft.transport.is_stream() {
@@ -296,6 +291,21 @@ impl Shard {
                 self.core.stats.handovers += 1;
                 self.handle_copied(five_tuple, &data);
             }
+        }
+    }
+
+    /// Registers a relay socket the control thread bound with the backend; on failure it
+    /// goes back to the control thread and the Allocate is answered 508.
+    fn install_relay(&mut self, socket: UdpSocket, addr: SocketAddr) -> Result<SocketAddr, RelayError> {
+        let id = self.core.new_id(Slot::Relay(addr));
+        if self.io.register(id, socket.as_raw_fd()).is_ok() {
+            self.core.relay_ids.insert(addr, id);
+            self.core.relay_sockets.insert(id, socket);
+            Ok(addr)
+        } else {
+            self.core.free_id(id);
+            let _ = self.core.control.send(ControlRequest::Release { relayed: addr });
+            Err(RelayError::Exhausted)
         }
     }
 
@@ -412,12 +422,16 @@ impl Core {
                 Event::AllocationClosed {
                     five_tuple,
                     relayed,
+                    additional,
                     reason,
                     age,
                     usage,
                     username,
                 } => {
                     self.release(relayed);
+                    if let Some(a) = additional {
+                        self.release(a);
+                    }
                     let reason = match reason {
                         CloseReason::Expired => {
                             self.stats.allocations_expired += 1;

@@ -39,6 +39,9 @@ pub mod kind {
     pub const RESPONSE_PORT: u16 = 0x0027;
     pub const CONNECTION_ID: u16 = 0x002A;
     pub const ADDITIONAL_ADDRESS_FAMILY: u16 = 0x8000;
+    /// ADDITIONAL-ADDRESS-FAMILY's code point in draft-ietf-tram-turnbis, still sent by
+    /// coturn 4.6's clients (`turnutils_uclient -Z`); decoded as ADDITIONAL-ADDRESS-FAMILY.
+    pub const ADDITIONAL_ADDRESS_FAMILY_DRAFT: u16 = 0x8032;
     pub const ADDRESS_ERROR_CODE: u16 = 0x8001;
     pub const PASSWORD_ALGORITHMS: u16 = 0x8002;
     pub const ALTERNATE_DOMAIN: u16 = 0x8003;
@@ -575,7 +578,7 @@ impl<'a> Attribute<'a> {
             XOR_PEER_ADDRESS => Attribute::XorPeerAddress(decode_address(kind, v, Some(tid))?),
             DATA => Attribute::Data(v),
             XOR_RELAYED_ADDRESS => Attribute::XorRelayedAddress(decode_address(kind, v, Some(tid))?),
-            REQUESTED_ADDRESS_FAMILY | ADDITIONAL_ADDRESS_FAMILY => {
+            REQUESTED_ADDRESS_FAMILY | ADDITIONAL_ADDRESS_FAMILY | ADDITIONAL_ADDRESS_FAMILY_DRAFT => {
                 let f = AddressFamily::from_u8(fixed::<4>(kind, v)?[0]).ok_or(AttributeError::BadFamily { kind })?;
                 if kind == REQUESTED_ADDRESS_FAMILY {
                     Attribute::RequestedAddressFamily(f)
