@@ -182,7 +182,10 @@ pub fn frame_stream(data: &[u8], cuts: &[u8]) -> (Vec<(bool, Vec<u8>)>, Option<t
             }
         }
         rest.drain(..used);
-        assert!(rest.len() < STREAM_MAX_FRAME, "unframed bytes beyond the largest message");
+        assert!(
+            rest.len() < STREAM_MAX_FRAME,
+            "unframed bytes beyond the largest message"
+        );
     }
     (frames, None)
 }
@@ -203,7 +206,11 @@ pub fn stream_framing(data: &[u8]) {
     assert_eq!(whole_end, pieces_end);
     let mut at = 0;
     for (stun, frame) in &whole {
-        assert_eq!(&stream[at..at + frame.len()], &frame[..], "frames are the stream in order");
+        assert_eq!(
+            &stream[at..at + frame.len()],
+            &frame[..],
+            "frames are the stream in order"
+        );
         at += frame.len();
         assert!(frame.len() <= STREAM_MAX_FRAME);
         let len = u16::from_be_bytes([frame[2], frame[3]]) as usize;

@@ -616,7 +616,9 @@ impl Metrics {
                 .set(t.gauges.by_transport[i] as i64);
         }
         for (i, name) in STREAM_TRANSPORTS.iter().enumerate() {
-            self.streams_open.with_label_values(&[name]).set(t.streams.open[i] as i64);
+            self.streams_open
+                .with_label_values(&[name])
+                .set(t.streams.open[i] as i64);
             catch_up(&self.streams_accepted.with_label_values(&[name]), t.streams.accepted[i]);
         }
         for (i, name) in STREAM_CLOSES.iter().enumerate() {

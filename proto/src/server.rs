@@ -1531,7 +1531,8 @@ impl Server {
         // error response." (test rfc8656_8_2_refresh_lifetimes_delete_and_family_mismatch_443)
         // A dual allocation has both families.
         let has_family = |f: AddressFamily| {
-            f == AddressFamily::of(&alloc.relayed.ip()) || alloc.additional.is_some_and(|a| f == AddressFamily::of(&a.ip()))
+            f == AddressFamily::of(&alloc.relayed.ip())
+                || alloc.additional.is_some_and(|a| f == AddressFamily::of(&a.ip()))
         };
         if family.is_some_and(|f| !has_family(f)) {
             self.error(out, reply, RefreshError::FamilyMismatch);

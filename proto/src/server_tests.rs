@@ -263,6 +263,18 @@ impl Client {
     }
 
     fn authenticated(&self, method: Method, tid: TransactionId, attrs: &[Attribute<'_>]) -> Vec<u8> {
+        self.authenticated_with_raw(method, tid, attrs, &[])
+    }
+
+    /// [`Client::authenticated`] with attributes given as raw (type, value) pairs after
+    /// `attrs` (code points the codec has no variant for).
+    fn authenticated_with_raw(
+        &self,
+        method: Method,
+        tid: TransactionId,
+        attrs: &[Attribute<'_>],
+        raw: &[(u16, &[u8])],
+    ) -> Vec<u8> {
         let nonce = self.nonce.clone().expect("the client has a nonce");
         let key = self.key();
         let algs = self.password_algorithms.as_deref().map(algorithms_value);
@@ -289,6 +301,9 @@ impl Client {
             }
             for a in attrs {
                 b.attribute(a);
+            }
+            for (kind, value) in raw {
+                b.raw_attribute(*kind, value);
             }
             if self.mi_sha256 {
                 b.message_integrity_sha256(key.as_bytes());
@@ -2973,6 +2988,7 @@ fn events_of_an_allocation_life() {
         h.all_events(),
         vec![Event::AllocationCreated {
             five_tuple: ft,
+            additional: None,
             relayed,
             lifetime: Duration::from_secs(600)
         }]
@@ -3041,6 +3057,7 @@ fn events_of_an_allocation_life() {
         h.all_events(),
         vec![Event::AllocationRefreshed {
             five_tuple: ft,
+            additional: None,
             relayed,
             lifetime: Duration::from_secs(3000)
         }]
@@ -3099,6 +3116,7 @@ fn events_of_an_allocation_life() {
         h.all_events(),
         vec![Event::AllocationClosed {
             five_tuple: ft,
+            additional: None,
             relayed,
             reason: CloseReason::Expired,
             age: Duration::from_secs(3040),
@@ -3120,6 +3138,7 @@ fn refresh_zero_closes_with_reason_deleted_and_nothing_else() {
         h.all_events(),
         vec![Event::AllocationClosed {
             five_tuple: c.ft,
+            additional: None,
             relayed: relay(1),
             reason: CloseReason::Deleted,
             age: Duration::from_secs(1),
@@ -3230,4 +3249,214 @@ fn reload_swaps_credentials_and_keeps_allocations() {
         Outcome::Relay { .. }
     ));
     assert_success(&h.refresh(h.at(2), &mut alice, Some(600)), Method::Refresh);
+}
+
+// ---------------------------------------------------------------------------------------
+// Dual allocation (RFC 8656 §7.2, ADDITIONAL-ADDRESS-FAMILY)
+// ---------------------------------------------------------------------------------------
+
+fn all_relayed_of(resp: &[u8]) -> Vec<SocketAddr> {
+    let m = decode(resp);
+    m.attributes()
+        .filter(|a| a.kind == kind::XOR_RELAYED_ADDRESS)
+        .map(|a| match Attribute::decode(a.kind, a.value, &m.transaction_id()) {
+            Ok(Attribute::XorRelayedAddress(x)) => x,
+            other => panic!("{other:?}"),
+        })
+        .collect()
+}
+
+#[test]
+fn rfc8656_7_2_dual_allocation_relays_each_family_from_its_own_address() {
+    let mut h = Harness::new();
+    let now = h.t0;
+    let mut c = Client::alice();
+    let v6_relay: SocketAddr = "[2001:db8::1]:50000".parse().unwrap();
+    let mut req = h
+        .request(
+            now,
+            &mut c,
+            Method::Allocate,
+            fresh_tid(),
+            &[
+                Attribute::RequestedTransport(17),
+                Attribute::AdditionalAddressFamily(AddressFamily::V6),
+            ],
+        )
+        .allocate();
+    assert_eq!(req.family, AddressFamily::V4);
+    assert_eq!(req.additional_family(), Some(AddressFamily::V6));
+    req.grant_additional(Ok(v6_relay));
+    let (r, released) = h.complete(now, &c, req, Ok(relay(1)));
+    assert_success(&r, Method::Allocate);
+    assert_eq!(released, None);
+    // One XOR-RELAYED-ADDRESS per family, IPv4 first; no ADDRESS-ERROR-CODE.
+    assert_eq!(all_relayed_of(&r), vec![relay(1), v6_relay]);
+    assert!(decode(&r).raw(kind::ADDRESS_ERROR_CODE).is_none());
+    assert!(h.all_events().iter().any(|e| matches!(
+        e,
+        Event::AllocationCreated { relayed, additional: Some(a), .. } if *relayed == relay(1) && *a == v6_relay
+    )));
+
+    // Permissions and channels for both families (no 443); each installs on its own
+    // relayed address.
+    let v6_peer = sa("[2606:4700::1111]:443");
+    assert_success(
+        &h.create_permission(now, &mut c, &[sa(P1), v6_peer]),
+        Method::CreatePermission,
+    );
+    let installed: Vec<(std::net::IpAddr, SocketAddr)> = h
+        .all_events()
+        .into_iter()
+        .filter_map(|e| match e {
+            Event::PermissionInstalled { peer, relayed, .. } => Some((peer, relayed)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(installed, vec![(sa(P1).ip(), relay(1)), (v6_peer.ip(), v6_relay)]);
+    assert_success(&h.channel_bind(now, &mut c, 0x4001, v6_peer), Method::ChannelBind);
+
+    // Send to each family leaves from that family's relayed address.
+    for (peer, from) in [(sa(P1), relay(1)), (v6_peer, v6_relay)] {
+        match h.send(now, c.ft, &send_indication(peer, b"hi")) {
+            Outcome::Relay { relayed, peer: to, .. } => assert_eq!((relayed, to), (from, peer)),
+            other => panic!("{other:?}"),
+        }
+    }
+    // ChannelData on the IPv6 peer's channel too.
+    match h.send(now, c.ft, &[0x40, 0x01, 0x00, 0x02, 7, 7]) {
+        Outcome::Relay { relayed, peer, .. } => assert_eq!((relayed, peer), (v6_relay, v6_peer)),
+        other => panic!("{other:?}"),
+    }
+    // The IPv6 peer's datagrams to the IPv6 relayed address reach the client on its channel.
+    assert_eq!(
+        h.server.handle_peer(now, v6_relay, v6_peer, 10),
+        PeerAction::Forward {
+            five_tuple: c.ft,
+            channel: Some(0x4001)
+        }
+    );
+    // A Refresh naming either family is fine (RFC 8656 §8.2: 443 only for a family the
+    // allocation does not have).
+    for f in [AddressFamily::V4, AddressFamily::V6] {
+        let r = h.respond(
+            now,
+            &mut c,
+            Method::Refresh,
+            &[Attribute::Lifetime(600), Attribute::RequestedAddressFamily(f)],
+        );
+        assert_success(&r, Method::Refresh);
+    }
+    // Deleting it releases both addresses.
+    h.all_events();
+    assert_success(&h.refresh(now, &mut c, Some(0)), Method::Refresh);
+    let closed: Vec<_> = h
+        .all_events()
+        .into_iter()
+        .filter_map(|e| match e {
+            Event::AllocationClosed {
+                relayed, additional, ..
+            } => Some((relayed, additional)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(closed, vec![(relay(1), Some(v6_relay))]);
+    assert_eq!(h.server.five_tuple_for_relay(&v6_relay), None);
+    assert_eq!(h.server.table_sizes().relays, 0);
+}
+
+#[test]
+fn rfc8656_7_2_dual_allocation_refused_family_gets_address_error_code() {
+    let mut h = Harness::new();
+    let now = h.t0;
+    for (i, (grant, code)) in [
+        (None, 440),
+        (Some(Err(RelayError::FamilyNotSupported)), 440),
+        (Some(Err(RelayError::UserQuota)), 486),
+        (Some(Err(RelayError::Exhausted)), 508),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut c = Client::alice();
+        c.ft = five_tuple(&format!("203.0.113.10:{}", 41000 + i));
+        let mut req = h
+            .request(
+                now,
+                &mut c,
+                Method::Allocate,
+                fresh_tid(),
+                &[
+                    Attribute::RequestedTransport(17),
+                    Attribute::AdditionalAddressFamily(AddressFamily::V6),
+                ],
+            )
+            .allocate();
+        if let Some(g) = grant {
+            req.grant_additional(g);
+        }
+        let (r, _) = h.complete(now, &c, req, Ok(relay(i as u16)));
+        assert_success(&r, Method::Allocate);
+        assert_eq!(all_relayed_of(&r), vec![relay(i as u16)]);
+        match get(&decode(&r), kind::ADDRESS_ERROR_CODE) {
+            Attribute::AddressErrorCode { family, code: got, .. } => {
+                assert_eq!((family, got.0), (AddressFamily::V6, code))
+            }
+            other => panic!("{other:?}"),
+        }
+        // An IPv6 peer on what is an IPv4-only allocation: 443.
+        assert_error(
+            &h.create_permission(now, &mut c, &[sa("[2606:4700::1111]:443")]),
+            Method::CreatePermission,
+            443,
+        );
+    }
+}
+
+#[test]
+fn dual_allocation_whose_first_family_fails_releases_the_second() {
+    let mut h = Harness::new();
+    let now = h.t0;
+    let mut c = Client::alice();
+    let v6_relay: SocketAddr = "[2001:db8::1]:50002".parse().unwrap();
+    let mut req = h
+        .request(
+            now,
+            &mut c,
+            Method::Allocate,
+            fresh_tid(),
+            &[
+                Attribute::RequestedTransport(17),
+                Attribute::AdditionalAddressFamily(AddressFamily::V6),
+            ],
+        )
+        .allocate();
+    req.grant_additional(Ok(v6_relay));
+    let mut out = Vec::new();
+    let completion = h
+        .server
+        .complete_allocate(now, req, Err(RelayError::UserQuota), &mut out);
+    assert_error(&out, Method::Allocate, 486);
+    assert_eq!(completion.release, None);
+    assert_eq!(completion.release_additional, Some(v6_relay));
+    assert_eq!(h.server.five_tuple_for_relay(&v6_relay), None);
+}
+
+#[test]
+fn coturn_draft_code_point_of_additional_address_family_is_accepted() {
+    let mut h = Harness::new();
+    let now = h.t0;
+    let mut c = Client::alice();
+    h.challenge(now, &mut c);
+    let msg = c.authenticated_with_raw(
+        Method::Allocate,
+        fresh_tid(),
+        &[Attribute::RequestedTransport(17)],
+        &[(kind::ADDITIONAL_ADDRESS_FAMILY_DRAFT, &[2, 0, 0, 0])],
+    );
+    let req = match h.send(now, c.ft, &msg) {
+        Outcome::Allocate(r) => r,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(req.additional_family(), Some(AddressFamily::V6));
 }

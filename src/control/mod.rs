@@ -293,10 +293,7 @@ impl Control {
                     (Some(_), Some(family)) => Some(self.allocate_additional(shard, &request, family, now)),
                     _ => None,
                 };
-                let granted_additional = additional
-                    .as_ref()
-                    .and_then(|r| r.as_ref().ok())
-                    .map(|(_, addr)| *addr);
+                let granted_additional = additional.as_ref().and_then(|r| r.as_ref().ok()).map(|(_, addr)| *addr);
                 let delivered = self.shards.get(shard).is_some_and(|h| {
                     h.queue(ShardMessage::Allocated {
                         request,

@@ -25,9 +25,9 @@ use crate::config::{BackendChoice, Config};
 use crate::control::allocator::AllocatorConfig;
 use crate::control::{Control, ControlConfig, ControlReport, ControlRequest, ShardHandle, ShardMessage};
 use crate::metrics::{Metrics, Slot, State};
+use crate::proto::allocation::Transport;
 use crate::proto::server::{DropReason, Server};
 use crate::stats::ControlPublished;
-use crate::proto::allocation::Transport;
 use crate::stats::{kernel_udp_buffer_errors, ShardStats, DROP_REASONS};
 use io::{BackendKind, Io};
 use shard::{Shard, ShardParts};
@@ -204,8 +204,12 @@ impl Runtime {
             )?),
         };
         let mut built = Vec::new();
-        for (index, (((io, inbox), listeners), stream_listeners)) in
-            ios.into_iter().zip(inboxes).zip(per_shard).zip(stream_per_shard).enumerate()
+        for (index, (((io, inbox), listeners), stream_listeners)) in ios
+            .into_iter()
+            .zip(inboxes)
+            .zip(per_shard)
+            .zip(stream_per_shard)
+            .enumerate()
         {
             // The same secret on every shard: a nonce issued by one validates on another.
             // Each shard's Data indication transaction IDs from its own CSPRNG seed.

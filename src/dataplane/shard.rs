@@ -262,7 +262,6 @@ impl Shard {
                 let result = result.and_then(|(socket, addr)| self.install_relay(socket, addr));
                 if let Some(additional) = additional {
                     let additional = additional.and_then(|(socket, addr)| self.install_relay(socket, addr));
-                    tracing::debug!(?additional, "dual allocation: additional family");
                     request.grant_additional(additional);
                 }
                 let now = Instant::now();

@@ -223,7 +223,8 @@ impl Conn {
                 }
             }
             Tls::None if pending == 0 => {
-                let slices: [IoSlice<'_>; 4] = std::array::from_fn(|i| IoSlice::new(parts.get(i).copied().unwrap_or(&[])));
+                let slices: [IoSlice<'_>; 4] =
+                    std::array::from_fn(|i| IoSlice::new(parts.get(i).copied().unwrap_or(&[])));
                 let written = loop {
                     match (&self.socket).write_vectored(&slices[..parts.len().min(4)]) {
                         Ok(n) => break n,
