@@ -37,3 +37,6 @@ mod floods;
 
 #[path = "it/metrics.rs"]
 mod metrics;
+
+#[path = "it/wildcard.rs"]
+mod wildcard;

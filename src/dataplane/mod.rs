@@ -84,6 +84,11 @@ fn bind_reuseport(addr: SocketAddr, buffer: usize) -> std::io::Result<UdpSocket>
     let _ = socket.set_send_buffer_size(buffer);
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
+    if addr.ip().is_unspecified() {
+        // A wildcard listener learns each datagram's destination address (the 5-tuple's
+        // server address) and answers from it.
+        crate::sys::enable_pktinfo(std::os::fd::AsRawFd::as_raw_fd(&socket), addr.is_ipv6())?;
+    }
     Ok(socket.into())
 }
 
@@ -98,6 +103,26 @@ fn bind_tcp_reuseport(addr: SocketAddr) -> std::io::Result<std::net::TcpListener
     socket.bind(&addr.into())?;
     socket.listen(1024)?;
     Ok(socket.into())
+}
+
+/// Binds shard 0's UDP listener on `addr` and, with `tcp`, a TCP listener on the same
+/// address and port. For port 0 the kernel's choice for UDP may be taken for TCP: then
+/// another port is tried (up to 32 times).
+fn bind_udp_and_tcp(addr: SocketAddr, buffer: usize, tcp: bool) -> Result<(UdpSocket, Option<std::net::TcpListener>)> {
+    let tries = if addr.port() == 0 && tcp { 32 } else { 1 };
+    let mut last = None;
+    for _ in 0..tries {
+        let udp = bind_reuseport(addr, buffer).with_context(|| format!("binding udp {addr}"))?;
+        if !tcp {
+            return Ok((udp, None));
+        }
+        let bound = udp.local_addr()?;
+        match bind_tcp_reuseport(bound) {
+            Ok(listener) => return Ok((udp, Some(listener))),
+            Err(e) => last = Some(anyhow::Error::new(e).context(format!("binding tcp {bound}"))),
+        }
+    }
+    Err(last.unwrap_or_else(|| anyhow!("binding tcp {addr}")))
 }
 
 /// Picks the backend: the configured one, or io_uring when the probe passes.
@@ -126,8 +151,10 @@ impl Runtime {
         // Shard 0 binds first so that port 0 resolves; the others join its address.
         let mut per_shard: Vec<Vec<(SocketAddr, UdpSocket)>> = (0..shards).map(|_| Vec::new()).collect();
         let mut listen = Vec::new();
+        let mut tcp_first = Vec::new();
         for addr in &config.listen {
-            let first = bind_reuseport(*addr, config.socket_buffer).with_context(|| format!("binding {addr}"))?;
+            let (first, tcp) = bind_udp_and_tcp(*addr, config.socket_buffer, config.tcp)?;
+            tcp_first.extend(tcp);
             let bound = first.local_addr()?;
             listen.push(bound);
             per_shard[0].push((bound, first));
@@ -140,14 +167,16 @@ impl Runtime {
         // per shard each.
         let mut stream_per_shard: Vec<Vec<StreamListener>> = (0..shards).map(|_| Vec::new()).collect();
         let mut stream_listen = Vec::new();
-        let tcp = if config.tcp { listen.clone() } else { Vec::new() };
-        let wanted = tcp
-            .iter()
-            .map(|a| (*a, Transport::Tcp))
-            .chain(config.tls_listen.iter().map(|a| (*a, Transport::Tls)));
-        for (addr, transport) in wanted {
+        let mut tls_first = Vec::new();
+        for addr in &config.tls_listen {
+            tls_first.push(bind_tcp_reuseport(*addr).with_context(|| format!("binding tls {addr}"))?);
+        }
+        let firsts = tcp_first
+            .into_iter()
+            .map(|l| (l, Transport::Tcp))
+            .chain(tls_first.into_iter().map(|l| (l, Transport::Tls)));
+        for (first, transport) in firsts {
             let name = transport.name();
-            let first = bind_tcp_reuseport(addr).with_context(|| format!("binding {name} {addr}"))?;
             let bound = first.local_addr()?;
             stream_listen.push((bound, transport));
             stream_per_shard[0].push(StreamListener {

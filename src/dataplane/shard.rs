@@ -2,7 +2,7 @@
 //! relay sockets of its allocations, a sans-IO [`Server`] with their tables and timers, an
 //! I/O backend, and its counters. Nothing here locks, allocates or logs per packet.
 
-use std::net::{SocketAddr, UdpSocket};
+use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -281,9 +281,11 @@ impl Shard {
                     if self.core.streams.send_to(&ft, &[&self.scratch], now).is_ok() {
                         self.core.stats.responses_total += 1;
                     }
-                } else if let Some(fd) = self.core.listener_fd(ft.server) {
-                    self.core.stats.responses_total += 1;
-                    self.io.send_now(fd, &self.scratch, ft.client);
+                } else if let Some((id, src)) = self.core.listener_for(ft.server) {
+                    if let Some(fd) = self.core.fd(id) {
+                        self.core.stats.responses_total += 1;
+                        self.io.send_now(fd, &self.scratch, ft.client, src);
+                    }
                 }
             }
             ShardMessage::Handover { five_tuple, data } => {
@@ -311,7 +313,7 @@ impl Shard {
     /// Handles a datagram that did not come through this shard's backend (a handover from
     /// another shard) as if it had arrived on the listener of `five_tuple.server`.
     fn handle_copied(&mut self, five_tuple: FiveTuple, data: &[u8]) {
-        let Some(listener) = self.core.listener_id(five_tuple.server) else {
+        let Some((listener, local)) = self.core.listener_for(five_tuple.server) else {
             return;
         };
         let mut buf = vec![0u8; HEADROOM + data.len()];
@@ -319,6 +321,7 @@ impl Shard {
         let d = Datagram {
             socket: listener,
             from: five_tuple.client,
+            local,
             len: data.len(),
             buf: &mut buf,
         };
@@ -335,13 +338,19 @@ impl Shard {
     }
 
     fn send_verdict(&mut self, verdict: Verdict, buf: &[u8]) {
-        let (socket, to, data) = match verdict {
+        let (socket, to, src, data) = match verdict {
             Verdict::Drop => return,
-            Verdict::Forward { socket, to, start, end } => (socket, to, &buf[start..end]),
-            Verdict::Reply { socket, to } => (socket, to, &self.scratch[..]),
+            Verdict::Forward {
+                socket,
+                to,
+                src,
+                start,
+                end,
+            } => (socket, to, src, &buf[start..end]),
+            Verdict::Reply { socket, to, src } => (socket, to, src, &self.scratch[..]),
         };
         if let Some(fd) = self.core.fd(socket) {
-            self.io.send_now(fd, data, to);
+            self.io.send_now(fd, data, to, src);
         }
     }
 
@@ -396,11 +405,17 @@ impl Core {
         self.listeners.iter().find(|(a, _, _)| *a == addr).map(|(_, id, _)| *id)
     }
 
-    fn listener_fd(&self, addr: SocketAddr) -> Option<i32> {
+    /// The listener that serves server transport address `addr`: the one bound to it, or
+    /// one bound to the wildcard address of its family and port, with the source IP its
+    /// datagrams must then leave from (IP_PKTINFO).
+    fn listener_for(&self, addr: SocketAddr) -> Option<(SocketId, Option<IpAddr>)> {
+        if let Some(id) = self.listener_id(addr) {
+            return Some((id, None));
+        }
         self.listeners
             .iter()
-            .find(|(a, _, _)| *a == addr)
-            .map(|(_, _, s)| s.as_raw_fd())
+            .find(|(a, _, _)| a.ip().is_unspecified() && a.port() == addr.port() && a.is_ipv4() == addr.is_ipv4())
+            .map(|(_, id, _)| (*id, Some(addr.ip())))
     }
 
     fn fd(&self, id: SocketId) -> Option<i32> {
@@ -665,6 +680,12 @@ impl Core {
 
     fn client_datagram(&mut self, d: Datagram<'_>, server: SocketAddr, out: &mut Vec<u8>) -> Verdict {
         self.stats.client_rx += 1;
+        // On a wildcard listener the 5-tuple's server address is the one the client sent to
+        // (IP_PKTINFO), and answers leave from it.
+        let server = match d.local {
+            Some(ip) => SocketAddr::new(ip, server.port()),
+            None => server,
+        };
         let ft = FiveTuple::udp(d.from, server);
         let data = &d.buf[HEADROOM..HEADROOM + d.len];
         let sharded = self.peers.len() > 1;
@@ -687,13 +708,18 @@ impl Core {
                 Verdict::Reply {
                     socket: d.socket,
                     to: d.from,
+                    src: d.local,
                 }
             }
-            ClientAction::RespondFrom(origin, response) => match self.listener_id(origin) {
-                Some(socket) => {
+            ClientAction::RespondFrom(origin, response) => match self.listener_for(origin) {
+                Some((socket, src)) => {
                     self.stats.responses_total += 1;
                     self.count_response(response);
-                    Verdict::Reply { socket, to: d.from }
+                    Verdict::Reply {
+                        socket,
+                        to: d.from,
+                        src,
+                    }
                 }
                 None => Verdict::Drop,
             },
@@ -707,6 +733,7 @@ impl Core {
                         Verdict::Forward {
                             socket,
                             to: peer,
+                            src: None,
                             start,
                             end,
                         }
@@ -793,7 +820,7 @@ impl Core {
                 Verdict::Drop
             }
             PeerAction::Forward { five_tuple, channel } => {
-                let Some(listener) = self.listener_id(five_tuple.server) else {
+                let Some((listener, src)) = self.listener_for(five_tuple.server) else {
                     self.count_drop(DropReason::NoAllocation);
                     return Verdict::Drop;
                 };
@@ -806,6 +833,7 @@ impl Core {
                         Verdict::Forward {
                             socket: listener,
                             to: five_tuple.client,
+                            src,
                             start: 0,
                             end: HEADROOM + d.len,
                         }
@@ -816,6 +844,7 @@ impl Core {
                         Verdict::Reply {
                             socket: listener,
                             to: five_tuple.client,
+                            src,
                         }
                     }
                 }

@@ -159,9 +159,16 @@ impl Drop for Server {
     }
 }
 
-/// A UDP port that was free a moment ago on 127.0.0.1.
+/// A port that was free a moment ago on 127.0.0.1 for UDP and for TCP (turnpike listens
+/// on both by default).
 pub fn free_udp_port() -> u16 {
-    UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    loop {
+        let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let port = udp.local_addr().unwrap().port();
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// Whether a program is on PATH; tests that need it fail loudly when it is missing (the

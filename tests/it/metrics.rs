@@ -271,13 +271,18 @@ fn prometheus_scrapes_live_counters_gauges_and_drops() {
 fn metrics_endpoint_is_off_by_default_and_coturn_names_on_request() {
     let mport = free_tcp_port();
     let server = Server::start(&[]);
-    // No TCP listener at all in the process unless --metrics-listen.
+    // No TCP listener in the process but TURN's own (TCP on the listening address) unless
+    // --metrics-listen.
     let ss = Command::new("ss").args(["-ltnpH"]).output().expect("ss");
     let listeners = String::from_utf8_lossy(&ss.stdout);
     let owner = format!("pid={},", server.pid());
+    let turn = server.addr.to_string();
+    let ours: Vec<&str> = listeners.lines().filter(|l| l.contains(&owner)).collect();
+    assert!(!ours.is_empty(), "TURN over TCP is on by default:\n{listeners}");
     assert!(
-        !listeners.lines().any(|l| l.contains(&owner)),
-        "a TCP listener without --metrics-listen:\n{listeners}"
+        ours.iter().all(|l| l.split_whitespace().nth(3) == Some(turn.as_str())),
+        "a TCP listener other than TURN's {turn} without --metrics-listen:\n{}",
+        ours.join("\n")
     );
     server.stop();
     let maddr = format!("127.0.0.1:{mport}");

@@ -4,6 +4,7 @@
 #![allow(unsafe_code)]
 
 use std::io;
+use std::net::IpAddr;
 use std::os::fd::RawFd;
 use std::time::Duration;
 
@@ -23,6 +24,7 @@ const WATCHED: u64 = u64::MAX - 1;
 
 struct Pending {
     fd: RawFd,
+    src: Option<IpAddr>,
     addr: RawAddr,
     addr_len: libc::socklen_t,
     ptr: *const u8,
@@ -44,6 +46,10 @@ pub struct MmsgIo {
     pending: Vec<Pending>,
     send_iovs: Vec<libc::iovec>,
     send_hdrs: Vec<libc::mmsghdr>,
+    /// Control data received (the destination address on wildcard sockets).
+    controls: Vec<sys::Control>,
+    /// Control data sent (the source address on wildcard sockets).
+    send_controls: Vec<sys::Control>,
     /// Counters.
     pub stats: IoStats,
 }
@@ -101,6 +107,8 @@ impl MmsgIo {
                 BATCH
             ],
             send_hdrs: (0..BATCH).map(|_| zeroed_hdr()).collect(),
+            controls: vec![sys::Control::new(); BATCH],
+            send_controls: vec![sys::Control::new(); BATCH],
             stats: IoStats::default(),
         };
         sys::prefault(&mut io.bufs);
@@ -226,8 +234,8 @@ impl MmsgIo {
             h.msg_namelen = std::mem::size_of::<RawAddr>() as libc::socklen_t;
             h.msg_iov = &mut self.iovs[i];
             h.msg_iovlen = 1;
-            h.msg_control = std::ptr::null_mut();
-            h.msg_controllen = 0;
+            h.msg_control = self.controls[i].0.as_mut_ptr().cast();
+            h.msg_controllen = sys::PKTINFO_SPACE;
             h.msg_flags = 0;
             self.hdrs[i].msg_len = 0;
         }
@@ -260,6 +268,12 @@ impl MmsgIo {
                 continue;
             }
             let len = hdr.msg_len as usize;
+            let control_len = (hdr.msg_hdr.msg_controllen as usize).min(sys::PKTINFO_SPACE);
+            let local = if control_len == 0 {
+                None
+            } else {
+                sys::pktinfo_destination(&self.controls[i].0[..control_len])
+            };
             let Some(from) = self.addrs[i].get() else { continue };
             let slot = &mut self.bufs[i * SLOT..(i + 1) * SLOT];
             let slot_ptr = slot.as_ptr();
@@ -267,23 +281,30 @@ impl MmsgIo {
                 Datagram {
                     socket: id,
                     from,
+                    local,
                     buf: slot,
                     len,
                 },
                 scratch,
             );
-            let (socket, to, ptr, len) = match verdict {
+            let (socket, to, src, ptr, len) = match verdict {
                 Verdict::Drop => continue,
-                Verdict::Forward { socket, to, start, end } if start <= end && end <= SLOT => {
+                Verdict::Forward {
+                    socket,
+                    to,
+                    src,
+                    start,
+                    end,
+                } if start <= end && end <= SLOT => {
                     // SAFETY: start..end lies within this slot (checked above).
-                    (socket, to, unsafe { slot_ptr.add(start) }, end - start)
+                    (socket, to, src, unsafe { slot_ptr.add(start) }, end - start)
                 }
                 Verdict::Forward { .. } => continue,
-                Verdict::Reply { socket, to } => {
+                Verdict::Reply { socket, to, src } => {
                     let n = scratch.len().min(REPLY_SLOT);
                     let dst = &mut self.reply_bufs[i * REPLY_SLOT..i * REPLY_SLOT + n];
                     dst.copy_from_slice(&scratch[..n]);
-                    (socket, to, dst.as_ptr(), n)
+                    (socket, to, src, dst.as_ptr(), n)
                 }
             };
             let Some(&fd) = self.fds.get(socket as usize).filter(|fd| **fd >= 0) else {
@@ -294,6 +315,7 @@ impl MmsgIo {
             let addr_len = addr.set(to);
             self.pending.push(Pending {
                 fd,
+                src,
                 addr,
                 addr_len,
                 ptr,
@@ -322,8 +344,16 @@ impl MmsgIo {
                 h.msg_namelen = p.addr_len;
                 h.msg_iov = &mut self.send_iovs[k];
                 h.msg_iovlen = 1;
-                h.msg_control = std::ptr::null_mut();
-                h.msg_controllen = 0;
+                match p.src {
+                    Some(ip) => {
+                        h.msg_controllen = sys::pktinfo_source(ip, &mut self.send_controls[k]);
+                        h.msg_control = self.send_controls[k].0.as_mut_ptr().cast();
+                    }
+                    None => {
+                        h.msg_control = std::ptr::null_mut();
+                        h.msg_controllen = 0;
+                    }
+                }
                 h.msg_flags = 0;
             }
             let mut done = 0;

@@ -14,7 +14,7 @@ pub mod uring;
 
 pub use crate::stats::IoStats;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::os::fd::RawFd;
 use std::time::Duration;
 
@@ -35,6 +35,9 @@ pub struct Datagram<'a> {
     pub socket: SocketId,
     /// The sender's transport address.
     pub from: SocketAddr,
+    /// The address the datagram was sent to, on a socket bound to a wildcard address
+    /// (IP_PKTINFO / IPV6_PKTINFO); `None` on other sockets.
+    pub local: Option<IpAddr>,
     /// `HEADROOM` free bytes, then the payload, then free space.
     pub buf: &'a mut [u8],
     /// Payload length in bytes.
@@ -52,6 +55,8 @@ pub enum Verdict {
         socket: SocketId,
         /// Destination.
         to: SocketAddr,
+        /// Source IP to send from (IP_PKTINFO), for a socket bound to a wildcard address.
+        src: Option<IpAddr>,
         /// Start offset in the datagram's buffer.
         start: usize,
         /// End offset in the datagram's buffer.
@@ -63,6 +68,8 @@ pub enum Verdict {
         socket: SocketId,
         /// Destination.
         to: SocketAddr,
+        /// Source IP to send from (IP_PKTINFO), for a socket bound to a wildcard address.
+        src: Option<IpAddr>,
     },
 }
 
@@ -188,10 +195,10 @@ impl Io {
     }
 
     /// Sends `data` from `fd` to `to` outside a batch (responses that complete later, such
-    /// as an Allocate finished by the control thread).
-    pub fn send_now(&mut self, fd: RawFd, data: &[u8], to: SocketAddr) {
+    /// as an Allocate finished by the control thread), from source IP `src` when given.
+    pub fn send_now(&mut self, fd: RawFd, data: &[u8], to: SocketAddr, src: Option<IpAddr>) {
         let stats = self.stats_mut();
-        if sys::send_to(fd, data, to).is_ok() {
+        if sys::send_from(fd, data, to, src).is_ok() {
             stats.tx += 1;
         } else {
             stats.send_errors += 1;

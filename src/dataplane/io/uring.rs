@@ -11,6 +11,7 @@
 
 use std::alloc::{alloc_zeroed, dealloc, Layout};
 use std::io;
+use std::net::IpAddr;
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::Duration;
@@ -23,8 +24,9 @@ use crate::sys::{self, RawAddr};
 
 /// Provided buffers per shard (a power of two, at most 32768).
 const BUFFERS: u16 = 2048;
-/// Bytes per provided buffer: recvmsg_out header (16) + name (28) + payload.
-const BUF_SIZE: usize = 16 + std::mem::size_of::<RawAddr>() + MAX_PAYLOAD;
+/// Bytes per provided buffer: recvmsg_out header (16) + name (28) + control (PKTINFO) +
+/// payload.
+const BUF_SIZE: usize = 16 + std::mem::size_of::<RawAddr>() + sys::PKTINFO_SPACE + MAX_PAYLOAD;
 /// Bytes per reply slot.
 const REPLY_SLOT: usize = MAX_PAYLOAD + HEADROOM + 64;
 /// Sends in flight at most.
@@ -57,6 +59,8 @@ struct SendSlot {
     hdr: libc::msghdr,
     iov: libc::iovec,
     addr: RawAddr,
+    /// IP_PKTINFO choosing the source address (sockets bound to a wildcard address).
+    control: sys::Control,
     /// The provided buffer to return when the send completes.
     buffer: Option<u16>,
 }
@@ -142,6 +146,8 @@ impl UringIo {
         // SAFETY: msghdr is a plain C struct; zero is a valid value.
         let mut recv_hdr: Box<libc::msghdr> = Box::new(unsafe { std::mem::zeroed() });
         recv_hdr.msg_namelen = std::mem::size_of::<RawAddr>() as libc::socklen_t;
+        // Room for the destination address of sockets bound to a wildcard address.
+        recv_hdr.msg_controllen = sys::PKTINFO_SPACE;
         let mut io = UringIo {
             ring,
             waker,
@@ -162,6 +168,7 @@ impl UringIo {
                         iov_len: 0,
                     },
                     addr: RawAddr::zeroed(),
+                    control: sys::Control::new(),
                     buffer: None,
                 })
                 .collect(),
@@ -382,15 +389,20 @@ impl UringIo {
         }
         self.stats.rx += 1;
         let base = bid as usize * BUF_SIZE;
-        let (from, payload_off, len, truncated) = {
+        let (from, local, payload_off, len, truncated) = {
             let buf = &self.bufs[base..base + res as usize];
             match RecvMsgOut::parse(buf, &self.recv_hdr) {
                 Ok(out) => {
                     let from = sys::addr_from_bytes(out.name_data());
+                    let local = if out.control_data().is_empty() {
+                        None
+                    } else {
+                        sys::pktinfo_destination(out.control_data())
+                    };
                     let off = out.payload_data().as_ptr() as usize - buf.as_ptr() as usize;
-                    (from, off, out.payload_data().len(), out.is_payload_truncated())
+                    (from, local, off, out.payload_data().len(), out.is_payload_truncated())
                 }
-                Err(()) => (None, 0, 0, true),
+                Err(()) => (None, None, 0, 0, true),
             }
         };
         let Some(from) = from.filter(|_| !truncated && payload_off >= HEADROOM) else {
@@ -404,6 +416,7 @@ impl UringIo {
             Datagram {
                 socket: id,
                 from,
+                local,
                 buf,
                 len,
             },
@@ -414,39 +427,40 @@ impl UringIo {
             Verdict::Forward {
                 socket,
                 to,
+                src,
                 start: s,
                 end,
             } if s <= end && start + end <= base + BUF_SIZE => {
                 // SAFETY: within this buffer (checked above); the buffer stays out of the
                 // ring until the send completes.
                 let ptr = unsafe { self.bufs.as_ptr().add(start + s) };
-                if !self.queue_send(socket, to, ptr, end - s, Some(bid)) {
+                if !self.queue_send(socket, to, src, ptr, end - s, Some(bid)) {
                     self.give_back(bid);
                 }
             }
             Verdict::Forward { .. } => self.give_back(bid),
-            Verdict::Reply { socket, to } => {
+            Verdict::Reply { socket, to, src } => {
                 self.give_back(bid);
-                self.queue_reply(socket, to, scratch);
+                self.queue_reply(socket, to, src, scratch);
             }
         }
     }
 
-    fn queue_reply(&mut self, socket: SocketId, to: std::net::SocketAddr, data: &[u8]) {
+    fn queue_reply(&mut self, socket: SocketId, to: std::net::SocketAddr, src: Option<IpAddr>, data: &[u8]) {
         let Some(&slot) = self.free_slots.last() else {
-            self.send_sync(socket, to, data);
+            self.send_sync(socket, to, src, data);
             return;
         };
         let n = data.len().min(REPLY_SLOT);
         let off = slot as usize * REPLY_SLOT;
         self.replies[off..off + n].copy_from_slice(&data[..n]);
         let ptr = self.replies[off..].as_ptr();
-        self.queue_send(socket, to, ptr, n, None);
+        self.queue_send(socket, to, src, ptr, n, None);
     }
 
     /// Sends at once with sendto(2): the fallback when every send slot is in flight (a
     /// burst of more than [`SEND_SLOTS`] datagrams before their completions come back).
-    fn send_sync(&mut self, socket: SocketId, to: std::net::SocketAddr, data: &[u8]) {
+    fn send_sync(&mut self, socket: SocketId, to: std::net::SocketAddr, src: Option<IpAddr>, data: &[u8]) {
         let fd = match self.sockets.get(socket as usize) {
             Some(SockState::Armed(fd)) | Some(SockState::NeedsArm(fd)) => *fd,
             _ => {
@@ -455,7 +469,7 @@ impl UringIo {
             }
         };
         self.stats.sync_sends += 1;
-        match sys::send_to(fd, data, to) {
+        match sys::send_from(fd, data, to, src) {
             Ok(_) => self.stats.tx += 1,
             Err(e) => {
                 self.stats.send_errors += 1;
@@ -470,6 +484,7 @@ impl UringIo {
         &mut self,
         socket: SocketId,
         to: std::net::SocketAddr,
+        src: Option<IpAddr>,
         ptr: *const u8,
         len: usize,
         buffer: Option<u16>,
@@ -485,7 +500,7 @@ impl UringIo {
             // SAFETY: `ptr..ptr+len` lies in `bufs` or `replies` (the callers' contract) and
             // is not written during this call.
             let data = unsafe { std::slice::from_raw_parts(ptr, len) };
-            self.send_sync(socket, to, data);
+            self.send_sync(socket, to, src, data);
             return false;
         };
         let s = &mut self.slots[slot as usize];
@@ -498,6 +513,16 @@ impl UringIo {
         s.hdr.msg_namelen = addr_len;
         s.hdr.msg_iov = &mut s.iov;
         s.hdr.msg_iovlen = 1;
+        match src {
+            Some(ip) => {
+                s.hdr.msg_controllen = sys::pktinfo_source(ip, &mut s.control);
+                s.hdr.msg_control = s.control.0.as_mut_ptr().cast();
+            }
+            None => {
+                s.hdr.msg_control = std::ptr::null_mut();
+                s.hdr.msg_controllen = 0;
+            }
+        }
         s.buffer = buffer;
         let e = opcode::SendMsg::new(Fd(fd), &s.hdr)
             .build()
