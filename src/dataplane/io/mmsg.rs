@@ -268,7 +268,7 @@ impl MmsgIo {
                 continue;
             }
             let len = hdr.msg_len as usize;
-            let control_len = (hdr.msg_hdr.msg_controllen as usize).min(sys::PKTINFO_SPACE);
+            let control_len = hdr.msg_hdr.msg_controllen.min(sys::PKTINFO_SPACE);
             let local = if control_len == 0 {
                 None
             } else {
