@@ -120,11 +120,33 @@ pub enum XdpError {
     Map(Box<MapError>),
 }
 
+/// Writes `e` and its sources, `: `-separated, each unless the text so far already says it
+/// (aya's errors keep the errno in a source, and some repeat their source's text).
+fn chain(f: &mut fmt::Formatter<'_>, e: &dyn std::error::Error) -> fmt::Result {
+    let mut text = e.to_string();
+    let mut next = e.source();
+    while let Some(s) = next {
+        let t = s.to_string();
+        if !text.contains(&t) {
+            text.push_str(": ");
+            text.push_str(&t);
+        }
+        next = s.source();
+    }
+    f.write_str(&text)
+}
+
 impl fmt::Display for XdpError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            XdpError::Load(e) => write!(f, "loading the XDP object failed: {e}"),
-            XdpError::Program(e) => write!(f, "loading the XDP program failed: {e}"),
+            XdpError::Load(e) => {
+                f.write_str("loading the XDP object failed: ")?;
+                chain(f, e.as_ref())
+            }
+            XdpError::Program(e) => {
+                f.write_str("loading the XDP program failed: ")?;
+                chain(f, e.as_ref())
+            }
             XdpError::Attach {
                 interface,
                 native,
@@ -136,7 +158,10 @@ impl fmt::Display for XdpError {
             XdpError::Interface { interface, error } => {
                 write!(f, "reading /sys/class/net/{interface} failed: {error}")
             }
-            XdpError::Map(e) => write!(f, "XDP map operation failed: {e}"),
+            XdpError::Map(e) => {
+                f.write_str("XDP map operation failed: ")?;
+                chain(f, e.as_ref())
+            }
         }
     }
 }
@@ -160,8 +185,9 @@ impl From<MapError> for XdpError {
 }
 
 impl XdpError {
-    /// Whether the kernel refused the `bpf()` syscall itself (EPERM, EACCES or ENOSYS when
-    /// creating the first map): no privileges or no BPF, as opposed to a rejected program.
+    /// Whether the kernel refused the `bpf()` syscall for want of privileges or support
+    /// (EPERM, EACCES or ENOSYS when creating a map; EPERM when loading the program), as
+    /// opposed to a program the verifier rejected (EACCES or EINVAL at load, with its log).
     pub fn is_refused(&self) -> bool {
         match self {
             XdpError::Load(e) => match e.as_ref() {
@@ -169,6 +195,10 @@ impl XdpError {
                     io_error.raw_os_error(),
                     Some(libc::EPERM) | Some(libc::EACCES) | Some(libc::ENOSYS)
                 ),
+                _ => false,
+            },
+            XdpError::Program(e) => match e.as_ref() {
+                ProgramError::LoadError { io_error, .. } => io_error.raw_os_error() == Some(libc::EPERM),
                 _ => false,
             },
             _ => false,
