@@ -44,6 +44,17 @@
 //!    whose traffic flows only through XDP shows growing counters). Each costs two `bpf()`
 //!    syscalls per installed channel.
 //!
+//! # Limits
+//!
+//! - Frames leave by XDP_TX with the Ethernet addresses swapped: right when clients and
+//!   peers are reached through the same next hop on the interface the frame came in on (a
+//!   router, or the test topology); a host with several uplinks, or peers on the same link as
+//!   the relay, needs a FIB lookup and XDP_REDIRECT, which this program does not do. Attach
+//!   it only where that holds.
+//! - The MTU is read when attaching; re-attach after changing it.
+//! - Counter increments that land between the read and the rewrite of an entry (a refresh:
+//!   a few per channel every few minutes) are lost.
+//!
 //! # Maps
 //!
 //! Addresses are 16 bytes (IPv4 as IPv4-mapped IPv6), ports and channel numbers in network
@@ -289,7 +300,8 @@ impl XdpProgram {
         })
     }
 
-    /// Attaches the program to `interface` in native mode, else in generic mode, and records
+    /// Attaches the program to `interface` in native mode, else in generic mode (one log
+    /// line, target `turnpike::xdp`, says which and why native failed), and records
     /// the interface's MTU for the program (peer datagrams that would exceed it once framed
     /// as ChannelData are left to the kernel; re-attach after changing the MTU).
     ///
@@ -302,11 +314,20 @@ impl XdpProgram {
         self.set_mtu(ifindex, mtu)?;
         let prog: &mut Xdp = program(&mut self.ebpf)?;
         let native = match prog.attach(interface, XdpMode::Driver) {
-            Ok(_) => return Ok(AttachMode::Native),
+            Ok(_) => {
+                tracing::info!(target: "turnpike::xdp", "xdp: attached to {interface} in native mode");
+                return Ok(AttachMode::Native);
+            }
             Err(e) => e,
         };
         match prog.attach(interface, XdpMode::Skb) {
-            Ok(_) => Ok(AttachMode::Generic),
+            Ok(_) => {
+                tracing::info!(
+                    target: "turnpike::xdp",
+                    "xdp: attached to {interface} in generic (skb) mode; native mode failed: {native}"
+                );
+                Ok(AttachMode::Generic)
+            }
             Err(generic) => Err(XdpError::Attach {
                 interface: interface.to_string(),
                 native: Box::new(native),

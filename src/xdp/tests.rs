@@ -990,3 +990,92 @@ fn xdp_never_aborts_on_short_frames() {
         assert_ne!(verdict, XDP_ABORTED);
     }
 }
+
+// ---- Attaching ----
+
+/// Runs [`attach_in_namespace`] in a network namespace of its own (`ip netns exec` also
+/// mounts that namespace's /sys, which `attach` reads) with a veth pair, whose driver runs
+/// XDP natively, and its loopback interface, which only takes generic XDP.
+#[test]
+fn xdp_attach_native_or_generic() {
+    if load(false).is_none() {
+        return;
+    }
+    let ns = format!("tpxdp{}", std::process::id());
+    let ip = |args: &[&str]| {
+        std::process::Command::new("ip")
+            .args(args)
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false)
+    };
+    if !ip(&["netns", "add", &ns]) {
+        eprintln!("skipped: `ip netns add` failed (iproute2 and root needed)");
+        return;
+    }
+    let setup = ip(&[
+        "-n", &ns, "link", "add", "tpv0", "mtu", "1400", "type", "veth", "peer", "name", "tpv1",
+    ]) && ip(&["-n", &ns, "link", "set", "tpv0", "up"])
+        && ip(&["-n", &ns, "link", "set", "tpv1", "up"])
+        && ip(&["-n", &ns, "link", "set", "lo", "up"]);
+    let out = setup.then(|| {
+        std::process::Command::new("ip")
+            .args(["netns", "exec", &ns])
+            .arg(std::env::current_exe().expect("test binary"))
+            .args(["--exact", "xdp::tests::attach_in_namespace", "--ignored", "--nocapture"])
+            .env("TURNPIKE_XDP_NETNS", "1")
+            .output()
+            .expect("ip netns exec")
+    });
+    ip(&["netns", "del", &ns]);
+    let out = out.expect("creating the interfaces failed");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success() && text.contains("1 passed"), "{text}");
+}
+
+fn load(force_tail_grow: bool) -> Option<XdpProgram> {
+    rig_with(force_tail_grow, false).map(|r| r.prog)
+}
+
+/// Run by [`xdp_attach_native_or_generic`] inside its namespace.
+#[test]
+#[ignore = "run by xdp_attach_native_or_generic in a network namespace"]
+fn attach_in_namespace() {
+    assert!(
+        std::env::var_os("TURNPIKE_XDP_NETNS").is_some(),
+        "run by xdp_attach_native_or_generic"
+    );
+    let mut p = XdpProgram::load(16).expect("load");
+    assert_eq!(p.attach("tpv0").expect("veth"), AttachMode::Native);
+    assert_eq!(p.attach("lo").expect("loopback"), AttachMode::Generic);
+    let veth = read_sys_u32("tpv0", "ifindex").unwrap();
+    let lo = read_sys_u32("lo", "ifindex").unwrap();
+    assert_eq!(p.mtu.get(&veth, 0).unwrap(), 1400);
+    assert_eq!(p.mtu.get(&lo, 0).unwrap(), 65536);
+    // The program is attached: `ip link` shows it, in the mode reported.
+    let show = |dev: &str| {
+        let o = std::process::Command::new("ip")
+            .args(["-d", "link", "show", "dev", dev])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    assert!(
+        show("tpv0").contains("xdp") && !show("tpv0").contains("xdpgeneric"),
+        "{}",
+        show("tpv0")
+    );
+    assert!(show("lo").contains("xdpgeneric"), "{}", show("lo"));
+    match p.attach("tpnone0") {
+        Err(XdpError::Interface { interface, .. }) => assert_eq!(interface, "tpnone0"),
+        other => panic!("{other:?}"),
+    }
+    // Dropping the program detaches it.
+    drop(p);
+    assert!(!show("tpv0").contains("prog/xdp"), "{}", show("tpv0"));
+    assert!(!show("lo").contains("xdpgeneric"), "{}", show("lo"));
+}
