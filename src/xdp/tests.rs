@@ -1079,3 +1079,12 @@ fn attach_in_namespace() {
     assert!(!show("tpv0").contains("prog/xdp"), "{}", show("tpv0"));
     assert!(!show("lo").contains("xdpgeneric"), "{}", show("lo"));
 }
+
+/// Each shard thread owns its offload; the program may live on the main thread.
+#[test]
+fn xdp_handles_move_between_threads() {
+    fn send<T: Send>() {}
+    send::<XdpOffload>();
+    send::<XdpProgram>();
+    send::<XdpError>();
+}
