@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, on a fresh machine: installs what the tests need (Debian's coturn
-# for turnutils_uclient/turnutils_peer, aioice from PyPI, cargo-nextest), then runs every
-# unit, property, integration and doc test.
+# for turnutils_uclient/turnutils_peer, aioice from PyPI, clang/llvm/libbpf-dev for the XDP
+# program, cargo-nextest), then runs every unit, property, integration and doc test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -48,6 +48,17 @@ if [ ! -f tests/browser/node_modules/playwright-core/package.json ] ||
   (cd tests/browser && npm ci --no-audit --no-fund --loglevel=error)
 fi
 
+# The XDP fast path (feature `xdp`, src/xdp) is built with clang against libbpf's headers.
+missing=""
+command -v clang >/dev/null || missing="$missing clang"
+command -v llvm-objdump >/dev/null || missing="$missing llvm"
+[ -f /usr/include/bpf/bpf_helpers.h ] || missing="$missing libbpf-dev"
+if [ -n "$missing" ]; then
+  echo "== installing$missing"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq $missing >/dev/null
+fi
+
 if ! cargo nextest --version >/dev/null 2>&1; then
   echo "== installing cargo-nextest"
   cargo install --locked cargo-nextest
@@ -62,6 +73,10 @@ for cfg in "--io-backend io-uring --shards 1" "--io-backend mmsg --shards 1" "--
   TURNPIKE_TEST_SERVER_ARGS="$cfg" cargo nextest run --test integration --no-fail-fast \
     -E 'test(real_clients) | test(own_client)'
 done
+# The XDP program in the kernel (BPF_PROG_TEST_RUN, and attaching in a network namespace):
+# needs root; without it each test prints why it skips.
+echo "== XDP tests (--features xdp)"
+cargo nextest run -p turnpike --lib --features xdp --no-fail-fast -E 'test(/^xdp::/)'
 echo "== doc tests"
 cargo test --workspace --doc
 # Operations files: the Grafana dashboard against Grafana's schema (npm @grafana/schema +

@@ -6,6 +6,7 @@
 //! - [`probe`]: `turnpike probe`, RFC 5780 NAT behaviour discovery from the client side.
 //! - [`config`]: the TOML file and command-line flags.
 //! - [`sys`]: small safe wrappers over the system calls the backends and the control thread share.
+//! - `xdp` (feature `xdp`): the XDP fast path for bound channels and its kernel maps.
 pub mod config;
 pub mod control;
 pub mod dataplane;
@@ -19,6 +20,8 @@ pub mod probe;
 pub mod stats;
 pub mod sys;
 pub mod tls;
+#[cfg(feature = "xdp")]
+pub mod xdp;
 /// The sans-IO protocol core, its own crate (`turnpike-proto`) so that the build enforces the
 /// rule: no socket, clock, thread or io_uring dependency, and `#![forbid(unsafe_code)]`.
 pub use turnpike_proto as proto;
