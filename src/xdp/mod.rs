@@ -536,28 +536,34 @@ impl XdpOffload {
             Event::AllocationCreated {
                 five_tuple,
                 relayed,
+                additional,
                 lifetime,
             }
             | Event::AllocationRefreshed {
                 five_tuple,
                 relayed,
+                additional,
                 lifetime,
             } => {
-                self.alloc(five_tuple, relayed).expires = Some(now + lifetime);
-                self.sync_where(now, relayed, |_| true);
+                // A dual allocation's second relayed address lives as long as the first.
+                for relayed in std::iter::once(relayed).chain(additional) {
+                    self.alloc(five_tuple, relayed).expires = Some(now + lifetime);
+                    self.sync_where(now, relayed, |_| true);
+                }
                 None
             }
-            Event::AllocationClosed { relayed, .. } => {
-                let mut alloc = self.allocs.remove(&relayed)?;
-                let mut usage = alloc.retired;
-                let channels: Vec<u16> = alloc.channels.keys().copied().collect();
-                for channel in channels {
-                    let chan = alloc.channels.get_mut(&channel).expect("listed");
-                    self.remove_entries(&alloc.five_tuple, relayed, channel, chan);
-                    add_usage(&mut usage, chan.retired);
+            Event::AllocationClosed { relayed, additional, .. } => {
+                let mut usage = self.close_relayed(relayed);
+                if let Some(a) = additional {
+                    if let Some(u) = self.close_relayed(a) {
+                        let total = usage.get_or_insert_with(Usage::default);
+                        add_usage(total, u);
+                    }
                 }
-                add_usage(&mut self.gone, usage);
-                Some(usage)
+                if let Some(u) = usage {
+                    add_usage(&mut self.gone, u);
+                }
+                usage
             }
             Event::PermissionInstalled {
                 five_tuple,
@@ -628,6 +634,20 @@ impl XdpOffload {
                 None
             }
         }
+    }
+
+    /// Forgets the allocation state of `relayed` and deletes its kernel entries; returns
+    /// what XDP forwarded for it, if it was known.
+    fn close_relayed(&mut self, relayed: SocketAddr) -> Option<Usage> {
+        let mut alloc = self.allocs.remove(&relayed)?;
+        let mut usage = alloc.retired;
+        let channels: Vec<u16> = alloc.channels.keys().copied().collect();
+        for channel in channels {
+            let chan = alloc.channels.get_mut(&channel).expect("listed");
+            self.remove_entries(&alloc.five_tuple, relayed, channel, chan);
+            add_usage(&mut usage, chan.retired);
+        }
+        Some(usage)
     }
 
     /// Turns the offload off (`true`: every entry is deleted and none is inserted, for a

@@ -358,6 +358,7 @@ impl Rig {
         let (ft, relayed, now) = (n.ft(), n.relayed, self.now);
         self.ev(Event::AllocationCreated {
             five_tuple: ft,
+            additional: None,
             relayed,
             lifetime: Duration::from_secs(600),
         });
@@ -558,6 +559,7 @@ fn counters_follow_the_forwarded_datagrams() {
     // The allocation closes: its usage is returned, its entries are gone, the totals stay.
     let closed = r.ev(Event::AllocationClosed {
         five_tuple: n.ft(),
+        additional: None,
         relayed: n.relayed,
         reason: turnpike_proto::server::CloseReason::Deleted,
         age: Duration::from_secs(1),
@@ -745,6 +747,7 @@ fn expired_entries_pass() {
                 r.bind(&n, CH, long, long);
                 r.ev(Event::AllocationRefreshed {
                     five_tuple: n.ft(),
+                    additional: None,
                     relayed: n.relayed,
                     lifetime: short,
                 });
@@ -793,6 +796,7 @@ fn entry_deadline_is_the_earliest_expiry() {
     // The allocation's lifetime shrinks below both.
     r.ev(Event::AllocationRefreshed {
         five_tuple: n.ft(),
+        additional: None,
         relayed: n.relayed,
         lifetime: Duration::from_secs(60),
     });
