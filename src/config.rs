@@ -247,6 +247,12 @@ pub struct Settings {
     /// padding included); a longer one closes the connection [default: 8192].
     #[arg(long)]
     pub max_stream_frame: Option<usize>,
+
+    /// Forward ChannelData of bound channels in the kernel with XDP on this interface
+    /// (repeatable; off by default; needs the `xdp` build feature and CAP_BPF+CAP_NET_ADMIN).
+    /// Native mode, else generic (skb) mode; without it the user-space path relays all.
+    #[arg(long)]
+    pub xdp: Vec<String>,
 }
 
 /// Client tools of the `turnpike` binary.
@@ -302,7 +308,7 @@ impl Settings {
                  rate_limit_v4_prefix, rate_limit_v6_prefix, max_bitrate, metrics_listen, log_format,
                  alternate_server, drain_timeout, cert, pkey, max_connections, max_connections_per_ip,
                  tls_handshake_timeout, stream_idle_timeout, max_stream_frame;
-            vec: listen, relay_ip, users, static_auth_secret, allowed_peer_ip, denied_peer_ip, tls_listen;
+            vec: listen, relay_ip, users, static_auth_secret, allowed_peer_ip, denied_peer_ip, tls_listen, xdp;
             flag: strict_channel_numbers, no_pin, metrics_coturn_names, no_tcp);
         Ok(base)
     }
@@ -377,6 +383,8 @@ pub struct Config {
     pub tls: Option<crate::tls::TlsConfig>,
     /// Limits of TCP and TLS connections.
     pub streams: StreamLimits,
+    /// Interfaces to attach the XDP fast path to.
+    pub xdp: Vec<String>,
 }
 
 /// Limits of TCP and TLS client connections (the slowloris and exhaustion defences).
@@ -608,6 +616,7 @@ impl Config {
             tls_listen: s.tls_listen,
             tls,
             streams,
+            xdp: s.xdp,
         })
     }
 }

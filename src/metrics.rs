@@ -580,6 +580,16 @@ impl Metrics {
                 .with_label_values(&[sh, "peer_to_client", "userspace"]),
             s.to_client_bytes,
         );
+        for (direction, packets, bytes) in [
+            ("client_to_peer", s.xdp.to_peer_packets, s.xdp.to_peer_bytes),
+            ("peer_to_client", s.xdp.to_client_packets, s.xdp.to_client_bytes),
+        ] {
+            catch_up(
+                &self.relayed_packets.with_label_values(&[sh, direction, "xdp"]),
+                packets,
+            );
+            catch_up(&self.relayed_bytes.with_label_values(&[sh, direction, "xdp"]), bytes);
+        }
         for (k, r) in DROP_REASONS.iter().enumerate() {
             catch_up(&self.drops.with_label_values(&[sh, drop_label(*r)]), s.drops[k]);
         }

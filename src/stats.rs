@@ -157,6 +157,9 @@ pub struct ShardStats {
     pub io: IoStats,
     /// TCP and TLS connections.
     pub streams: StreamStats,
+    /// What the XDP fast path relayed for this shard's allocations (refreshed about once a
+    /// second; zero without `--xdp`).
+    pub xdp: crate::proto::allocation::Usage,
 }
 
 impl ShardStats {
@@ -193,6 +196,10 @@ impl ShardStats {
         self.handover_overflow += s.handover_overflow;
         self.gauges.by_transport[2] += s.gauges.by_transport[2];
         self.streams.add(&s.streams);
+        self.xdp.to_peer_packets += s.xdp.to_peer_packets;
+        self.xdp.to_peer_bytes += s.xdp.to_peer_bytes;
+        self.xdp.to_client_packets += s.xdp.to_client_packets;
+        self.xdp.to_client_bytes += s.xdp.to_client_bytes;
         self.io.rx += s.io.rx;
         self.io.tx += s.io.tx;
         self.io.send_errors += s.io.send_errors;

@@ -72,6 +72,9 @@ pub struct Runtime {
     restart_only: String,
     alternate_server: Option<SocketAddr>,
     drain_timeout: std::time::Duration,
+    /// The loaded and attached XDP program; dropping it detaches it.
+    #[cfg(feature = "xdp")]
+    xdp: Option<crate::xdp::XdpProgram>,
 }
 
 fn bind_reuseport(addr: SocketAddr, buffer: usize) -> std::io::Result<UdpSocket> {
@@ -123,6 +126,45 @@ fn bind_udp_and_tcp(addr: SocketAddr, buffer: usize, tcp: bool) -> Result<(UdpSo
         }
     }
     Err(last.unwrap_or_else(|| anyhow!("binding tcp {addr}")))
+}
+
+/// Entries of the XDP channel maps (bound channels over all allocations).
+#[cfg(feature = "xdp")]
+const XDP_MAX_CHANNELS: u32 = 1 << 18;
+
+/// Loads the XDP program and attaches it to `--xdp` interfaces; one offload per shard.
+/// Anything failing is logged in one line and the user-space path relays everything.
+#[cfg(feature = "xdp")]
+fn start_xdp(config: &Config, shards: usize) -> (Option<crate::xdp::XdpProgram>, Vec<Option<crate::xdp::XdpOffload>>) {
+    let none = || (None, (0..shards).map(|_| None).collect());
+    if config.xdp.is_empty() {
+        return none();
+    }
+    let mut program = match crate::xdp::XdpProgram::load(XDP_MAX_CHANNELS) {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::warn!("xdp: {e}; relaying in user space");
+            return none();
+        }
+    };
+    for interface in &config.xdp {
+        if let Err(e) = program.attach(interface) {
+            tracing::warn!("xdp: {e}; relaying in user space");
+            return none();
+        }
+    }
+    let capped = config.server.max_bitrate != 0;
+    let mut offloads = Vec::new();
+    for _ in 0..shards {
+        match program.offload(capped) {
+            Ok(o) => offloads.push(Some(o)),
+            Err(e) => {
+                tracing::warn!("xdp: {e}; relaying in user space");
+                return none();
+            }
+        }
+    }
+    (Some(program), offloads)
 }
 
 /// Picks the backend: the configured one, or io_uring when the probe passes.
@@ -194,6 +236,12 @@ impl Runtime {
             }
         }
         let stream_shared = Arc::new(StreamShared::default());
+        #[cfg(feature = "xdp")]
+        let (xdp, mut xdp_offloads) = start_xdp(&config, shards);
+        #[cfg(not(feature = "xdp"))]
+        if !config.xdp.is_empty() {
+            tracing::warn!("xdp: this build has no XDP support (the xdp cargo feature); relaying in user space");
+        }
         let mut secret = [0u8; 32];
         getrandom::getrandom(&mut secret).map_err(|e| anyhow!("reading random bytes: {e}"))?;
         let unix = SystemTime::now()
@@ -269,6 +317,8 @@ impl Runtime {
                     stream_shared.clone(),
                     config.tls.clone(),
                 )?,
+                #[cfg(feature = "xdp")]
+                xdp: xdp_offloads[index].take(),
             })?);
         }
         let shard_handles = handles.clone();
@@ -309,6 +359,8 @@ impl Runtime {
             restart_only: restart_only(&config),
             alternate_server: config.alternate_server,
             drain_timeout: config.drain_timeout,
+            #[cfg(feature = "xdp")]
+            xdp,
         })
     }
 
@@ -388,6 +440,9 @@ impl Runtime {
             alternate: self.alternate_server,
             timeout: self.drain_timeout,
         };
+        // The XDP program stays attached while the shards run.
+        #[cfg(feature = "xdp")]
+        let _xdp = self.xdp;
         let control = self.control;
         let control_rx = self.control_rx;
         // The control thread outlives the shards so that their last releases are counted.

@@ -57,6 +57,9 @@ struct Core {
     streams: Streams,
     /// Connections closed in this step, whose allocations are to end.
     stream_closed: Vec<(FiveTuple, StreamClose)>,
+    /// The XDP fast path's maps for this shard's allocations (`--xdp`).
+    #[cfg(feature = "xdp")]
+    xdp: Option<crate::xdp::XdpOffload>,
 }
 
 /// One shard.
@@ -93,6 +96,9 @@ pub struct ShardParts {
     pub metrics: Option<(MetricsSlot, Histograms)>,
     /// The TCP and TLS listeners and their connections.
     pub streams: Streams,
+    /// This shard's view of the XDP maps, with `--xdp`.
+    #[cfg(feature = "xdp")]
+    pub xdp: Option<crate::xdp::XdpOffload>,
 }
 
 /// How often a shard recounts its gauges (allocations, permissions, channels).
@@ -137,6 +143,8 @@ impl Shard {
             histograms: parts.metrics.as_ref().map(|(_, h)| h.clone()),
             streams: parts.streams,
             stream_closed: Vec::new(),
+            #[cfg(feature = "xdp")]
+            xdp: parts.xdp,
         };
         if core.streams.is_active() {
             io.watch(core.streams.fd())?;
@@ -215,6 +223,10 @@ impl Shard {
         if now.saturating_duration_since(self.gauges_at) >= GAUGE_PERIOD {
             self.gauges_at = now;
             self.core.stats.gauges = self.core.server.gauges();
+            #[cfg(feature = "xdp")]
+            if let Some(x) = &self.core.xdp {
+                self.core.stats.xdp = x.totals();
+            }
         }
         if let Ok(mut p) = slot.try_lock() {
             p.stats = self.stats();
@@ -251,6 +263,10 @@ impl Shard {
                     .reload(r.config, r.credentials, r.policy, Instant::now());
                 if let Some(tls) = r.tls {
                     self.core.streams.set_tls(tls);
+                }
+                #[cfg(feature = "xdp")]
+                if let Some(x) = &mut self.core.xdp {
+                    x.set_bandwidth_capped(Instant::now(), self.core.server.config().max_bitrate != 0);
                 }
             }
             ShardMessage::Allocated {
@@ -431,6 +447,12 @@ impl Core {
     /// free. Its socket is closed after the backend's wait.
     fn drain_events(&mut self) {
         while let Some(event) = self.server.poll_event() {
+            // The XDP maps follow every event; for a closed allocation it reports what the
+            // kernel relayed for it (the server never saw those datagrams).
+            #[cfg(feature = "xdp")]
+            let xdp_usage = self.xdp.as_mut().and_then(|x| x.on_event(self.now, &event));
+            #[cfg(not(feature = "xdp"))]
+            let xdp_usage: Option<crate::proto::allocation::Usage> = None;
             match event {
                 Event::AllocationCreated { .. } => self.stats.allocations_created += 1,
                 Event::AllocationClosed {
@@ -439,9 +461,15 @@ impl Core {
                     additional,
                     reason,
                     age,
-                    usage,
+                    mut usage,
                     username,
                 } => {
+                    if let Some(x) = xdp_usage {
+                        usage.to_peer_packets += x.to_peer_packets;
+                        usage.to_peer_bytes += x.to_peer_bytes;
+                        usage.to_client_packets += x.to_client_packets;
+                        usage.to_client_bytes += x.to_client_bytes;
+                    }
                     self.release(relayed);
                     if let Some(a) = additional {
                         self.release(a);

@@ -552,7 +552,9 @@ impl XdpOffload {
                 }
                 None
             }
-            Event::AllocationClosed { relayed, additional, .. } => {
+            Event::AllocationClosed {
+                relayed, additional, ..
+            } => {
                 let mut usage = self.close_relayed(relayed);
                 if let Some(a) = additional {
                     if let Some(u) = self.close_relayed(a) {
