@@ -40,3 +40,6 @@ mod metrics;
 
 #[path = "it/wildcard.rs"]
 mod wildcard;
+
+#[path = "it/tls_reload.rs"]
+mod tls_reload;
