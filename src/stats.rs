@@ -92,6 +92,12 @@ pub struct StreamStats {
     pub messages: u64,
     /// Messages to clients dropped because the connection's write buffer was full.
     pub backpressure_drops: u64,
+    /// RFC 6062 peer data connections open.
+    pub peer_open: u64,
+    /// RFC 6062 peer data connections made by Connect or accepted from peers.
+    pub peer_connections: u64,
+    /// Bytes relayed on RFC 6062 data connections, both ways.
+    pub relayed_bytes: u64,
 }
 
 impl StreamStats {
@@ -105,6 +111,9 @@ impl StreamStats {
         }
         self.messages += s.messages;
         self.backpressure_drops += s.backpressure_drops;
+        self.peer_open += s.peer_open;
+        self.peer_connections += s.peer_connections;
+        self.relayed_bytes += s.relayed_bytes;
     }
 
     /// All connections closed, whatever the reason.

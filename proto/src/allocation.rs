@@ -140,6 +140,8 @@ pub struct Allocation {
     pub(crate) budgets: Option<Box<[Option<TokenBucket>; 2]>>,
     /// The RESERVATION-TOKEN of the first success response, repeated on a retransmission.
     pub(crate) reservation_token: Option<[u8; 8]>,
+    /// An RFC 6062 TCP allocation (its relayed transport address is a TCP listener).
+    pub tcp_relay: bool,
     /// The family refused with ADDRESS-ERROR-CODE in the first success response, and the code.
     pub(crate) refused_family: Option<(super::stun::AddressFamily, super::stun::ErrorCode)>,
 }
@@ -169,6 +171,7 @@ impl Allocation {
             budgets: None,
             reservation_token: None,
             refused_family: None,
+            tcp_relay: false,
         }
     }
 

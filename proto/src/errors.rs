@@ -95,6 +95,9 @@ pub enum AllocateError {
     Draining,
     /// The server is draining and knows no other (403).
     DrainingNoAlternate,
+    /// REQUESTED-TRANSPORT TCP on a UDP 5-tuple, or with DONT-FRAGMENT, EVEN-PORT,
+    /// RESERVATION-TOKEN or ADDITIONAL-ADDRESS-FAMILY (400, RFC 6062 §5.1).
+    BadTcpAllocation,
 }
 
 impl From<AllocateError> for ErrorCode {
@@ -103,7 +106,8 @@ impl From<AllocateError> for ErrorCode {
             AllocateError::AllocationExists => ErrorCode::ALLOCATION_MISMATCH,
             AllocateError::NoRequestedTransport
             | AllocateError::MalformedAttribute
-            | AllocateError::ConflictingAttributes => ErrorCode::BAD_REQUEST,
+            | AllocateError::ConflictingAttributes
+            | AllocateError::BadTcpAllocation => ErrorCode::BAD_REQUEST,
             AllocateError::UnsupportedTransport => ErrorCode::UNSUPPORTED_TRANSPORT,
             AllocateError::DontFragment => ErrorCode::UNKNOWN_ATTRIBUTE,
             AllocateError::Relay(r) => r.into(),
@@ -226,6 +230,53 @@ impl From<ChannelBindError> for ErrorCode {
     }
 }
 
+/// Why a Connect failed (RFC 6062 §5.2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnectError {
+    /// The allocation is not a TCP allocation, or no valid XOR-PEER-ADDRESS (400).
+    BadRequest,
+    /// The peer is refused (443 family mismatch, 403 by policy).
+    Peer(PeerError),
+    /// A connection to this peer is being made or exists for this allocation (446).
+    AlreadyExists,
+    /// More peer connections than an allocation may hold (403, "the capacity or policy of
+    /// the server").
+    TooManyConnections,
+    /// The TCP connection to the peer failed or timed out (447).
+    Failed,
+}
+
+impl From<ConnectError> for ErrorCode {
+    fn from(e: ConnectError) -> ErrorCode {
+        match e {
+            ConnectError::BadRequest => ErrorCode::BAD_REQUEST,
+            ConnectError::Peer(p) => p.into(),
+            ConnectError::AlreadyExists => ErrorCode::CONNECTION_ALREADY_EXISTS,
+            ConnectError::TooManyConnections => ErrorCode::FORBIDDEN,
+            ConnectError::Failed => ErrorCode::CONNECTION_TIMEOUT_OR_FAILURE,
+        }
+    }
+}
+
+/// Why a ConnectionBind failed (RFC 6062 §5.4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnectionBindError {
+    /// Not on a TCP or TLS connection, on a connection that holds an allocation, without
+    /// CONNECTION-ID, or for a connection that is not pending (400).
+    BadRequest,
+    /// The connection belongs to another user's allocation (441).
+    WrongCredentials,
+}
+
+impl From<ConnectionBindError> for ErrorCode {
+    fn from(e: ConnectionBindError) -> ErrorCode {
+        match e {
+            ConnectionBindError::BadRequest => ErrorCode::BAD_REQUEST,
+            ConnectionBindError::WrongCredentials => ErrorCode::WRONG_CREDENTIALS,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -274,6 +325,14 @@ mod tests {
                 403,
             ),
             (ChannelBindError::TooManyChannels.into(), 508),
+            (AllocateError::BadTcpAllocation.into(), 400),
+            (ConnectError::BadRequest.into(), 400),
+            (ConnectError::Peer(PeerError::FamilyMismatch).into(), 443),
+            (ConnectError::AlreadyExists.into(), 446),
+            (ConnectError::TooManyConnections.into(), 403),
+            (ConnectError::Failed.into(), 447),
+            (ConnectionBindError::BadRequest.into(), 400),
+            (ConnectionBindError::WrongCredentials.into(), 441),
         ];
         for (got, want) in cases {
             assert_eq!(got.0, want);

@@ -57,8 +57,37 @@ use super::stun::{
     TransactionId,
 };
 
-/// UDP's IANA protocol number, the only REQUESTED-TRANSPORT accepted (RFC 8656 §7.2).
+/// UDP's IANA protocol number, REQUESTED-TRANSPORT of UDP allocations (RFC 8656 §7.2).
 pub const PROTOCOL_UDP: u8 = 17;
+/// TCP's IANA protocol number, REQUESTED-TRANSPORT of TCP allocations (RFC 6062 §5.1).
+pub const PROTOCOL_TCP: u8 = 6;
+
+#[path = "tcp_relay.rs"]
+mod tcp_relay;
+pub use tcp_relay::{PeerConnectionAction, BIND_TIMEOUT, MAX_CONNECTIONS_PER_ALLOCATION};
+
+/// The client address a nonce is bound to: IP and port over UDP (RFC 8489 §9.2.4; a
+/// request captured on one port and replayed from another gets 438), the IP alone over TCP
+/// and TLS. Deviation for interoperability: an RFC 6062 client authenticates its control
+/// connection and each data connection (each from its own port) with one nonce (coturn's
+/// `turnutils_uclient -T` does), and a stream cannot be spoofed from another port.
+fn nonce_address(ft: FiveTuple) -> SocketAddr {
+    if ft.transport.is_stream() {
+        SocketAddr::new(ft.client.ip(), 0)
+    } else {
+        ft.client
+    }
+}
+
+/// The transport of a relayed transport address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RelayTransport {
+    /// UDP (RFC 8656).
+    Udp,
+    /// TCP (RFC 6062): a listening socket on the relayed transport address, peer data
+    /// connections made by Connect or accepted from peers.
+    Tcp,
+}
 
 /// How long a retransmitted Allocate waits for its first transmission's ticket before a new
 /// ticket is sent (the first was lost in a full queue).
@@ -245,6 +274,24 @@ pub enum ClientAction<'a> {
     /// An authenticated, valid Allocate: reserve a relayed transport address as asked and
     /// call [`Server::complete_allocate`].
     Allocate(AllocateRequest),
+    /// An authenticated, valid Connect (RFC 6062 §5.2): open a TCP connection from
+    /// `relayed` to `peer` (at least 30 s before giving up) and call
+    /// [`Server::complete_connect`] with the result.
+    Connect {
+        /// The CONNECTION-ID of the new peer data connection.
+        connection_id: u32,
+        /// The relayed transport address to connect from.
+        relayed: SocketAddr,
+        /// The peer to connect to.
+        peer: SocketAddr,
+    },
+    /// A ConnectionBind (RFC 6062 §5.4) for a connection of another server (the shard
+    /// whose [`Server::with_connection_tag`] is `tag`): hand the client connection, with
+    /// this message, to that shard.
+    ConnectionElsewhere {
+        /// The owning server's tag.
+        tag: u8,
+    },
     /// Nothing to send; count the reason.
     Drop(DropReason),
     /// Nothing to send (an indication that needs no answer).
@@ -285,6 +332,8 @@ pub struct AllocateCompletion {
 pub struct AllocateRequest {
     /// The client 5-tuple.
     pub five_tuple: FiveTuple,
+    /// UDP, or TCP for an RFC 6062 TCP allocation.
+    pub relay_transport: RelayTransport,
     /// The address family the relayed transport address must have.
     pub family: AddressFamily,
     /// Whether the port must be even (EVEN-PORT, RFC 8656 §7.2).
@@ -410,6 +459,23 @@ pub enum Event {
         usage: Usage,
         /// The user that created it (for usage records).
         username: Box<str>,
+    },
+    /// A ConnectionBind succeeded (RFC 6062 §5.4): after its response, relay the bytes of the
+    /// client data connection `data` and of the peer data connection `connection_id` as-is
+    /// both ways.
+    ConnectionBound {
+        /// The CONNECTION-ID.
+        connection_id: u32,
+        /// The client data connection's 5-tuple.
+        data: FiveTuple,
+        /// The peer.
+        peer: SocketAddr,
+    },
+    /// A peer data connection ended on the server's side (not bound within 30 s, or its
+    /// allocation ended): close its socket and its client data connection, if any.
+    PeerConnectionClosed {
+        /// The CONNECTION-ID.
+        connection_id: u32,
     },
     /// A permission was installed or refreshed (RFC 8656 §9) by CreatePermission or
     /// ChannelBind.
@@ -606,6 +672,8 @@ pub struct Server {
     response: Cell<Response>,
     /// Draining: `Some(alternate server)` refuses new Allocates (300 with it, or 403).
     draining: Option<Option<SocketAddr>>,
+    /// RFC 6062 peer data connections.
+    tcp: tcp_relay::TcpRelayState,
     request_limiter: Option<PrefixLimiter>,
 }
 
@@ -640,6 +708,7 @@ impl Server {
             pending_allocates: AHashMap::new(),
             challenge_limiter,
             draining: None,
+            tcp: tcp_relay::TcpRelayState::default(),
             response: Cell::new(Response {
                 method: Method::Binding,
                 error: None,
@@ -829,6 +898,9 @@ impl Server {
         else {
             return ClientAction::Drop(DropReason::Malformed);
         };
+        if alloc.tcp_relay {
+            return ClientAction::Drop(DropReason::UnexpectedMessage);
+        }
         let Some(relayed) = alloc.relayed_for(peer) else {
             return ClientAction::Drop(DropReason::FamilyMismatch);
         };
@@ -897,7 +969,12 @@ impl Server {
                 self.error(out, &reply, AllocateError::NoRequestedTransport);
                 ClientAction::Respond(self.response.get())
             }
-            Method::Allocate | Method::Refresh | Method::CreatePermission | Method::ChannelBind => {
+            Method::Allocate
+            | Method::Refresh
+            | Method::CreatePermission
+            | Method::ChannelBind
+            | Method::Connect
+            | Method::ConnectionBind => {
                 // An expired allocation is gone even before `handle_timeout` has run, as for
                 // Send, ChannelData and peer data: no Refresh may revive it (RFC 8656 §8).
                 if self.allocations.get(&ft).is_some_and(|a| a.expires <= now) {
@@ -922,6 +999,8 @@ impl Server {
                     Method::Allocate => self.allocate(now, ft, msg, &reply, out),
                     Method::Refresh => self.refresh(now, ft, msg, &reply, out),
                     Method::CreatePermission => self.create_permission(now, ft, msg, &reply, out),
+                    Method::Connect => self.connect(now, ft, msg, &reply, out),
+                    Method::ConnectionBind => self.connection_bind(ft, msg, &reply, out),
                     _ => self.channel_bind(now, ft, msg, &reply, out),
                 }
             }
@@ -1089,7 +1168,7 @@ impl Server {
                 return Refusal::RateLimited;
             }
         }
-        let nonce = self.nonces.issue(self.unix_now(now), ft.client);
+        let nonce = self.nonces.issue(self.unix_now(now), nonce_address(ft));
         let mut algs = Vec::with_capacity(8);
         encode_password_algorithms(&[PasswordAlgorithm::Md5, PasswordAlgorithm::Sha256], &mut algs);
         let unauthenticated = Reply { auth: None, ..*reply };
@@ -1158,7 +1237,7 @@ impl Server {
             (None, Some(Ok(Attribute::Userhash(h)))) => self.credentials.username_for_hash(h),
             _ => return bad_request(out),
         };
-        match self.nonces.check(nonce, self.unix_now(now), ft.client) {
+        match self.nonces.check(nonce, self.unix_now(now), nonce_address(ft)) {
             Ok(()) => {}
             Err(NonceError::Expired | NonceError::Invalid) => {
                 return Err(self.challenge(now, ft, reply, AuthError::StaleNonce, out));
@@ -1255,11 +1334,12 @@ impl Server {
             self.error(out, reply, code);
             ClientAction::Respond(self.response.get())
         };
-        match msg.get(kind::REQUESTED_TRANSPORT) {
-            Some(Ok(Attribute::RequestedTransport(PROTOCOL_UDP))) => {}
+        let relay_transport = match msg.get(kind::REQUESTED_TRANSPORT) {
+            Some(Ok(Attribute::RequestedTransport(PROTOCOL_UDP))) => RelayTransport::Udp,
+            Some(Ok(Attribute::RequestedTransport(PROTOCOL_TCP))) => RelayTransport::Tcp,
             Some(Ok(Attribute::RequestedTransport(_))) => return err(AllocateError::UnsupportedTransport),
             _ => return err(AllocateError::NoRequestedTransport),
-        }
+        };
         let (even_port, reserve_next) = match msg.get(kind::EVEN_PORT) {
             None => (false, false),
             Some(Ok(Attribute::EvenPort(r))) => (true, r),
@@ -1292,6 +1372,19 @@ impl Server {
         if reservation_token.is_some() && (even_port || requested_family.is_some() || additional.is_some()) {
             return err(AllocateError::ConflictingAttributes);
         }
+        // RFC 6062 §5.1: "If the client connection transport is not TCP or TLS, the server
+        // MUST reject the request with a 400 (Bad Request) error. If the request contains the
+        // DONT-FRAGMENT, EVEN-PORT, or RESERVATION-TOKEN attribute, the server MUST reject the
+        // request with a 400 (Bad Request) error." A dual TCP allocation is refused alike.
+        if relay_transport == RelayTransport::Tcp
+            && (!ft.transport.is_stream()
+                || even_port
+                || reservation_token.is_some()
+                || additional.is_some()
+                || msg.raw(kind::DONT_FRAGMENT).is_some())
+        {
+            return err(AllocateError::BadTcpAllocation);
+        }
         if msg.raw(kind::DONT_FRAGMENT).is_some() {
             // Not supported: answered as an unknown comprehension-required attribute, 420
             // with UNKNOWN-ATTRIBUTES (RFC 8656 §7.2 item 4, no MUST there), so the client can
@@ -1323,6 +1416,7 @@ impl Server {
         self.pending_allocates.insert(ft, (reply.tid, now));
         ClientAction::Allocate(AllocateRequest {
             five_tuple: ft,
+            relay_transport,
             // RFC 8656 §7.2: "If the REQUESTED-ADDRESS-FAMILY attribute is absent and the server
             // supports the IPv4 address family, the server MUST allocate an IPv4 relayed transport
             // address for the TURN client." The 440 MUSTs of item 7 (family not supported, or
@@ -1470,6 +1564,7 @@ impl Server {
         alloc.reservation_token = request.granted_token;
         alloc.refused_family = refused_family;
         alloc.additional = additional;
+        alloc.tcp_relay = request.relay_transport == RelayTransport::Tcp;
         self.allocations.insert(ft, alloc);
         self.push_timer(expires, ft);
         self.events.push_back(Event::AllocationCreated {
@@ -1674,6 +1769,12 @@ impl Server {
         let Some(alloc) = self.owned_allocation(ft, reply, out) else {
             return ClientAction::Respond(self.response.get());
         };
+        // Channels are a UDP relaying mechanism; a TCP allocation relays on data connections
+        // (RFC 6062 §4).
+        if alloc.tcp_relay {
+            self.error(out, reply, ChannelBindError::Malformed);
+            return ClientAction::Respond(self.response.get());
+        }
         let relayed = RelayedPair::of(alloc);
         if let Err(e) = self.check_peer(relayed, peer) {
             self.error(out, reply, ChannelBindError::Peer(e));
@@ -1836,6 +1937,10 @@ impl Server {
 
     fn remove_allocation(&mut self, ft: FiveTuple, reason: CloseReason, now: Instant) {
         if let Some(alloc) = self.allocations.remove(&ft) {
+            if alloc.tcp_relay {
+                // RFC 6062: the allocation's peer and client data connections end with it.
+                self.close_connections_of(ft);
+            }
             self.by_relay.remove(&alloc.relayed);
             if let Some(a) = alloc.additional {
                 self.by_relay.remove(&a);
@@ -1861,11 +1966,17 @@ impl Server {
 
     /// The next instant at which [`Server::handle_timeout`] has work, if any.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.timers.peek().map(|Reverse((t, _))| *t)
+        let allocations = self.timers.peek().map(|Reverse((t, _))| *t);
+        match (allocations, self.tcp.poll_timeout()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
-    /// Expires allocations, permissions and channel bindings due at `now`.
+    /// Expires allocations, permissions and channel bindings due at `now`, and peer data
+    /// connections not bound in time (RFC 6062).
     pub fn handle_timeout(&mut self, now: Instant) {
+        self.expire_connections(now);
         while let Some(&Reverse((t, ft))) = self.timers.peek() {
             if t > now {
                 break;

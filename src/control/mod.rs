@@ -13,7 +13,7 @@
 pub mod allocator;
 pub mod port_pool;
 
-use std::net::{SocketAddr, UdpSocket};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -26,7 +26,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::proto::allocation::FiveTuple;
-use crate::proto::server::{AllocateRequest, RelayError};
+use crate::proto::server::{AllocateRequest, RelayError, RelayTransport};
 use crate::proto::stun::AddressFamily;
 use crate::sys;
 use allocator::{AllocatorConfig, RelayAllocator, RouteChange, Ticket};
@@ -68,11 +68,15 @@ pub enum ShardMessage {
         /// The ticket (with a reservation token granted, when asked for).
         request: AllocateRequest,
         /// The bound relay socket and its address, or why there is none.
-        result: Result<(UdpSocket, SocketAddr), RelayError>,
+        result: Result<(RelaySocket, SocketAddr), RelayError>,
         /// For a dual allocation (ADDITIONAL-ADDRESS-FAMILY) whose first family was granted:
         /// the second relay socket and address, or why there is none.
-        additional: Option<Result<(UdpSocket, SocketAddr), RelayError>>,
+        additional: Option<Result<(RelaySocket, SocketAddr), RelayError>>,
     },
+    /// A TCP or TLS client connection that carries a ConnectionBind for a peer data
+    /// connection of this shard (RFC 6062 §5.4): the shard adopts it and handles `pending`
+    /// (the plaintext from the ConnectionBind on) as if read from it.
+    AdoptConnection(Box<Adopted>),
     /// A datagram that reached another shard's listener but belongs to an allocation here.
     Handover {
         /// The client 5-tuple.
@@ -101,6 +105,46 @@ pub struct Reload {
     /// The TLS certificate and key, re-read (new TLS connections use them; open ones keep
     /// theirs).
     pub tls: Option<crate::tls::TlsConfig>,
+}
+
+/// A client connection moved between shards (RFC 6062 ConnectionBind).
+#[derive(Debug)]
+pub struct Adopted {
+    /// The socket (non-blocking).
+    pub socket: TcpStream,
+    /// Its TLS session, when it is a TLS connection.
+    pub tls: Option<Box<rustls::ServerConnection>>,
+    /// Its 5-tuple.
+    pub five_tuple: FiveTuple,
+    /// Plaintext read but not handled yet, starting with the ConnectionBind message.
+    pub pending: Vec<u8>,
+    /// Bytes queued for the client and not written yet.
+    pub unsent: Vec<u8>,
+}
+
+/// The socket of a relayed transport address: UDP (RFC 8656), or a TCP listener for an
+/// RFC 6062 TCP allocation.
+#[derive(Debug)]
+pub enum RelaySocket {
+    /// A UDP socket.
+    Udp(UdpSocket),
+    /// A listening TCP socket (SO_REUSEADDR and SO_REUSEPORT, so that connections to peers
+    /// can be made from the same address and port).
+    Tcp(TcpListener),
+}
+
+/// Binds the listening socket of an RFC 6062 TCP allocation.
+fn bind_tcp_relay(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(128)?;
+    Ok(socket.into())
 }
 
 /// A shard's inbox: the queue and the eventfd that wakes the shard.
@@ -168,7 +212,7 @@ pub struct ControlReport {
 /// The control thread: the shell around a [`RelayAllocator`] that binds relay sockets,
 /// updates the shared [`Routes`] and answers the shards.
 pub struct Control {
-    allocator: RelayAllocator<UdpSocket>,
+    allocator: RelayAllocator<RelaySocket>,
     relay_socket_buffer: usize,
     routes: Routes,
     shards: Vec<ShardHandle>,
@@ -326,14 +370,18 @@ impl Control {
         shard: usize,
         request: &mut AllocateRequest,
         now: Instant,
-    ) -> Result<(UdpSocket, SocketAddr), RelayError> {
+    ) -> Result<(RelaySocket, SocketAddr), RelayError> {
         let buffer = self.relay_socket_buffer;
+        let tcp = request.relay_transport == RelayTransport::Tcp;
         let granted = self
             .allocator
             .allocate(&Ticket::new(shard, request), now, |addr, next| {
-                let socket = bind_udp(addr, buffer)?;
+                if tcp {
+                    return Ok((RelaySocket::Tcp(bind_tcp_relay(addr)?), None));
+                }
+                let socket = RelaySocket::Udp(bind_udp(addr, buffer)?);
                 let reserved = next.map(|next| bind_udp(next, buffer)).transpose()?;
-                Ok((socket, reserved))
+                Ok((socket, reserved.map(RelaySocket::Udp)))
             })?;
         if let Some(token) = granted.token {
             request.grant_reservation(token);
@@ -350,7 +398,7 @@ impl Control {
         request: &AllocateRequest,
         family: AddressFamily,
         now: Instant,
-    ) -> Result<(UdpSocket, SocketAddr), RelayError> {
+    ) -> Result<(RelaySocket, SocketAddr), RelayError> {
         let buffer = self.relay_socket_buffer;
         let ticket = Ticket {
             family,
@@ -361,7 +409,7 @@ impl Control {
         };
         let granted = self.allocator.allocate(&ticket, now, |addr, _| {
             let socket = bind_udp(addr, buffer)?;
-            Ok((socket, None))
+            Ok((RelaySocket::Udp(socket), None))
         })?;
         self.change_route(granted.route);
         Ok((granted.socket, granted.relayed))

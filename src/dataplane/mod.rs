@@ -300,7 +300,9 @@ impl Runtime {
                 epoch,
                 unix,
             )
-            .with_tid_seed(tid_seed);
+            .with_tid_seed(tid_seed)
+            // RFC 6062 CONNECTION-IDs name their shard, for ConnectionBinds arriving elsewhere.
+            .with_connection_tag(u8::try_from(index).map_err(|_| anyhow!("at most 256 shards"))?);
             built.push(Shard::new(ShardParts {
                 index,
                 server,

@@ -12,14 +12,15 @@ use ahash::AHashMap;
 use crossbeam_channel::{Receiver, Sender};
 
 use super::io::{Datagram, Io, SocketId, Verdict, HEADROOM};
-use super::stream::{Conn, ReadOutcome, SendError, Streams, Token, READS_PER_TURN};
-use crate::control::{ControlRequest, Routes, ShardHandle, ShardMessage};
+use super::stream::{Conn, ConnKind, PeerState, ReadOutcome, SendError, Streams, Token, READS_PER_TURN};
+use crate::control::{ControlRequest, RelaySocket, Routes, ShardHandle, ShardMessage};
 use crate::metrics::{code_index, method_index, Histograms, Slot as MetricsSlot};
 use crate::proto::allocation::FiveTuple;
 use crate::proto::channel_data::{self, ChannelData};
 use crate::proto::framing::{self, Frame, FrameError};
 use crate::proto::server::{
-    AuthError, ClientAction, CloseReason, DropReason, Event, PeerAction, RelayError, Response, Server,
+    AuthError, ClientAction, CloseReason, DropReason, Event, PeerAction, PeerConnectionAction, RelayError, Response,
+    Server,
 };
 use crate::proto::stun::{Class, MessageType, Method};
 use crate::stats::{drop_index, ShardStats, StreamClose};
@@ -55,8 +56,11 @@ struct Core {
     histograms: Option<Histograms>,
     /// TCP and TLS client connections.
     streams: Streams,
-    /// Connections closed in this step, whose allocations are to end.
-    stream_closed: Vec<(FiveTuple, StreamClose)>,
+    /// Connections closed in this step, whose allocations (or partners) are to end.
+    stream_closed: Vec<(FiveTuple, ConnKind)>,
+    /// RFC 6062 ConnectionBinds that succeeded: (client data connection, CONNECTION-ID),
+    /// to link once the connection is back in its slot.
+    links: Vec<(FiveTuple, u32)>,
     /// The XDP fast path's maps for this shard's allocations (`--xdp`).
     #[cfg(feature = "xdp")]
     xdp: Option<crate::xdp::XdpOffload>,
@@ -143,6 +147,7 @@ impl Shard {
             histograms: parts.metrics.as_ref().map(|(_, h)| h.clone()),
             streams: parts.streams,
             stream_closed: Vec::new(),
+            links: Vec::new(),
             #[cfg(feature = "xdp")]
             xdp: parts.xdp,
         };
@@ -244,7 +249,15 @@ impl Shard {
         s.io = self.io.stats();
         // Relays from stream clients are sent outside the backend.
         s.io.send_errors += self.core.stats.io.send_errors;
-        s.streams = self.core.streams.stats;
+        // The stream layer counts connections; the shard counts messages and relayed bytes.
+        let shard_counted = self.core.stats.streams;
+        s.streams = crate::stats::StreamStats {
+            messages: shard_counted.messages,
+            peer_connections: shard_counted.peer_connections,
+            relayed_bytes: shard_counted.relayed_bytes,
+            backpressure_drops: self.core.streams.stats.backpressure_drops + shard_counted.backpressure_drops,
+            ..self.core.streams.stats
+        };
         s
     }
 
@@ -304,6 +317,15 @@ impl Shard {
                     }
                 }
             }
+            ShardMessage::AdoptConnection(adopted) => {
+                let now = Instant::now();
+                self.core.now = now;
+                if let Ok((id, mut conn)) = self.core.streams.adopt(*adopted, now) {
+                    let pending = std::mem::take(&mut conn.rbuf);
+                    self.core.stream_bytes(&mut conn, &pending, &mut self.scratch);
+                    self.core.finish_service(id, conn);
+                }
+            }
             ShardMessage::Handover { five_tuple, data } => {
                 self.core.stats.handovers += 1;
                 self.handle_copied(five_tuple, &data);
@@ -313,7 +335,20 @@ impl Shard {
 
     /// Registers a relay socket the control thread bound with the backend; on failure it
     /// goes back to the control thread and the Allocate is answered 508.
-    fn install_relay(&mut self, socket: UdpSocket, addr: SocketAddr) -> Result<SocketAddr, RelayError> {
+    fn install_relay(&mut self, socket: RelaySocket, addr: SocketAddr) -> Result<SocketAddr, RelayError> {
+        let socket = match socket {
+            RelaySocket::Udp(s) => s,
+            RelaySocket::Tcp(listener) => {
+                // RFC 6062: a TCP allocation's relayed transport address accepts peers.
+                return match self.core.streams.add_relay_listener(addr, listener) {
+                    Ok(()) => Ok(addr),
+                    Err(_) => {
+                        let _ = self.core.control.send(ControlRequest::Release { relayed: addr });
+                        Err(RelayError::Exhausted)
+                    }
+                };
+            }
+        };
         let id = self.core.new_id(Slot::Relay(addr));
         if self.io.register(id, socket.as_raw_fd()).is_ok() {
             self.core.relay_ids.insert(addr, id);
@@ -374,6 +409,7 @@ impl Shard {
     /// the control thread).
     fn close_released(&mut self) {
         for relayed in std::mem::take(&mut self.core.released) {
+            self.core.streams.remove_relay_listener(&relayed);
             if let Some(id) = self.core.relay_ids.remove(&relayed) {
                 if let Some(socket) = self.core.relay_sockets.remove(&id) {
                     self.io.deregister(id, socket.as_raw_fd());
@@ -455,6 +491,18 @@ impl Core {
             let xdp_usage: Option<crate::proto::allocation::Usage> = None;
             match event {
                 Event::AllocationCreated { .. } => self.stats.allocations_created += 1,
+                Event::ConnectionBound {
+                    connection_id, data, ..
+                } => self.links.push((data, connection_id)),
+                Event::PeerConnectionClosed { connection_id } => {
+                    if let Some(slot) = self.streams.peer_slot(connection_id) {
+                        if let Some((_, kind)) = self.streams.close_slot(slot, StreamClose::Eof) {
+                            if let Some((_, partner)) = kind.link() {
+                                self.streams.close_slot(partner, StreamClose::Eof);
+                            }
+                        }
+                    }
+                }
                 Event::AllocationClosed {
                     five_tuple,
                     relayed,
@@ -539,6 +587,7 @@ impl Core {
             match self.streams.event(i) {
                 (Token::Listener(l), _) => self.streams.accept(l, self.now),
                 (Token::Conn(id), flags) => self.service_conn(id, flags, out),
+                (Token::RelayListener(l), _) => self.accept_peers(l),
             }
         }
     }
@@ -550,19 +599,168 @@ impl Core {
         self.streams
             .sweep(self.now, |ft| server.allocation(ft).is_some(), &mut closed);
         self.streams.reap(&mut closed);
-        for (ft, _) in closed.drain(..) {
-            self.server.connection_closed(self.now, ft);
+        for (ft, kind) in closed.drain(..) {
+            self.after_close(ft, kind);
         }
         self.stream_closed = closed;
         self.drain_events();
+        self.apply_links();
+    }
+
+    /// What follows the close of a connection: a TURN client connection ends its
+    /// allocation (RFC 8656 §3.1); an RFC 6062 data connection ends its partner (§5.5) and
+    /// the server forgets it; a Connect that never connected is answered 447.
+    fn after_close(&mut self, ft: FiveTuple, kind: ConnKind) {
+        match kind {
+            ConnKind::Client => {
+                self.server.connection_closed(self.now, ft);
+                self.drain_events();
+            }
+            ConnKind::Peer {
+                connection_id,
+                state: PeerState::Connecting(_),
+            } => {
+                let mut buf = Vec::new();
+                if let Some((control, response)) =
+                    self.server.complete_connect(self.now, connection_id, false, &mut buf)
+                {
+                    self.count_response(response);
+                    let _ = self.streams.send_to(&control, &[&buf], self.now);
+                }
+            }
+            ConnKind::Peer { connection_id, .. } | ConnKind::ClientData { connection_id, .. } => {
+                self.server.peer_connection_closed(connection_id);
+                if let Some((_, partner)) = kind.link() {
+                    self.streams.close_slot(partner, StreamClose::Eof);
+                }
+            }
+        }
+    }
+
+    /// Links the client data connections whose ConnectionBind succeeded with their peer
+    /// data connections (RFC 6062 §5.4).
+    fn apply_links(&mut self) {
+        for (data, connection_id) in std::mem::take(&mut self.links) {
+            let linked = match self.streams.slot_of(&data) {
+                Some(slot) => self.streams.link(slot, connection_id, self.now),
+                None => false,
+            };
+            if !linked {
+                self.server.peer_connection_closed(connection_id);
+                if let Some(slot) = self.streams.slot_of(&data) {
+                    self.streams.close_slot(slot, StreamClose::Eof);
+                }
+                if let Some(peer) = self.streams.peer_slot(connection_id) {
+                    self.streams.close_slot(peer, StreamClose::Eof);
+                }
+            }
+        }
+    }
+
+    /// Accepts peers' connections to a TCP relayed transport address (RFC 6062 §5.3): kept
+    /// and announced to the client with ConnectionAttempt, or closed.
+    fn accept_peers(&mut self, index: usize) {
+        for _ in 0..64 {
+            let Some((socket, peer, relayed)) = self.streams.accept_peer(index) else {
+                return;
+            };
+            let mut buf = Vec::new();
+            let action = self.server.peer_connection(self.now, relayed, peer, &mut buf);
+            tracing::debug!(%relayed, %peer, ?action, "rfc6062 peer connection");
+            match action {
+                PeerConnectionAction::Attempt { control, connection_id } => {
+                    match self
+                        .streams
+                        .add_peer(socket, relayed, peer, connection_id, PeerState::Waiting, self.now)
+                    {
+                        Ok(_) => {
+                            self.stats.streams.peer_connections += 1;
+                            let _ = self.streams.send_to(&control, &[&buf], self.now);
+                        }
+                        Err(_) => self.server.peer_connection_closed(connection_id),
+                    }
+                }
+                PeerConnectionAction::Refuse(reason) => self.count_drop(reason),
+            }
+        }
+        self.streams.pending = true;
+    }
+
+    /// A Connect's connection to the peer finished (RFC 6062 §5.2): the response goes to
+    /// the control connection; a connected peer data connection waits for its bind.
+    fn finish_connect(&mut self, id: u32, mut conn: Conn, connection_id: u32, connected: bool) {
+        tracing::debug!(connection_id, connected, "rfc6062 connect finished");
+        let mut buf = Vec::new();
+        match self
+            .server
+            .complete_connect(self.now, connection_id, connected, &mut buf)
+        {
+            Some((control, response)) => {
+                self.count_response(response);
+                let _ = self.streams.send_to(&control, &[&buf], self.now);
+                if connected {
+                    self.stats.streams.peer_connections += 1;
+                    conn.kind = ConnKind::Peer {
+                        connection_id,
+                        state: PeerState::Waiting,
+                    };
+                    self.streams.put(id, conn);
+                } else {
+                    self.streams.close_taken(id, conn, StreamClose::Reset);
+                }
+            }
+            None => {
+                self.streams.close_taken(id, conn, StreamClose::Eof);
+            }
+        }
+    }
+
+    /// Puts a serviced connection back (or closes it, or hands it to another shard) and
+    /// applies what its messages caused.
+    fn finish_service(&mut self, id: u32, conn: Conn) {
+        if let Some(tag) = conn.handover {
+            let client = conn.five_tuple.client.ip();
+            let owner = tag as usize;
+            if owner < self.peers.len() && owner != self.index {
+                let adopted = self.streams.detach(id, conn);
+                if !self.peers[owner].send(ShardMessage::AdoptConnection(Box::new(adopted))) {
+                    self.streams.forget(client);
+                    self.stats.handover_overflow += 1;
+                }
+            } else {
+                self.streams.close_taken(id, conn, StreamClose::BadFrame);
+            }
+            return;
+        }
+        let kind = conn.kind;
+        match self.streams.put(id, conn) {
+            Some((ft, _)) => self.after_close(ft, kind),
+            None => self.streams.resume_partner(id),
+        }
+        self.drain_events();
+        self.apply_links();
     }
 
     /// Reads what connection `id` has (a few reads at most), frames it and handles each
-    /// message; writes what is queued when the socket is writable again.
+    /// message (or relays it as-is on an RFC 6062 data connection); writes what is queued
+    /// when the socket is writable again; finishes a Connect's connection attempt.
     fn service_conn(&mut self, id: u32, flags: u32, out: &mut Vec<u8>) {
         let Some(mut conn) = self.streams.take(id) else {
             return;
         };
+        if let ConnKind::Peer {
+            connection_id,
+            state: PeerState::Connecting(_),
+        } = conn.kind
+        {
+            match conn.connect_result() {
+                None => {
+                    self.streams.put(id, conn);
+                }
+                Some(connected) => self.finish_connect(id, conn, connection_id, connected),
+            }
+            return;
+        }
         if flags & libc::EPOLLOUT as u32 != 0 {
             conn.flush(self.now);
         }
@@ -571,14 +769,34 @@ impl Core {
             let mut raw = std::mem::take(&mut self.streams.raw);
             let mut plain = std::mem::take(&mut self.streams.plain);
             let tls = self.streams.tls().cloned();
+            let kind = conn.kind;
             for round in 0..READS_PER_TURN {
-                if conn.dead().is_some() {
+                if conn.dead().is_some() || conn.handover.is_some() || conn.paused || conn.kind != kind {
+                    break;
+                }
+                if matches!(
+                    kind,
+                    ConnKind::Peer {
+                        state: PeerState::Waiting,
+                        ..
+                    }
+                ) {
+                    // Not read before its bind; only a hang-up is noticed.
+                    if flags & (libc::EPOLLHUP | libc::EPOLLERR) as u32 != 0 {
+                        conn.kill(StreamClose::Eof);
+                    }
                     break;
                 }
                 match conn.read(&mut raw, &mut plain, tls.as_ref(), self.now) {
                     ReadOutcome::Data { plain: p, len } => {
                         let data = if p { &plain[..len] } else { &raw[..len] };
-                        self.stream_bytes(&mut conn, data, out);
+                        match kind.link() {
+                            Some((_, partner)) => {
+                                self.stats.streams.relayed_bytes += data.len() as u64;
+                                self.streams.relay(&mut conn, partner, data, self.now);
+                            }
+                            None => self.stream_bytes(&mut conn, data, out),
+                        }
                     }
                     ReadOutcome::WouldBlock => break,
                     ReadOutcome::Closed(why) => conn.kill(why),
@@ -590,10 +808,7 @@ impl Core {
             self.streams.raw = raw;
             self.streams.plain = plain;
         }
-        if let Some((ft, _)) = self.streams.put(id, conn) {
-            self.server.connection_closed(self.now, ft);
-            self.drain_events();
-        }
+        self.finish_service(id, conn);
     }
 
     /// Appends bytes read from a connection to its unframed rest and handles every complete
@@ -625,12 +840,16 @@ impl Core {
     fn stream_frames(&mut self, conn: &mut Conn, data: &[u8], out: &mut Vec<u8>) -> usize {
         let max = self.streams.limits().max_frame;
         let mut at = 0;
-        while conn.dead().is_none() {
+        // Framing stops when the connection became an RFC 6062 data connection (what follows
+        // its ConnectionBind is the client's data) or must move to another shard.
+        while conn.dead().is_none() && conn.kind == ConnKind::Client && conn.handover.is_none() {
             match framing::next_frame(&data[at..], max) {
                 Ok(Frame::Incomplete) => break,
                 Ok(Frame::Stun(n)) | Ok(Frame::ChannelData(n)) => {
                     self.stream_message(conn, &data[at..at + n], out);
-                    at += n;
+                    if conn.handover.is_none() {
+                        at += n;
+                    }
                 }
                 Err(FrameError::TooLong(_)) => conn.kill(StreamClose::FrameTooLong),
                 Err(_) => conn.kill(StreamClose::BadFrame),
@@ -662,7 +881,30 @@ impl Core {
                     Err(SendError::Full) => self.stats.streams.backpressure_drops += 1,
                     Err(SendError::NoConnection) => {}
                 }
+                // A successful ConnectionBind (RFC 6062 §5.4): from here on the connection
+                // carries the client's data, linked once it is back in its slot.
+                if let Some(&(_, connection_id)) = self.links.iter().find(|(d, _)| *d == ft) {
+                    conn.kind = ConnKind::ClientData {
+                        connection_id,
+                        peer: u32::MAX,
+                    };
+                }
             }
+            ClientAction::Connect {
+                connection_id,
+                relayed,
+                peer,
+            } => {
+                let started = self.streams.connect_peer(connection_id, relayed, peer, self.now);
+                tracing::debug!(connection_id, %relayed, %peer, ok = started.is_ok(), "rfc6062 connect");
+                if started.is_err() {
+                    if let Some((_, response)) = self.server.complete_connect(self.now, connection_id, false, out) {
+                        self.count_response(response);
+                        let _ = conn.send(&[out], self.now);
+                    }
+                }
+            }
+            ClientAction::ConnectionElsewhere { tag } => conn.handover = Some(tag),
             ClientAction::Relay { relayed, peer, payload } => {
                 let fd = self
                     .relay_ids
@@ -786,6 +1028,9 @@ impl Core {
                 }
                 Verdict::Drop
             }
+            // Connect needs a TCP allocation and ConnectionBind a TCP or TLS connection: the
+            // server refuses both over UDP before they get here.
+            ClientAction::Connect { .. } | ClientAction::ConnectionElsewhere { .. } => Verdict::Drop,
             // ChannelData or a Send indication for an allocation another shard may own.
             ClientAction::Drop(DropReason::NoAllocation) if sharded && self.hand_over(ft, data) => Verdict::Drop,
             ClientAction::Drop(reason) => {

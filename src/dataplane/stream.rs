@@ -45,6 +45,11 @@ const ACCEPTS_PER_TURN: usize = 64;
 const EVENTS: usize = 256;
 /// epoll token bit of a listening socket (connections use their slot number).
 const LISTENER_BIT: u64 = 1 << 32;
+/// epoll token bit of an RFC 6062 relay listener (a TCP allocation's relayed address).
+const RELAY_BIT: u64 = 1 << 33;
+/// How long a Connect may take (RFC 6062 §5.2: "The timeout value MUST be at least 30
+/// seconds").
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// How often connections are checked for timeouts.
 pub const SWEEP_PERIOD: Duration = Duration::from_secs(1);
 
@@ -106,6 +111,62 @@ enum Tls {
     Session(Box<ServerConnection>),
 }
 
+/// What a connection carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnKind {
+    /// A TURN client connection: STUN and ChannelData messages.
+    Client,
+    /// An RFC 6062 client data connection, relaying as-is to the peer data connection in
+    /// slot `peer`.
+    ClientData {
+        /// The CONNECTION-ID.
+        connection_id: u32,
+        /// The peer data connection's slot.
+        peer: u32,
+    },
+    /// An RFC 6062 peer data connection.
+    Peer {
+        /// The CONNECTION-ID.
+        connection_id: u32,
+        /// Where it stands.
+        state: PeerState,
+    },
+}
+
+/// The state of a peer data connection (RFC 6062).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeerState {
+    /// Connecting to the peer (Connect) since then.
+    Connecting(Instant),
+    /// Connected or accepted, waiting for the client's ConnectionBind (nothing is read from
+    /// the peer meanwhile: the kernel's receive window holds its data).
+    Waiting,
+    /// Relaying to the client data connection in this slot.
+    Linked(u32),
+}
+
+impl ConnKind {
+    /// The CONNECTION-ID and the partner's slot of a linked data connection.
+    pub fn link(self) -> Option<(u32, u32)> {
+        match self {
+            ConnKind::ClientData { connection_id, peer } => Some((connection_id, peer)),
+            ConnKind::Peer {
+                connection_id,
+                state: PeerState::Linked(client),
+            } => Some((connection_id, client)),
+            _ => None,
+        }
+    }
+
+    /// The CONNECTION-ID of an RFC 6062 data connection.
+    pub fn connection_id(self) -> Option<u32> {
+        match self {
+            ConnKind::ClientData { connection_id, .. } | ConnKind::Peer { connection_id, .. } => Some(connection_id),
+            ConnKind::Client => None,
+        }
+    }
+}
+
 /// What a read produced.
 pub enum ReadOutcome {
     /// Bytes for the framer: `plain[..n]` (TLS) or `raw[..n]` (TCP).
@@ -137,8 +198,15 @@ pub struct Conn {
     pub last_message: Instant,
     opened: Instant,
     stalled_since: Option<Instant>,
-    out_interest: bool,
+    /// The epoll events registered.
+    interest: u32,
     dead: Option<StreamClose>,
+    /// What it carries.
+    pub kind: ConnKind,
+    /// Reading suspended until the linked connection's queue drains (RFC 6062 relaying).
+    pub paused: bool,
+    /// Set when a ConnectionBind must be handled by the shard with this index.
+    pub handover: Option<u8>,
 }
 
 /// Why a message was not queued.
@@ -163,8 +231,75 @@ impl Conn {
             last_message: now,
             opened: now,
             stalled_since: None,
-            out_interest: false,
+            interest: READ_EVENTS,
             dead: None,
+            kind: ConnKind::Client,
+            paused: false,
+            handover: None,
+        }
+    }
+
+    /// Bytes queued and not yet written.
+    pub fn queued(&self) -> usize {
+        self.pending()
+    }
+
+    /// The epoll events this connection needs now.
+    fn wanted_interest(&self) -> u32 {
+        let read = if self.paused
+            || matches!(
+                self.kind,
+                ConnKind::Peer {
+                    state: PeerState::Waiting,
+                    ..
+                }
+            ) {
+            0
+        } else {
+            READ_EVENTS
+        };
+        let write = if self.pending() > 0
+            || matches!(
+                self.kind,
+                ConnKind::Peer {
+                    state: PeerState::Connecting(_),
+                    ..
+                }
+            ) {
+            libc::EPOLLOUT as u32
+        } else {
+            0
+        };
+        read | write
+    }
+
+    /// Whether a non-blocking connect finished, and how: `Some(true)` connected,
+    /// `Some(false)` failed, `None` still going.
+    pub fn connect_result(&self) -> Option<bool> {
+        match self.socket.take_error() {
+            Ok(Some(_)) | Err(_) => Some(false),
+            Ok(None) => match self.socket.peer_addr() {
+                Ok(_) => Some(true),
+                Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => None,
+                Err(_) => Some(false),
+            },
+        }
+    }
+
+    /// Takes the parts a shard needs to adopt this connection (RFC 6062 ConnectionBind
+    /// reaching another shard): socket, TLS session, 5-tuple, unhandled plaintext, unsent
+    /// bytes.
+    fn into_adopted(self) -> crate::control::Adopted {
+        let tls = match self.tls {
+            Tls::Session(s) => Some(s),
+            _ => None,
+        };
+        crate::control::Adopted {
+            socket: self.socket,
+            tls,
+            five_tuple: self.five_tuple,
+            pending: self.rbuf,
+            unsent: self.wbuf[self.wpos..].to_vec(),
         }
     }
 
@@ -395,6 +530,8 @@ pub enum Token {
     Listener(usize),
     /// A connection slot.
     Conn(u32),
+    /// An RFC 6062 relay listener (index into the shard's relay listeners).
+    RelayListener(usize),
 }
 
 /// A shard's stream listeners and connections.
@@ -417,6 +554,11 @@ pub struct Streams {
     pub pending: bool,
     next_sweep: Instant,
     dead: Vec<u32>,
+    /// RFC 6062 relay listeners of this shard's TCP allocations: (relayed address, socket).
+    relay_listeners: Vec<Option<(SocketAddr, TcpListener)>>,
+    relay_by_addr: AHashMap<SocketAddr, usize>,
+    /// Peer data connections by CONNECTION-ID.
+    by_connection_id: AHashMap<u32, u32>,
     /// Counters.
     pub stats: StreamStats,
 }
@@ -462,6 +604,9 @@ impl Streams {
             pending: false,
             next_sweep: Instant::now() + SWEEP_PERIOD,
             dead: Vec::new(),
+            relay_listeners: Vec::new(),
+            relay_by_addr: AHashMap::new(),
+            by_connection_id: AHashMap::new(),
             stats: StreamStats::default(),
         })
     }
@@ -507,7 +652,9 @@ impl Streams {
     /// The `i`-th ready descriptor of the last [`Streams::poll`], with its epoll flags.
     pub fn event(&self, i: usize) -> (Token, u32) {
         let e = self.events[i];
-        let token = if e.u64 & LISTENER_BIT != 0 {
+        let token = if e.u64 & RELAY_BIT != 0 {
+            Token::RelayListener((e.u64 & !RELAY_BIT) as usize)
+        } else if e.u64 & LISTENER_BIT != 0 {
             Token::Listener((e.u64 & !LISTENER_BIT) as usize)
         } else {
             Token::Conn(e.u64 as u32)
@@ -594,24 +741,18 @@ impl Streams {
     }
 
     fn update_interest(&mut self, id: u32, conn: &mut Conn) {
-        let want = conn.pending() > 0;
-        if want != conn.out_interest {
-            let events = if want {
-                READ_EVENTS | libc::EPOLLOUT as u32
-            } else {
-                READ_EVENTS
-            };
-            if epoll_ctl(
+        let want = conn.wanted_interest();
+        if want != conn.interest
+            && epoll_ctl(
                 self.epfd.as_raw_fd(),
                 libc::EPOLL_CTL_MOD,
                 conn.socket.as_raw_fd(),
-                events,
+                want,
                 id as u64,
             )
             .is_ok()
-            {
-                conn.out_interest = want;
-            }
+        {
+            conn.interest = want;
         }
     }
 
@@ -642,11 +783,14 @@ impl Streams {
 
     /// Connections marked dead outside [`Streams::take`]/[`Streams::put`] (a write failed
     /// while relaying): closes them and returns their 5-tuples.
-    pub fn reap(&mut self, closed: &mut Vec<(FiveTuple, StreamClose)>) {
+    pub fn reap(&mut self, closed: &mut Vec<(FiveTuple, ConnKind)>) {
         while let Some(id) = self.dead.pop() {
             let Some(conn) = self.take(id) else { continue };
             match conn.dead {
-                Some(why) => closed.push((self.close(id, conn, why), why)),
+                Some(why) => {
+                    let kind = conn.kind;
+                    closed.push((self.close(id, conn, why), kind));
+                }
                 None => self.conns[id as usize] = Some(conn),
             }
         }
@@ -659,7 +803,7 @@ impl Streams {
         &mut self,
         now: Instant,
         has_allocation: impl Fn(&FiveTuple) -> bool,
-        closed: &mut Vec<(FiveTuple, StreamClose)>,
+        closed: &mut Vec<(FiveTuple, ConnKind)>,
     ) {
         if now < self.next_sweep {
             return;
@@ -672,6 +816,14 @@ impl Streams {
                 Some(c) if c.handshaking() && now.saturating_duration_since(c.opened) > limits.handshake_timeout => {
                     StreamClose::HandshakeTimeout
                 }
+                Some(Conn {
+                    kind:
+                        ConnKind::Peer {
+                            state: PeerState::Connecting(since),
+                            ..
+                        },
+                    ..
+                }) if now.saturating_duration_since(*since) > CONNECT_TIMEOUT => StreamClose::Reset,
                 Some(c)
                     if c.stalled_since
                         .is_some_and(|t| now.saturating_duration_since(t) > limits.idle_timeout) =>
@@ -679,7 +831,8 @@ impl Streams {
                     StreamClose::WriteStalled
                 }
                 Some(c)
-                    if now.saturating_duration_since(c.last_message) > limits.idle_timeout
+                    if c.kind == ConnKind::Client
+                        && now.saturating_duration_since(c.last_message) > limits.idle_timeout
                         && !has_allocation(&c.five_tuple) =>
                 {
                     StreamClose::IdleTimeout
@@ -688,7 +841,8 @@ impl Streams {
                 Some(_) => continue,
             };
             if let Some(conn) = self.take(id) {
-                closed.push((self.close(id, conn, why), why));
+                let kind = conn.kind;
+                closed.push((self.close(id, conn, why), kind));
             }
         }
     }
@@ -696,15 +850,313 @@ impl Streams {
     /// Closes connection `id` (taken out of its slot) and returns its 5-tuple.
     fn close(&mut self, id: u32, conn: Conn, why: StreamClose) -> FiveTuple {
         let ft = conn.five_tuple;
+        let kind = conn.kind;
         // Closing the socket removes it from the epoll set (no other descriptor refers to it).
         drop(conn);
-        self.by_tuple.remove(&ft);
         self.free.push(id);
+        if let ConnKind::Peer { connection_id, .. } = kind {
+            self.by_connection_id.remove(&connection_id);
+            self.stats.peer_open = self.stats.peer_open.saturating_sub(1);
+            return ft;
+        }
+        self.by_tuple.remove(&ft);
         self.shared.release(ft.client.ip());
         let t = transport_index(ft.transport);
         self.stats.open[t] = self.stats.open[t].saturating_sub(1);
         self.stats.closed[why as usize] += 1;
         ft
+    }
+
+    /// Closes the connection in slot `id` (not taken) and returns it's 5-tuple and kind.
+    pub fn close_slot(&mut self, id: u32, why: StreamClose) -> Option<(FiveTuple, ConnKind)> {
+        let conn = self.take(id)?;
+        let kind = conn.kind;
+        Some((self.close(id, conn, why), kind))
+    }
+
+    /// Closes `conn` (taken from slot `id`).
+    pub fn close_taken(&mut self, id: u32, conn: Conn, why: StreamClose) -> FiveTuple {
+        self.close(id, conn, why)
+    }
+
+    fn new_slot(&mut self) -> u32 {
+        match self.free.pop() {
+            Some(id) => id,
+            None => {
+                self.conns.push(None);
+                (self.conns.len() - 1) as u32
+            }
+        }
+    }
+
+    /// Starts accepting peer connections on the TCP relayed transport address `relayed`.
+    ///
+    /// # Errors
+    /// When epoll refuses the socket.
+    pub fn add_relay_listener(&mut self, relayed: SocketAddr, listener: TcpListener) -> io::Result<()> {
+        let index = match self.relay_listeners.iter().position(Option::is_none) {
+            Some(i) => i,
+            None => {
+                self.relay_listeners.push(None);
+                self.relay_listeners.len() - 1
+            }
+        };
+        epoll_ctl(
+            self.epfd.as_raw_fd(),
+            libc::EPOLL_CTL_ADD,
+            listener.as_raw_fd(),
+            libc::EPOLLIN as u32,
+            RELAY_BIT | index as u64,
+        )?;
+        self.relay_listeners[index] = Some((relayed, listener));
+        self.relay_by_addr.insert(relayed, index);
+        Ok(())
+    }
+
+    /// Whether `relayed` is a TCP relayed transport address of this shard.
+    pub fn has_relay_listener(&self, relayed: &SocketAddr) -> bool {
+        self.relay_by_addr.contains_key(relayed)
+    }
+
+    /// Closes the relay listener of `relayed` (its allocation ended).
+    pub fn remove_relay_listener(&mut self, relayed: &SocketAddr) {
+        if let Some(index) = self.relay_by_addr.remove(relayed) {
+            self.relay_listeners[index] = None;
+        }
+    }
+
+    /// Accepts one waiting peer connection on relay listener `index`: the socket
+    /// (non-blocking), the peer and the relayed address; `None` when none waits.
+    pub fn accept_peer(&mut self, index: usize) -> Option<(TcpStream, SocketAddr, SocketAddr)> {
+        let (relayed, listener) = self.relay_listeners.get(index)?.as_ref()?;
+        loop {
+            match listener.accept() {
+                Ok((socket, peer)) => {
+                    if socket.set_nonblocking(true).is_err() {
+                        continue;
+                    }
+                    let _ = socket.set_nodelay(true);
+                    return Some((socket, peer, *relayed));
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => return None,
+            }
+        }
+    }
+
+    /// Adds a peer data connection (accepted, or being connected) under `connection_id`.
+    ///
+    /// # Errors
+    /// When epoll refuses the socket.
+    pub fn add_peer(
+        &mut self,
+        socket: TcpStream,
+        relayed: SocketAddr,
+        peer: SocketAddr,
+        connection_id: u32,
+        state: PeerState,
+        now: Instant,
+    ) -> io::Result<u32> {
+        let mut conn = Conn::new(socket, FiveTuple::new(peer, relayed, Transport::Tcp), Tls::None, now);
+        conn.kind = ConnKind::Peer { connection_id, state };
+        let id = self.new_slot();
+        let want = conn.wanted_interest();
+        if let Err(e) = epoll_ctl(
+            self.epfd.as_raw_fd(),
+            libc::EPOLL_CTL_ADD,
+            conn.socket.as_raw_fd(),
+            want,
+            id as u64,
+        ) {
+            self.free.push(id);
+            return Err(e);
+        }
+        conn.interest = want;
+        self.by_connection_id.insert(connection_id, id);
+        self.conns[id as usize] = Some(conn);
+        self.stats.peer_open += 1;
+        Ok(id)
+    }
+
+    /// Opens a TCP connection from the relayed transport address `relayed` to `peer`
+    /// (RFC 6062 §5.2: "the server MUST initiate a TCP connection to the peer from the
+    /// relayed transport address"), non-blocking; its result comes as a writable event.
+    ///
+    /// # Errors
+    /// When the socket cannot be made, bound or started (the Connect then fails: 447).
+    pub fn connect_peer(
+        &mut self,
+        connection_id: u32,
+        relayed: SocketAddr,
+        peer: SocketAddr,
+        now: Instant,
+    ) -> io::Result<u32> {
+        use socket2::{Domain, Protocol, Socket, Type};
+        let socket = Socket::new(Domain::for_address(peer), Type::STREAM, Some(Protocol::TCP))?;
+        if peer.is_ipv6() {
+            socket.set_only_v6(true)?;
+        }
+        socket.set_reuse_address(true)?;
+        socket.set_reuse_port(true)?;
+        socket.set_nonblocking(true)?;
+        socket.set_tcp_nodelay(true)?;
+        socket.bind(&relayed.into())?;
+        match socket.connect(&peer.into()) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+            Err(e) => return Err(e),
+        }
+        self.add_peer(
+            socket.into(),
+            relayed,
+            peer,
+            connection_id,
+            PeerState::Connecting(now),
+            now,
+        )
+    }
+
+    /// The slot of the peer data connection `connection_id`.
+    pub fn peer_slot(&self, connection_id: u32) -> Option<u32> {
+        self.by_connection_id.get(&connection_id).copied()
+    }
+
+    /// Mutable access to the connection in slot `id` (not taken).
+    pub fn get_mut(&mut self, id: u32) -> Option<&mut Conn> {
+        self.conns.get_mut(id as usize).and_then(Option::as_mut)
+    }
+
+    /// Links the client data connection in slot `client` (not taken) with the peer data
+    /// connection `connection_id` (RFC 6062 §5.4): both relay as-is from now on. Bytes the
+    /// client sent after its ConnectionBind go to the peer. `false` when either is gone.
+    pub fn link(&mut self, client: u32, connection_id: u32, now: Instant) -> bool {
+        let Some(peer) = self.peer_slot(connection_id) else {
+            return false;
+        };
+        let Some(mut c) = self.take(client) else {
+            return false;
+        };
+        let Some(mut p) = self.take(peer) else {
+            self.conns[client as usize] = Some(c);
+            return false;
+        };
+        c.kind = ConnKind::ClientData { connection_id, peer };
+        p.kind = ConnKind::Peer {
+            connection_id,
+            state: PeerState::Linked(client),
+        };
+        // The client connection is no longer a TURN 5-tuple that responses go to.
+        self.by_tuple.remove(&c.five_tuple);
+        let early = std::mem::take(&mut c.rbuf);
+        if !early.is_empty() {
+            let _ = p.send(&[&early], now);
+        }
+        self.update_interest(client, &mut c);
+        self.update_interest(peer, &mut p);
+        self.conns[client as usize] = Some(c);
+        self.conns[peer as usize] = Some(p);
+        true
+    }
+
+    /// Relays `data` read from a linked data connection (`from`, taken) to its partner in
+    /// slot `to`; pauses reading from `from` while the partner's queue is over half the
+    /// write budget.
+    pub fn relay(&mut self, from: &mut Conn, to: u32, data: &[u8], now: Instant) {
+        let Some(mut partner) = self.take(to) else {
+            from.kill(StreamClose::Eof);
+            return;
+        };
+        if partner.send(&[data], now).is_err() {
+            partner.kill(StreamClose::Reset);
+            self.dead.push(to);
+        }
+        if partner.pending() > WRITE_BUDGET / 2 {
+            from.paused = true;
+        }
+        self.update_interest(to, &mut partner);
+        self.conns[to as usize] = Some(partner);
+    }
+
+    /// After connection `id` (not taken) wrote some of its queue: resumes reading from its
+    /// partner when the queue is down to a quarter of the write budget.
+    pub fn resume_partner(&mut self, id: u32) {
+        let Some((_, partner)) = self
+            .conns
+            .get(id as usize)
+            .and_then(Option::as_ref)
+            .and_then(|c| (c.pending() <= WRITE_BUDGET / 4).then_some(c.kind.link()).flatten())
+        else {
+            return;
+        };
+        if let Some(mut p) = self.take(partner) {
+            if p.paused {
+                p.paused = false;
+                self.update_interest(partner, &mut p);
+                self.pending = true;
+            }
+            self.conns[partner as usize] = Some(p);
+        }
+    }
+
+    /// Removes the client connection `conn` (taken from slot `id`) from this shard without
+    /// closing it, for another shard to adopt (RFC 6062 ConnectionBind there).
+    pub fn detach(&mut self, id: u32, conn: Conn) -> crate::control::Adopted {
+        let _ = epoll_ctl(
+            self.epfd.as_raw_fd(),
+            libc::EPOLL_CTL_DEL,
+            conn.socket.as_raw_fd(),
+            0,
+            0,
+        );
+        self.by_tuple.remove(&conn.five_tuple);
+        self.free.push(id);
+        let t = transport_index(conn.five_tuple.transport);
+        self.stats.open[t] = self.stats.open[t].saturating_sub(1);
+        conn.into_adopted()
+    }
+
+    /// Takes over a client connection another shard detached; returns its slot, taken out
+    /// (the caller handles `rbuf`, the plaintext not yet handled, and puts it back).
+    ///
+    /// # Errors
+    /// When epoll refuses the socket (the connection is closed).
+    pub fn adopt(&mut self, a: crate::control::Adopted, now: Instant) -> io::Result<(u32, Conn)> {
+        let tls = match a.tls {
+            Some(s) => Tls::Session(s),
+            None => Tls::None,
+        };
+        let mut conn = Conn::new(a.socket, a.five_tuple, tls, now);
+        conn.rbuf = a.pending;
+        conn.wbuf = a.unsent;
+        let id = self.new_slot();
+        let want = conn.wanted_interest();
+        if let Err(e) = epoll_ctl(
+            self.epfd.as_raw_fd(),
+            libc::EPOLL_CTL_ADD,
+            conn.socket.as_raw_fd(),
+            want,
+            id as u64,
+        ) {
+            self.free.push(id);
+            self.shared.release(conn.five_tuple.client.ip());
+            return Err(e);
+        }
+        conn.interest = want;
+        let t = transport_index(conn.five_tuple.transport);
+        self.stats.open[t] += 1;
+        self.by_tuple.insert(conn.five_tuple, id);
+        Ok((id, conn))
+    }
+
+    /// The slot of the client connection of `five_tuple`.
+    pub fn slot_of(&self, five_tuple: &FiveTuple) -> Option<u32> {
+        self.by_tuple.get(five_tuple).copied()
+    }
+
+    /// Gives back the per-IP and total connection slots of a connection that was detached
+    /// and could not be handed to another shard (it is closed).
+    pub fn forget(&mut self, client: IpAddr) {
+        self.shared.release(client);
     }
 
     /// Open connections on this shard.

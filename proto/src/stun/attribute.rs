@@ -193,6 +193,10 @@ impl ErrorCode {
     pub const UNSUPPORTED_TRANSPORT: ErrorCode = ErrorCode(442);
     /// 443 Peer Address Family Mismatch (RFC 8656).
     pub const PEER_ADDRESS_FAMILY_MISMATCH: ErrorCode = ErrorCode(443);
+    /// 446 Connection Already Exists (RFC 6062).
+    pub const CONNECTION_ALREADY_EXISTS: ErrorCode = ErrorCode(446);
+    /// 447 Connection Timeout or Failure (RFC 6062).
+    pub const CONNECTION_TIMEOUT_OR_FAILURE: ErrorCode = ErrorCode(447);
     /// 486 Allocation Quota Reached (RFC 8656).
     pub const ALLOCATION_QUOTA_REACHED: ErrorCode = ErrorCode(486);
     /// 500 Server Error.
@@ -214,6 +218,8 @@ impl ErrorCode {
             441 => "Wrong Credentials",
             442 => "Unsupported Transport Protocol",
             443 => "Peer Address Family Mismatch",
+            446 => "Connection Already Exists",
+            447 => "Connection Timeout or Failure",
             486 => "Allocation Quota Reached",
             500 => "Server Error",
             508 => "Insufficient Capacity",
