@@ -3,8 +3,11 @@
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, ToSocketAddrs};
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use std::sync::Arc;
+
+use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, ValueEnum};
+use rustls::pki_types::{CertificateDer, ServerName};
 
 /// What loadgen talks to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
@@ -16,6 +19,50 @@ pub enum Mode {
     /// loadgen's `bare-forwarder` (plain UDP, no TURN): each channel registers its echo peer
     /// once, then datagrams go unchanged client → forwarder → peer → forwarder → client.
     Raw,
+}
+
+/// How the clients reach the server (RFC 8656 §3.1). The relayed addresses are UDP whatever
+/// the transport.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    /// One UDP socket per allocation (recvmmsg/sendmmsg).
+    Udp,
+    /// One TCP connection per allocation; messages framed on the stream, ChannelData padded to
+    /// 4 bytes (RFC 8656 §12.5).
+    Tcp,
+    /// One TLS connection per allocation (rustls, TLS 1.2 or 1.3, ALPN `stun.turn`), framed
+    /// as over TCP. Needs `--ca`.
+    Tls,
+}
+
+impl Transport {
+    /// `udp`, `tcp` or `tls`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Transport::Udp => "udp",
+            Transport::Tcp => "tcp",
+            Transport::Tls => "tls",
+        }
+    }
+
+    /// Whether this is a byte stream (TCP or TLS).
+    pub fn is_stream(self) -> bool {
+        self != Transport::Udp
+    }
+}
+
+/// TLS versions loadgen offers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum TlsVersion {
+    /// TLS 1.3 and 1.2 (the server picks).
+    Any,
+    /// TLS 1.3 only.
+    #[value(name = "1.3")]
+    V13,
+    /// TLS 1.2 only.
+    #[value(name = "1.2")]
+    V12,
 }
 
 /// Sending rate.
@@ -43,14 +90,31 @@ fn parse_rate(s: &str) -> Result<Rate, String> {
     Ok(Rate::Pps(v))
 }
 
-/// `loadgen`: drives any TURN server over UDP with many allocations and channels, runs the
-/// echo peers itself, and reports throughput, loss and round-trip latency.
+/// `loadgen`: drives any TURN server over UDP, TCP or TLS with many allocations and channels,
+/// runs the echo peers itself, and reports throughput, loss and round-trip latency.
 #[derive(Debug, Clone, Parser)]
 #[command(name = "loadgen", version, about, long_about = None)]
 pub struct Args {
-    /// TURN server (or bare forwarder) UDP address, IPv4.
+    /// TURN server (or bare forwarder) address, IPv4: UDP, or TCP/TLS with `--transport`.
     #[arg(long, default_value = "127.0.0.1:3478")]
     pub server: String,
+    /// Transport to the server: `udp`, `tcp` (TURN over TCP) or `tls` (TURN over TLS, needs
+    /// `--ca`). Each allocation has its own socket or connection; relaying to the peers is
+    /// UDP in every case.
+    #[arg(long, value_enum, default_value_t = Transport::Udp)]
+    pub transport: Transport,
+    /// PEM file of the CA certificate(s) that verify the server's certificate (`--transport
+    /// tls`).
+    #[arg(long)]
+    pub ca: Option<std::path::PathBuf>,
+    /// Name the server's certificate must carry (`--transport tls`): a DNS name or an IP
+    /// address. Default: the host part of `--server`.
+    #[arg(long)]
+    pub tls_name: Option<String>,
+    /// TLS versions offered (`--transport tls`): `any` (1.3 and 1.2), `1.3` or `1.2` (to
+    /// compare servers on the same version).
+    #[arg(long, value_enum, default_value_t = TlsVersion::Any)]
+    pub tls_version: TlsVersion,
     /// `turn` for any TURN server, `raw` for loadgen's bare-forwarder.
     #[arg(long, value_enum, default_value_t = Mode::Turn)]
     pub mode: Mode,
@@ -119,7 +183,9 @@ pub struct Args {
     /// the granted lifetime, at most 240 s because permissions last 300 s).
     #[arg(long)]
     pub refresh_interval: Option<f64>,
-    /// Initial STUN retransmission timeout in milliseconds (doubles; 5 transmissions).
+    /// Initial STUN retransmission timeout in milliseconds (doubles; 5 transmissions). Over
+    /// TCP and TLS requests are not retransmitted; the same schedule only bounds the wait
+    /// (31 x this for a request).
     #[arg(long, default_value_t = 500)]
     pub rto_ms: u64,
     /// Time after the last send to wait for packets still in flight, in milliseconds.
@@ -145,6 +211,10 @@ pub struct Args {
 pub struct Plan {
     /// Server address.
     pub server: SocketAddrV4,
+    /// Transport to the server.
+    pub transport: Transport,
+    /// The TLS client configuration and the name to verify (`Transport::Tls`).
+    pub tls: Option<(Arc<rustls::ClientConfig>, ServerName<'static>)>,
     /// Mode.
     pub mode: Mode,
     /// Number of allocations (client sockets).
@@ -248,6 +318,54 @@ fn resolve_v4(s: &str) -> Result<SocketAddrV4> {
     bail!("server address {s:?} has no IPv4 address (loadgen is IPv4-only)")
 }
 
+/// The host part of `HOST:PORT` (brackets of an IPv6 literal removed).
+fn host_of(server: &str) -> &str {
+    let host = server.rsplit_once(':').map_or(server, |(h, _)| h);
+    host.trim_start_matches('[').trim_end_matches(']')
+}
+
+/// The ALPN protocol ID of TURN (RFC 7443 §3), offered in every TLS ClientHello.
+pub const ALPN_STUN_TURN: &[u8] = b"stun.turn";
+
+/// A rustls client configuration that trusts the certificates in the PEM file `ca` (TLS 1.2
+/// and 1.3, ALPN `stun.turn`, ring as the crypto provider), and the name to verify.
+///
+/// # Errors
+/// Unreadable file, no certificate in it, or a name that is neither a DNS name nor an IP.
+pub fn tls_client_config(
+    ca: &std::path::Path,
+    name: &str,
+    version: TlsVersion,
+) -> Result<(Arc<rustls::ClientConfig>, ServerName<'static>)> {
+    let pem = std::fs::read(ca).with_context(|| format!("reading --ca {}", ca.display()))?;
+    let certs: Vec<CertificateDer<'static>> = rustls_pemfile::certs(&mut &pem[..])
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("parsing certificates in {}", ca.display()))?;
+    if certs.is_empty() {
+        bail!("--ca {} holds no PEM certificate", ca.display());
+    }
+    let mut roots = rustls::RootCertStore::empty();
+    for c in certs {
+        roots
+            .add(c)
+            .with_context(|| format!("a certificate in {} is not a usable CA", ca.display()))?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let versions: &[&'static rustls::SupportedProtocolVersion] = match version {
+        TlsVersion::Any => &[&rustls::version::TLS13, &rustls::version::TLS12],
+        TlsVersion::V13 => &[&rustls::version::TLS13],
+        TlsVersion::V12 => &[&rustls::version::TLS12],
+    };
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(versions)
+        .context("TLS versions")?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![ALPN_STUN_TURN.to_vec()];
+    let name = ServerName::try_from(name.to_string()).map_err(|e| anyhow!("TLS server name {name:?}: {e}"))?;
+    Ok((Arc::new(config), name))
+}
+
 /// Seconds since the epoch (for REST API usernames).
 fn unix_now() -> u64 {
     std::time::SystemTime::now()
@@ -297,6 +415,25 @@ impl Args {
         if self.mode == Mode::Raw && self.send_indications {
             bail!("--send-indications is for --mode turn");
         }
+        if self.mode == Mode::Raw && self.transport != Transport::Udp {
+            bail!("--mode raw (bare-forwarder) is UDP only");
+        }
+        if self.transport != Transport::Tls
+            && (self.ca.is_some() || self.tls_name.is_some() || self.tls_version != TlsVersion::Any)
+        {
+            bail!("--ca, --tls-name and --tls-version are for --transport tls");
+        }
+        let tls = match (self.transport, &self.ca) {
+            (Transport::Tls, Some(ca)) => Some(tls_client_config(
+                ca,
+                self.tls_name.as_deref().unwrap_or_else(|| host_of(&self.server)),
+                self.tls_version,
+            )?),
+            (Transport::Tls, None) => {
+                bail!("--transport tls needs --ca FILE (the CA that signed the server's certificate)")
+            }
+            _ => None,
+        };
         let allocations = self.channels / self.channels_per_allocation;
         let local_ips = if self.local_ip == "auto" {
             if allocations <= ALLOCATIONS_PER_IP {
@@ -334,6 +471,8 @@ impl Args {
         };
         Ok(Plan {
             server,
+            transport: self.transport,
+            tls,
             mode: self.mode,
             allocations,
             per_alloc: self.channels_per_allocation,
@@ -421,5 +560,31 @@ mod tests {
         let p = args(&["--secret", "s3", "--user", "bob"]).plan().unwrap();
         assert!(p.username.ends_with(":bob"));
         assert_eq!(p.password, turnpike::proto::auth::rest_api_password("s3", &p.username));
+    }
+
+    #[test]
+    fn transport_checks() {
+        let args = |extra: &[&str]| {
+            let mut v = vec!["loadgen"];
+            v.extend_from_slice(extra);
+            Args::try_parse_from(v).unwrap()
+        };
+        let p = args(&[]).plan().unwrap();
+        assert_eq!(p.transport, Transport::Udp);
+        assert!(p.tls.is_none());
+        assert_eq!(args(&["--transport", "tcp"]).plan().unwrap().transport, Transport::Tcp);
+        assert!(args(&["--transport", "tls"]).plan().is_err(), "TLS needs --ca");
+        assert!(args(&["--ca", "/nonexistent"]).plan().is_err(), "--ca without TLS");
+        assert!(
+            args(&["--tls-version", "1.2"]).plan().is_err(),
+            "--tls-version without TLS"
+        );
+        assert!(args(&["--transport", "tls", "--ca", "/nonexistent/ca.pem"])
+            .plan()
+            .is_err());
+        assert!(args(&["--mode", "raw", "--transport", "tcp"]).plan().is_err());
+        assert_eq!(host_of("127.0.0.1:5349"), "127.0.0.1");
+        assert_eq!(host_of("localhost:443"), "localhost");
+        assert_eq!(host_of("[::1]:5349"), "::1");
     }
 }

@@ -1,5 +1,6 @@
-//! `loadgen`: a load generator for any TURN server (RFC 8656) over UDP, on turnpike's own
-//! sans-IO codec (`turnpike::proto`), plus the pieces of the side-by-side benchmark.
+//! `loadgen`: a load generator for any TURN server (RFC 8656) over UDP, TCP or TLS, on
+//! turnpike's own sans-IO codec and stream framing (`turnpike::proto`), plus the pieces of
+//! the side-by-side benchmark.
 //!
 //! A run has phases, steered by the main thread ([`run`]) and carried out by worker
 //! threads ([`worker::Worker`]): set up N allocations (each a distinct client 5-tuple) with
@@ -12,6 +13,7 @@
 pub mod cli;
 pub mod payload;
 pub mod report;
+pub mod stream;
 pub mod sys;
 pub mod worker;
 
@@ -25,7 +27,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use socket2::{Domain, Protocol, Socket, Type};
 
 use cli::{Mode, Plan, Rate};
-use report::{Direction, Report, Rtt, ServerProcess, Setup, Stun, Traffic};
+use report::{Direction, Report, Rtt, ServerProcess, Setup, Stun, Tls, Traffic};
 use worker::{Counters, Progress, Shared, Worker};
 
 /// Socket buffer asked for on echo peer sockets, bytes.
@@ -357,6 +359,12 @@ fn build_report(
             Mode::Raw => "raw".into(),
         },
         server: plan.server.to_string(),
+        transport: plan.transport.name().into(),
+        tls: (plan.transport == cli::Transport::Tls).then_some(Tls {
+            handshakes: c.tls_handshakes,
+            tls13: c.tls13,
+            alpn_stun_turn: c.alpn_stun_turn,
+        }),
         channels: plan.allocations * plan.per_alloc,
         allocations: plan.allocations,
         channels_per_allocation: plan.per_alloc,

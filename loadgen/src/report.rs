@@ -149,6 +149,17 @@ pub struct Stun {
     pub transaction_us: Rtt,
 }
 
+/// TLS handshakes (`--transport tls`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Tls {
+    /// Handshakes completed (one per connection that got that far).
+    pub handshakes: u64,
+    /// Of those, TLS 1.3 (the others TLS 1.2).
+    pub tls13: u64,
+    /// Of those, with ALPN `stun.turn` (RFC 7443) selected by the server.
+    pub alpn_stun_turn: u64,
+}
+
 /// The server process, sampled from /proc (`--server-pid`).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct ServerProcess {
@@ -182,6 +193,12 @@ pub struct Report {
     pub mode: String,
     /// Server address.
     pub server: String,
+    /// `udp`, `tcp` or `tls`: how the clients reached the server (the relayed side is UDP).
+    #[serde(default)]
+    pub transport: String,
+    /// TLS handshakes (`--transport tls`).
+    #[serde(default)]
+    pub tls: Option<Tls>,
     /// Channels requested.
     pub channels: usize,
     /// Allocations requested (client 5-tuples).
@@ -233,7 +250,12 @@ impl Report {
             Some(r) => format!("{}packets/s", si(r)),
             None => format!("max (window {} per thread)", self.window.unwrap_or(0)),
         };
-        let _ = writeln!(s, "loadgen {} → {}", self.mode, self.server);
+        let transport = if self.transport.is_empty() {
+            "udp"
+        } else {
+            &self.transport
+        };
+        let _ = writeln!(s, "loadgen {} over {transport} → {}", self.mode, self.server);
         let _ = writeln!(
             s,
             "  {} channels on {} allocations ({} per allocation), {}, {} B payload, rate {}, {} thread(s){}",
@@ -260,6 +282,19 @@ impl Report {
                 si(self.setup.allocations_per_s)
             ),
         );
+        if let Some(tls) = &self.tls {
+            row(
+                &mut s,
+                "TLS handshakes",
+                format!(
+                    "{} ({} TLS 1.3, {} TLS 1.2), ALPN stun.turn on {}",
+                    tls.handshakes,
+                    tls.tls13,
+                    tls.handshakes - tls.tls13,
+                    tls.alpn_stun_turn
+                ),
+            );
+        }
         row(&mut s, "traffic time", format!("{:.2} s", t.seconds));
         for (name, d) in [
             ("client → peer", &t.client_to_peer),

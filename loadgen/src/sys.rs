@@ -1,6 +1,6 @@
 //! The only module with `unsafe`: thin wrappers over Linux system calls that std and
 //! socket2 do not offer (recvmmsg, sendmmsg, level-triggered epoll with a nanosecond
-//! timeout, setrlimit, getrusage, timer slack). Every block states why it is sound.
+//! timeout and write interest for streams, setrlimit, getrusage, timer slack). Every block states why it is sound.
 //!
 //! Everything is IPv4: loadgen drives servers on 127.0.0.0/8.
 
@@ -194,6 +194,21 @@ impl Epoll {
         };
         // SAFETY: `ev` is a valid epoll_event for the duration of the call.
         if unsafe { libc::epoll_ctl(self.fd, libc::EPOLL_CTL_ADD, fd, &mut ev) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Watches `fd` for readability and, with `writable`, writability (level-triggered),
+    /// reporting `token`: `add` when `fd` is new, else a change of what it is watched for.
+    pub fn watch(&self, fd: RawFd, token: u64, writable: bool, add: bool) -> io::Result<()> {
+        let mut ev = libc::epoll_event {
+            events: (libc::EPOLLIN | if writable { libc::EPOLLOUT } else { 0 }) as u32,
+            u64: token,
+        };
+        let op = if add { libc::EPOLL_CTL_ADD } else { libc::EPOLL_CTL_MOD };
+        // SAFETY: `ev` is a valid epoll_event for the duration of the call.
+        if unsafe { libc::epoll_ctl(self.fd, op, fd, &mut ev) } < 0 {
             return Err(io::Error::last_os_error());
         }
         Ok(())

@@ -1,7 +1,9 @@
-//! Worker threads. Each owns a contiguous share of the allocations (one client socket
-//! each) and every `threads`-th echo peer, runs their STUN transactions (setup, refresh,
-//! release), sends the traffic with sendmmsg and receives with recvmmsg, all from one
-//! level-triggered epoll loop. The main thread steers the phases through [`Shared`].
+//! Worker threads. Each owns a contiguous share of the allocations (one client socket or
+//! connection each) and every `threads`-th echo peer, runs their STUN transactions (setup,
+//! refresh, release), sends the traffic with sendmmsg and receives with recvmmsg (UDP) or
+//! writes and reads framed messages on the connections (TCP, TLS: [`crate::stream`]), all
+//! from one level-triggered epoll loop. The main thread steers the phases through
+//! [`Shared`].
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap};
@@ -15,6 +17,7 @@ use hdrhistogram::Histogram;
 use socket2::{Domain, Protocol, Socket, Type};
 use turnpike::proto::channel_data::{self, ChannelData};
 use turnpike::proto::client::{Client, Reply};
+use turnpike::proto::framing::{self, Frame};
 use turnpike::proto::stun::attribute::kind;
 use turnpike::proto::stun::{
     Attribute, Class, Message, MessageBuilder, MessageType, Method, PasswordAlgorithm, TransactionId,
@@ -22,6 +25,7 @@ use turnpike::proto::stun::{
 
 use crate::cli::{Mode, Plan, Rate};
 use crate::payload;
+use crate::stream::{Conn, Input};
 use crate::sys::{self, Epoll, RecvBatch, MAX_BATCH};
 
 /// Phase: set up allocations.
@@ -114,6 +118,12 @@ pub struct Counters {
     pub scheduled: u64,
     /// Fixed rate: the largest backlog behind the schedule, ns.
     pub max_lag_ns: u64,
+    /// TLS handshakes completed.
+    pub tls_handshakes: u64,
+    /// Of those, TLS 1.3.
+    pub tls13: u64,
+    /// Of those, with ALPN `stun.turn` selected by the server.
+    pub alpn_stun_turn: u64,
     /// Errors by STUN code or kind ("486", "timeout", "integrity", "bind", ...).
     pub errors: BTreeMap<String, u64>,
 }
@@ -141,6 +151,9 @@ impl Counters {
         self.window_stalls += o.window_stalls;
         self.scheduled += o.scheduled;
         self.max_lag_ns = self.max_lag_ns.max(o.max_lag_ns);
+        self.tls_handshakes += o.tls_handshakes;
+        self.tls13 += o.tls13;
+        self.alpn_stun_turn += o.alpn_stun_turn;
         for (k, v) in &o.errors {
             *self.errors.entry(k.clone()).or_default() += v;
         }
@@ -193,6 +206,10 @@ struct Txn {
 
 struct Alloc {
     sock: Option<Socket>,
+    /// The TCP or TLS connection (stream transports; `sock` is then `None`).
+    conn: Option<Box<Conn>>,
+    /// The socket's or connection's descriptor; -1 before it opens and after a connection
+    /// died.
     fd: RawFd,
     st: St,
     step: Step,
@@ -218,6 +235,16 @@ const PEER_TOKEN: u64 = 1 << 40;
 const MAX_TRIES: u8 = 5;
 const RELEASE_TRIES: u8 = 2;
 const WINDOW_STALL: Duration = Duration::from_millis(20);
+/// Stream transports: output queued beyond what the kernel took, per connection, above
+/// which traffic packets are refused (counted as send failures, as a full UDP socket buffer
+/// refuses datagrams).
+const STREAM_TX_LIMIT: usize = 64 * 1024;
+/// Stream transports: the read buffer (more than one `read_tls`'s plaintext).
+const STREAM_READ_BUF: usize = 64 * 1024;
+/// Stream transports: reads per readiness event.
+const STREAM_READS: usize = 4;
+/// Longest message accepted on a stream (a STUN header plus the largest length field).
+const STREAM_MAX_FRAME: usize = 20 + 65_535;
 
 /// One worker thread's state.
 pub struct Worker {
@@ -257,6 +284,8 @@ pub struct Worker {
     send_tid: u64,
     tx_bufs: Vec<Vec<u8>>,
     scratch: Vec<u8>,
+    /// Stream transports: the read buffer (empty for UDP).
+    stream_rx: Vec<u8>,
 }
 
 fn token_alloc(a: usize) -> u64 {
@@ -287,6 +316,7 @@ impl Worker {
         let allocs = (0..count)
             .map(|_| Alloc {
                 sock: None,
+                conn: None,
                 fd: -1,
                 st: St::Idle,
                 step: Step::Allocate,
@@ -303,7 +333,6 @@ impl Worker {
             id,
             setup_rate: (plan.setup_rate * share).max(1e-3),
             setup_conc: ((plan.setup_concurrency as f64 * share).ceil() as usize).max(1),
-            plan,
             shared,
             peer_addrs,
             first_alloc: first,
@@ -332,6 +361,12 @@ impl Worker {
             send_tid: 0,
             tx_bufs: vec![Vec::new(); k],
             scratch: Vec::new(),
+            stream_rx: if plan.transport.is_stream() {
+                vec![0; STREAM_READ_BUF]
+            } else {
+                Vec::new()
+            },
+            plan,
         })
     }
 
@@ -390,6 +425,11 @@ impl Worker {
                 }
             }
         }
+        for al in &mut self.allocs {
+            if let Some(conn) = &mut al.conn {
+                conn.close();
+            }
+        }
         Ok(Outcome {
             counters: self.c,
             rtt: self.rtt,
@@ -429,6 +469,9 @@ impl Worker {
 
     fn start_alloc(&mut self, a: usize, now: Instant) {
         let ip = self.plan.local_ips[(self.first_alloc + a) % self.plan.local_ips.len()];
+        if self.plan.transport.is_stream() {
+            return self.start_stream_alloc(a, ip, now);
+        }
         let sock = match open_client_socket(ip, self.plan.server) {
             Ok(s) => s,
             Err(e) => {
@@ -453,7 +496,43 @@ impl Worker {
         let al = &mut self.allocs[a];
         al.sock = Some(sock);
         al.fd = fd;
-        al.st = St::Setup;
+        self.begin_setup(a, now);
+    }
+
+    /// Opens allocation `a`'s TCP or TLS connection (its first request waits in the output
+    /// until the connection, and the TLS handshake, are up).
+    fn start_stream_alloc(&mut self, a: usize, ip: std::net::Ipv4Addr, now: Instant) {
+        let conn = match Conn::connect(ip, self.plan.server, self.plan.tls.as_ref()) {
+            Ok(c) => c,
+            Err(e) => {
+                self.err(format!("connect: {}", e.kind()));
+                self.allocs[a].st = St::Failed;
+                self.c.setup_failed += 1;
+                self.settled += 1;
+                self.shared.progress[self.id]
+                    .setup_failed
+                    .store(self.c.setup_failed, Relaxed);
+                return;
+            }
+        };
+        let fd = conn.fd();
+        // Writable interest until the connection is up and the first bytes are out.
+        if let Err(e) = self.ep.watch(fd, token_alloc(a), true, true) {
+            self.err(format!("epoll: {}", e.kind()));
+            self.allocs[a].st = St::Failed;
+            self.c.setup_failed += 1;
+            self.settled += 1;
+            return;
+        }
+        let al = &mut self.allocs[a];
+        al.conn = Some(Box::new(conn));
+        al.conn.as_mut().expect("just set").watching_out = true;
+        al.fd = fd;
+        self.begin_setup(a, now);
+    }
+
+    fn begin_setup(&mut self, a: usize, now: Instant) {
+        self.allocs[a].st = St::Setup;
         self.outstanding += 1;
         if let (true, Some((realm, nonce))) = (self.plan.reuse_nonce, &self.last_challenge) {
             self.allocs[a].client.set_realm_and_nonce(realm, nonce);
@@ -523,7 +602,16 @@ impl Worker {
     }
 
     fn transmit(&mut self, a: usize) {
-        let al = &self.allocs[a];
+        let al = &mut self.allocs[a];
+        if let Some(conn) = &mut al.conn {
+            let r = conn.queue(&al.req).and_then(|()| conn.flush());
+            self.after_stream_write(a, r);
+            return;
+        }
+        if al.fd < 0 {
+            // A connection that died: its transaction times out.
+            return;
+        }
         if let Err(e) = sys::send_batch(al.fd, &[(&al.req[..], None)]) {
             self.err(format!("send: {}", e.kind()));
         }
@@ -597,8 +685,12 @@ impl Worker {
             if txn.tries < limit {
                 txn.tries += 1;
                 let backoff = self.plan.rto * (1u32 << (txn.tries - 1));
-                self.c.retransmits += 1;
-                self.transmit(a);
+                // Over TCP and TLS a request is sent once (RFC 8489 §6.2.2); the timer
+                // only bounds the wait, with the same total as the UDP retransmissions.
+                if !self.plan.transport.is_stream() {
+                    self.c.retransmits += 1;
+                    self.transmit(a);
+                }
                 self.timers.push(Reverse((now + backoff, a as u32, serial, TIMER_RTX)));
             } else {
                 self.allocs[a].txn = None;
@@ -741,7 +833,7 @@ impl Worker {
             let a = self.release_cursor;
             self.release_cursor += 1;
             let al = &mut self.allocs[a];
-            if !al.relayed || matches!(al.st, St::Released | St::Releasing) || al.sock.is_none() {
+            if !al.relayed || matches!(al.st, St::Released | St::Releasing) || al.fd < 0 {
                 continue;
             }
             al.st = St::Releasing;
@@ -817,6 +909,8 @@ impl Worker {
         let n = self.allocs.len();
         let k = self.plan.per_alloc;
         let size = self.plan.size;
+        let stream = self.plan.transport.is_stream();
+        let pad = if stream { framing::channel_data_padding(size) } else { 0 };
         let mut done = 0;
         let mut skipped = 0;
         while done < budget && skipped < n {
@@ -849,7 +943,8 @@ impl Worker {
                     (Mode::Turn, false) => {
                         buf.clear();
                         buf.extend_from_slice(&ChannelData::header(channel_data::MIN_CHANNEL + j as u16, size as u16));
-                        buf.resize(channel_data::HEADER_LEN + size, 0);
+                        // RFC 8656 §12.5: padded to a multiple of 4 bytes over TCP and TLS.
+                        buf.resize(channel_data::HEADER_LEN + size + pad, 0);
                         payload::write(&mut buf[channel_data::HEADER_LEN..], h);
                     }
                     (Mode::Turn, true) => {
@@ -872,6 +967,13 @@ impl Worker {
                     }
                 }
                 self.tx_bufs[j] = buf;
+            }
+            if stream {
+                let sent = self.send_stream_traffic(a, k);
+                self.c.client_tx += sent as u64;
+                self.c.send_failures += (k - sent) as u64;
+                done += k;
+                continue;
             }
             let fd = self.allocs[a].fd;
             let mut msgs: [(&[u8], Option<SocketAddrV4>); MAX_BATCH] = [(&[], None); MAX_BATCH];
@@ -897,6 +999,9 @@ impl Worker {
     // ---------------------------------------------------------------- receive
 
     fn on_client_readable(&mut self, a: usize, rb: &mut RecvBatch, now: Instant) {
+        if self.plan.transport.is_stream() {
+            return self.on_stream_ready(a, now);
+        }
         let Some(fd) = self.allocs.get(a).map(|al| al.fd) else {
             return;
         };
@@ -916,6 +1021,169 @@ impl Worker {
             }
             if n < MAX_BATCH {
                 break;
+            }
+        }
+    }
+
+    // ---------------------------------------------------------------- streams
+
+    /// Queues allocation `a`'s `k` traffic messages (`tx_bufs[..k]`) on its connection and
+    /// flushes; returns how many were taken (none while more than [`STREAM_TX_LIMIT`] bytes
+    /// wait for the kernel).
+    fn send_stream_traffic(&mut self, a: usize, k: usize) -> usize {
+        let Some(conn) = self.allocs[a].conn.as_mut() else {
+            return 0;
+        };
+        if conn.pending() > STREAM_TX_LIMIT {
+            return 0;
+        }
+        let mut taken = 0;
+        let mut r = Ok(());
+        for b in &self.tx_bufs[..k] {
+            r = conn.queue(b);
+            if r.is_err() {
+                break;
+            }
+            taken += 1;
+        }
+        if r.is_ok() {
+            r = conn.flush();
+        }
+        self.after_stream_write(a, r);
+        taken
+    }
+
+    /// After queueing or flushing on allocation `a`'s connection: a failed connection is
+    /// closed; otherwise the socket is watched for writability exactly while bytes wait.
+    fn after_stream_write(&mut self, a: usize, r: std::io::Result<()>) {
+        let Some(conn) = self.allocs[a].conn.as_mut() else {
+            return;
+        };
+        if let Err(e) = r {
+            let what = format!("conn: {}", e.kind());
+            self.stream_died(a, what, Instant::now());
+            return;
+        }
+        let want = conn.pending() > 0;
+        if want != conn.watching_out {
+            conn.watching_out = want;
+            let fd = conn.fd();
+            if let Err(e) = self.ep.watch(fd, token_alloc(a), want, false) {
+                self.err(format!("epoll: {}", e.kind()));
+            }
+        }
+    }
+
+    /// Allocation `a`'s connection is readable or writable: writes what waits, reads, and
+    /// hands each complete message to [`Worker::on_client_datagram`].
+    fn on_stream_ready(&mut self, a: usize, now: Instant) {
+        let Some(conn) = self.allocs.get_mut(a).and_then(|al| al.conn.as_mut()) else {
+            return;
+        };
+        let r = conn.flush();
+        self.after_stream_write(a, r);
+        let now_ns = self.now_ns(now);
+        let mut buf = std::mem::take(&mut self.stream_rx);
+        for _ in 0..STREAM_READS {
+            let Some(conn) = self.allocs[a].conn.as_mut() else {
+                break;
+            };
+            let input = conn.read(&mut buf);
+            if let Some(hs) = conn.take_handshake() {
+                self.c.tls_handshakes += 1;
+                self.c.tls13 += hs.tls13 as u64;
+                self.c.alpn_stun_turn += hs.alpn_stun_turn as u64;
+            }
+            match input {
+                Ok(Input::Data(n)) => self.on_stream_bytes(a, &buf[..n], now, now_ns),
+                Ok(Input::WouldBlock) => break,
+                Ok(Input::Eof) => {
+                    self.stream_died(a, "conn: closed by server".into(), now);
+                    break;
+                }
+                Err(e) => {
+                    let what = match e.get_ref() {
+                        // TLS failures by kind (certificate, alert, ...).
+                        Some(inner) if e.kind() == std::io::ErrorKind::InvalidData => format!("tls: {inner}"),
+                        _ => format!("conn: {}", e.kind()),
+                    };
+                    self.stream_died(a, what, now);
+                    break;
+                }
+            }
+        }
+        self.stream_rx = buf;
+        // Handshake records, and requests rustls held until the handshake ended, queued
+        // while reading.
+        if let Some(conn) = self.allocs[a].conn.as_mut() {
+            if conn.pending() > 0 {
+                let r = conn.flush();
+                self.after_stream_write(a, r);
+            }
+        }
+    }
+
+    /// Frames the plaintext `data` (after the connection's incomplete message, if any) into
+    /// messages; keeps an incomplete tail for the next read.
+    fn on_stream_bytes(&mut self, a: usize, data: &[u8], now: Instant, now_ns: u64) {
+        let Some(conn) = self.allocs[a].conn.as_mut() else {
+            return;
+        };
+        let mut partial = std::mem::take(&mut conn.partial);
+        let carried = !partial.is_empty();
+        if carried {
+            partial.extend_from_slice(data);
+        }
+        let bytes: &[u8] = if carried { &partial } else { data };
+        let mut at = 0;
+        let mut dead = None;
+        // Each message is at least 4 bytes: at most len / 4 rounds.
+        while at < bytes.len() {
+            match framing::next_frame(&bytes[at..], STREAM_MAX_FRAME) {
+                Ok(Frame::Incomplete) => break,
+                Ok(Frame::Stun(n)) | Ok(Frame::ChannelData(n)) => {
+                    self.on_client_datagram(a, &bytes[at..at + n], now, now_ns);
+                    at += n;
+                }
+                Err(e) => {
+                    dead = Some(format!("framing: {}", e.as_str()));
+                    break;
+                }
+            }
+        }
+        if let Some(what) = dead {
+            self.stream_died(a, what, now);
+            return;
+        }
+        if carried {
+            partial.drain(..at);
+        } else {
+            partial.extend_from_slice(&data[at..]);
+        }
+        if let Some(conn) = self.allocs[a].conn.as_mut() {
+            conn.partial = partial;
+        }
+    }
+
+    /// Allocation `a`'s connection ended (closed by the server, reset, TLS failure,
+    /// unframeable bytes): it is closed, and its allocation fails unless it was already
+    /// released or failed (then nothing is counted).
+    fn stream_died(&mut self, a: usize, what: String, now: Instant) {
+        let al = &mut self.allocs[a];
+        if let Some(conn) = al.conn.take() {
+            self.ep.remove(conn.fd());
+        }
+        al.fd = -1;
+        let st = al.st;
+        if matches!(st, St::Released | St::Failed | St::Idle) {
+            return;
+        }
+        al.txn = None;
+        match st {
+            St::Setup | St::Refresh | St::Releasing => self.step_failed(a, what, now),
+            _ => {
+                self.err(what);
+                self.allocs[a].st = St::Failed;
             }
         }
     }

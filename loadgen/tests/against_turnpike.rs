@@ -1,13 +1,13 @@
 //! loadgen against the real turnpike binary (and against bare-forwarder), at low rates:
-//! zero loss, a sane histogram, JSON that parses. Not timed: speed claims come from
-//! bench/compare, never from tests.
+//! zero loss, a sane histogram, JSON that parses; over UDP, TCP and TLS. Not timed: speed
+//! claims come from bench/compare, never from tests.
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::time::Duration;
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use loadgen::report::Report;
 
@@ -37,6 +37,56 @@ fn turnpike_bin() -> PathBuf {
 struct Proc {
     child: Child,
     addr: SocketAddr,
+    /// TCP and TLS listeners from turnpike's "listening on tcp A, tls B" line.
+    streams: Vec<(String, SocketAddr)>,
+    /// Every stderr line so far.
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Proc {
+    /// The listener of transport `name` (`tcp` or `tls`).
+    fn stream(&self, name: &str) -> SocketAddr {
+        self.streams
+            .iter()
+            .find(|(t, _)| t == name)
+            .unwrap_or_else(|| panic!("no {name} listener in {:?}", self.streams))
+            .1
+    }
+
+    /// Stops the process with SIGTERM (at most 15 s, then SIGKILL) and returns its "shut
+    /// down" log line.
+    fn stop(mut self) -> String {
+        // SAFETY: kill(2) on our own child's PID.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while self.child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // The reader thread sees EOF once the process is gone.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            if let Some(l) = self.log.lock().unwrap().iter().find(|l| l.contains("shut down")) {
+                return l.clone();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no 'shut down' line: {:?}",
+                self.log.lock().unwrap()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// The `name=N` field of a log line.
+fn field(line: &str, name: &str) -> u64 {
+    let key = format!(" {name}=");
+    let rest = line.split(&key).nth(1).unwrap_or_else(|| panic!("no {name} in {line}"));
+    rest.split(|c: char| !c.is_ascii_digit())
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
 }
 
 impl Drop for Proc {
@@ -47,7 +97,7 @@ impl Drop for Proc {
 }
 
 /// Starts `bin args`, waits for "listening on udp ADDR" on stderr.
-fn start(bin: &std::path::Path, args: &[&str]) -> Proc {
+fn start(bin: &Path, args: &[&str]) -> Proc {
     let mut child = Command::new(bin)
         .args(args)
         .stdin(Stdio::null())
@@ -57,24 +107,38 @@ fn start(bin: &std::path::Path, args: &[&str]) -> Proc {
         .unwrap_or_else(|e| panic!("spawn {}: {e}", bin.display()));
     let stderr = child.stderr.take().unwrap();
     let (tx, rx) = mpsc::channel();
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let kept = log.clone();
+    // Keeps draining stderr so the child never blocks on a full pipe.
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
+            kept.lock().unwrap().push(line.clone());
+            let _ = tx.send(line);
         }
     });
+    let mut streams = Vec::new();
     loop {
         let Ok(line) = rx.recv_timeout(Duration::from_secs(20)) else {
             let _ = child.kill();
             let _ = child.wait();
             panic!("{} did not start", bin.display());
         };
+        if let Some(rest) = line.split("listening on tcp ").nth(1) {
+            // "listening on tcp 127.0.0.1:3478, tls 127.0.0.1:5349"
+            for item in format!("tcp {rest}").split(", ") {
+                if let Some((t, a)) = item.trim().split_once(' ') {
+                    streams.push((t.to_string(), a.parse().unwrap()));
+                }
+            }
+        }
         if let Some(rest) = line.split("listening on udp ").nth(1) {
             let addr = rest.split([' ', ',']).next().unwrap().parse().unwrap();
-            // Keep draining stderr so the child never blocks on a full pipe.
-            std::thread::spawn(move || while rx.recv().is_ok() {});
-            return Proc { child, addr };
+            return Proc {
+                child,
+                addr,
+                streams,
+                log,
+            };
         }
     }
 }
@@ -264,7 +328,7 @@ fn wrong_password_is_reported_by_code() {
 #[test]
 fn raw_mode_through_bare_forwarder() {
     let fwd = start(
-        std::path::Path::new(env!("CARGO_BIN_EXE_bare-forwarder")),
+        Path::new(env!("CARGO_BIN_EXE_bare-forwarder")),
         &["--listen", "127.0.0.1:0"],
     );
     let addr = fwd.addr.to_string();
@@ -284,4 +348,195 @@ fn raw_mode_through_bare_forwarder() {
     ]));
     assert_clean(&r, 100, 2000.0);
     assert_eq!(r.encapsulation, "raw");
+}
+
+/// A test CA and a server certificate it signed for `localhost` and 127.0.0.1 (P-256), made
+/// with the `openssl` CLI in a fresh directory: (dir, ca.pem, server.pem, server.key).
+fn test_pki(tag: &str) -> (PathBuf, PathBuf, PathBuf, PathBuf) {
+    let dir = std::env::temp_dir().join(format!("loadgen-pki-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let run = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(&dir)
+            .output()
+            .expect("the openssl CLI is needed to make the test certificates");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"];
+    let mut ca = vec!["req", "-x509"];
+    ca.extend_from_slice(&ec);
+    ca.extend_from_slice(&[
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=loadgen test CA",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign",
+    ]);
+    run(&ca);
+    let mut csr = vec!["req"];
+    csr.extend_from_slice(&ec);
+    csr.extend_from_slice(&["-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=localhost"]);
+    run(&csr);
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "ext.cnf",
+    ]);
+    let p = |f: &str| dir.join(f);
+    (p(""), p("ca.pem"), p("server.pem"), p("server.key"))
+}
+
+/// The common part of the TCP and TLS runs: 100 channels on 25 connections (4 channels
+/// each, from 4 client IPs: turnpike allows 64 connections per IP by default), 2,000
+/// packets/s for 2 s, then the server's own count of what it relayed to the clients.
+fn stream_run(server: Proc, transport_args: &[&str]) -> (loadgen::report::Report, String) {
+    let pid = server.child.id().to_string();
+    let mut args = s(transport_args);
+    args.extend(s(&[
+        "--channels",
+        "100",
+        "--channels-per-allocation",
+        "4",
+        "--local-ip",
+        "127.1.0.1-127.1.0.4",
+        "--rate",
+        "2000",
+        "--duration",
+        "2",
+        "--drain-ms",
+        "1500",
+        "--server-pid",
+        &pid,
+    ]));
+    let r = loadgen(&args);
+    assert_clean(&r, 100, 2000.0);
+    assert_eq!(r.encapsulation, "channel-data");
+    assert_eq!(r.stun.released, 25, "every allocation released with LIFETIME 0");
+    assert_eq!(r.stun.retransmits, 0, "no retransmissions over a stream");
+    let shutdown = server.stop();
+    // What the clients got back went through the server's stream path.
+    assert_eq!(
+        field(&shutdown, "to_client"),
+        r.traffic.peer_to_client.sent,
+        "{shutdown}"
+    );
+    assert_eq!(field(&shutdown, "to_peer"), r.traffic.client_to_peer.sent, "{shutdown}");
+    assert_eq!(field(&shutdown, "allocations"), 0, "{shutdown}");
+    (r, shutdown)
+}
+
+#[test]
+fn tcp_through_turnpike_loses_nothing() {
+    let server = turnpike();
+    let addr = server.stream("tcp").to_string();
+    let (r, _) = stream_run(server, &["--transport", "tcp", "--server", &addr]);
+    assert_eq!(r.transport, "tcp");
+    assert!(r.tls.is_none());
+}
+
+#[test]
+fn tls_through_turnpike_loses_nothing_and_checks_the_certificate() {
+    let (dir, ca, cert, key) = test_pki("tls");
+    let (cert, key) = (cert.to_str().unwrap(), key.to_str().unwrap());
+    let tls_server = || turnpike_with(&["--tls-listen", "127.0.0.1:0", "--cert", cert, "--pkey", key]);
+    let ca = ca.to_str().unwrap();
+    // The main run: the default versions (TLS 1.3 chosen), the name from --tls-name.
+    let server = tls_server();
+    let addr = server.stream("tls").to_string();
+    let (r, _) = stream_run(
+        server,
+        &[
+            "--transport",
+            "tls",
+            "--server",
+            &addr,
+            "--ca",
+            ca,
+            "--tls-name",
+            "localhost",
+        ],
+    );
+    assert_eq!(r.transport, "tls");
+    let tls = r.tls.as_ref().expect("TLS figures");
+    assert_eq!((tls.handshakes, tls.tls13, tls.alpn_stun_turn), (25, 25, 25), "{tls:?}");
+
+    let server = tls_server();
+    let addr = server.stream("tls").to_string();
+    // A name the certificate does not carry: every connection fails in the handshake.
+    let bad = loadgen(&s(&[
+        "--transport",
+        "tls",
+        "--server",
+        &addr,
+        "--ca",
+        ca,
+        "--tls-name",
+        "wrong.example",
+        "--channels",
+        "3",
+        "--duration",
+        "0",
+    ]));
+    assert_eq!(bad.setup.allocations_failed, 3, "{:?}", bad.errors);
+    assert!(
+        bad.errors
+            .keys()
+            .any(|k| k.starts_with("tls: invalid peer certificate")),
+        "{:?}",
+        bad.errors
+    );
+    // TLS 1.2 only, the name from --server (an IP address).
+    let v12 = loadgen(&s(&[
+        "--transport",
+        "tls",
+        "--server",
+        &addr,
+        "--ca",
+        ca,
+        "--tls-version",
+        "1.2",
+        "--channels",
+        "4",
+        "--rate",
+        "200",
+        "--duration",
+        "1",
+        "--drain-ms",
+        "1000",
+    ]));
+    assert_clean(&v12, 4, 200.0);
+    let tls = v12.tls.as_ref().expect("TLS figures");
+    assert_eq!((tls.handshakes, tls.tls13, tls.alpn_stun_turn), (4, 0, 4), "{tls:?}");
+    drop(server);
+    let _ = std::fs::remove_dir_all(dir);
 }
