@@ -254,6 +254,8 @@ async function main() {
     const c = (x) => (x ? `${x.type}:${x.address}:${x.port}` : 'none');
     const pair = (p) => p || {};
     const relays = (list) => list.filter((x) => / typ relay /.test(x)).length;
+    // Ports of the relay candidates (candidate-attribute field 6), comma-separated.
+    const relayPorts = (list) => list.filter((x) => / typ relay /.test(x)).map((x) => x.split(' ')[5]).join(',');
     console.log([
       'SUMMARY',
       `credentials=${args.credentials}`,
@@ -273,6 +275,8 @@ async function main() {
       `a_relay_protocol=${(pair(result.selected.a).local || {}).relayProtocol || 'none'}`,
       `b_relay_protocol=${(pair(result.selected.b).local || {}).relayProtocol || 'none'}`,
       `a_relay_candidates=${relays(result.gathered.a)}`,
+      `a_relay_ports=${relayPorts(result.gathered.a) || 'none'}`,
+      `b_relay_ports=${relayPorts(result.gathered.b) || 'none'}`,
       `b_relay_candidates=${relays(result.gathered.b)}`,
       `candidate_errors=${result.log.filter((l) => l.includes('candidate error')).length}`,
     ].join(' '));

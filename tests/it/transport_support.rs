@@ -20,45 +20,99 @@ use crate::client::Response;
 use crate::harness::{require, Server, PASSWORD, SECRET, USER};
 
 // ---------------------------------------------------------------------------------------------
-// Stream counters of turnpike's "shut down" line. The names are those announced for issue 11;
-// if the server names them differently, this is the one place to change.
+// Stream counters of turnpike's "shut down" line (src/main.rs, src/stats.rs STREAM_CLOSES):
+// `streams_accepted=N streams_closed=N streams_refused=N ... stream_closes=reason:N,reason:N`.
+// If the server renames them, this is the one place to change.
 
 /// Connections accepted (TCP and TLS).
 pub const STREAMS_ACCEPTED: &str = "streams_accepted";
 /// Connections closed, for any reason.
 pub const STREAMS_CLOSED: &str = "streams_closed";
-/// Connections closed for abuse (bad frame, over a limit, handshake or idle timeout).
-pub const STREAM_DROPS: &str = "stream_drops";
+/// Closes by reason, `reason:N` joined by commas (reasons with 0 left out).
+pub const STREAM_CLOSES: &str = "stream_closes";
+
+/// Close reasons (`turnpike::stats::STREAM_CLOSES`).
+pub mod close {
+    /// Bytes that cannot start a STUN or ChannelData message.
+    pub const BAD_FRAME: &str = "bad_frame";
+    /// A message longer than `--max-stream-frame`.
+    pub const FRAME_TOO_LONG: &str = "frame_too_long";
+    /// No complete message within `--stream-idle-timeout` without an allocation.
+    pub const IDLE_TIMEOUT: &str = "idle_timeout";
+    /// The TLS handshake took longer than `--tls-handshake-timeout`.
+    pub const HANDSHAKE_TIMEOUT: &str = "handshake_timeout";
+    /// The TLS layer failed (a ClientHello of garbage, a bad record).
+    pub const TLS_ERROR: &str = "tls_error";
+    /// The client read nothing of what was queued for it.
+    pub const WRITE_STALLED: &str = "write_stalled";
+    /// Over `--max-connections` or `--max-connections-per-ip` at accept.
+    pub const REFUSED: &str = "refused";
+    /// The reasons that are the server's defences (not the client's own close or reset).
+    pub const ABUSE: [&str; 7] = [
+        BAD_FRAME,
+        FRAME_TOO_LONG,
+        IDLE_TIMEOUT,
+        HANDSHAKE_TIMEOUT,
+        TLS_ERROR,
+        WRITE_STALLED,
+        REFUSED,
+    ];
+}
 
 /// turnpike's stream counters, read from its "shut down" line.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct StreamCounters {
     pub accepted: u64,
     pub closed: u64,
-    pub drops: u64,
+    /// (reason, count) from `stream_closes`.
+    pub closes: Vec<(String, u64)>,
+}
+
+impl StreamCounters {
+    /// Connections closed for `reason` (one of [`close`]).
+    pub fn close(&self, reason: &str) -> u64 {
+        self.closes.iter().find(|(r, _)| r == reason).map_or(0, |(_, n)| *n)
+    }
+
+    /// Connections closed by the server's defences (any reason of [`close::ABUSE`]).
+    pub fn drops(&self) -> u64 {
+        close::ABUSE.iter().map(|r| self.close(r)).sum()
+    }
 }
 
 /// The `name=N` counter of a `key=value` log line, if there.
 pub fn counter(line: &str, name: &str) -> Option<u64> {
-    line.split(|c: char| c.is_whitespace() || c == ',' || c == '{' || c == '}')
-        .find_map(|kv| {
-            kv.strip_prefix(&format!("{name}="))
-                .or_else(|| kv.strip_prefix(&format!("{name}:")))
-        })
-        .and_then(|v| v.trim_matches(|c: char| !c.is_ascii_digit()).parse().ok())
+    field(line, name).and_then(|v| v.parse().ok())
 }
 
-/// The stream counters of the "shut down" line; panics naming the missing one.
+/// The value of `name=` in a `key=value` log line (up to the next space).
+fn field<'a>(line: &'a str, name: &str) -> Option<&'a str> {
+    line.split_whitespace()
+        .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
+}
+
+/// The stream counters of the "shut down" line; panics naming a missing one.
 pub fn stream_counters(shutdown: &str) -> StreamCounters {
     let get = |name: &str| {
         counter(shutdown, name).unwrap_or_else(|| {
             panic!("no {name}= in turnpike's shutdown line (renamed? see transport_support.rs): {shutdown}")
         })
     };
+    let closes = field(shutdown, STREAM_CLOSES)
+        .unwrap_or_else(|| panic!("no {STREAM_CLOSES}= in turnpike's shutdown line: {shutdown}"))
+        .split(',')
+        .filter(|kv| !kv.is_empty())
+        .map(|kv| {
+            let (r, n) = kv
+                .split_once(':')
+                .unwrap_or_else(|| panic!("{STREAM_CLOSES} item {kv:?} is not reason:N"));
+            (r.to_string(), n.parse().expect("close count"))
+        })
+        .collect();
     StreamCounters {
         accepted: get(STREAMS_ACCEPTED),
         closed: get(STREAMS_CLOSED),
-        drops: get(STREAM_DROPS),
+        closes,
     }
 }
 
@@ -397,7 +451,11 @@ pub fn binding_on(s: &mut TcpStream, tag: u8) -> Result<(), String> {
     let tid = [tag; 12];
     s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
     s.write_all(&binding_request(tid)).map_err(|e| format!("write: {e}"))?;
-    let m = read_response(s, &tid, 4).ok_or("no Binding response")?;
+    let t0 = Instant::now();
+    let m = read_response(s, &tid, 4).ok_or_else(|| {
+        let f = fate(s, Instant::now(), Duration::ZERO);
+        format!("no Binding response after {:?} ({f:?})", t0.elapsed())
+    })?;
     let r = Response(m);
     if r.class() != turnpike::proto::stun::Class::Success {
         return Err(format!("Binding got {:?} {:?}", r.class(), r.error_code()));
@@ -542,6 +600,9 @@ impl Relay {
                 "turnpike does not accept TCP on its --tls-listen {t}"
             );
         }
+        // wait_tcp's probe connections count against the connection caps until turnpike has
+        // read their close; the cap tests start right after this.
+        thread::sleep(Duration::from_millis(300));
         Relay {
             kind: Kind::Turnpike(server),
             addr,
