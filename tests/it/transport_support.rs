@@ -28,6 +28,8 @@ use crate::harness::{require, Server, PASSWORD, SECRET, USER};
 pub const STREAMS_ACCEPTED: &str = "streams_accepted";
 /// Connections closed, for any reason.
 pub const STREAMS_CLOSED: &str = "streams_closed";
+/// Messages (STUN and ChannelData) received on streams.
+pub const STREAM_MESSAGES: &str = "stream_messages";
 /// Closes by reason, `reason:N` joined by commas (reasons with 0 left out).
 pub const STREAM_CLOSES: &str = "stream_closes";
 
@@ -64,6 +66,7 @@ pub mod close {
 pub struct StreamCounters {
     pub accepted: u64,
     pub closed: u64,
+    pub messages: u64,
     /// (reason, count) from `stream_closes`.
     pub closes: Vec<(String, u64)>,
 }
@@ -112,6 +115,7 @@ pub fn stream_counters(shutdown: &str) -> StreamCounters {
     StreamCounters {
         accepted: get(STREAMS_ACCEPTED),
         closed: get(STREAMS_CLOSED),
+        messages: get(STREAM_MESSAGES),
         closes,
     }
 }

@@ -632,7 +632,13 @@ fn framing_pipelined_and_split(relay: Relay) {
     binding_on(&mut s, 11).expect("XOR-MAPPED-ADDRESS is the connection's address");
     drop(s);
     if let Some(shutdown) = relay.stop() {
-        assert!(stream_counters(&shutdown).accepted >= 1, "{shutdown}");
+        let c = stream_counters(&shutdown);
+        assert!(c.accepted >= 1, "{shutdown}");
+        // 3 + 1 + 1 + 1 Binding requests.
+        assert!(
+            c.messages >= 6,
+            "stream_messages counts every message: {c:?} in {shutdown}"
+        );
     }
 }
 
