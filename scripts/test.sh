@@ -35,6 +35,10 @@ command -v node >/dev/null || missing="$missing nodejs npm"
 # checks the exposition with promtool.
 command -v prometheus >/dev/null && command -v promtool >/dev/null || missing="$missing prometheus"
 command -v curl >/dev/null || missing="$missing curl"
+# The transport tests (tests/it/transports.rs) make a test CA with openssl and trust it in
+# Chromium through an NSS database made with certutil (libnss3-tools).
+command -v openssl >/dev/null || missing="$missing openssl"
+command -v certutil >/dev/null || missing="$missing libnss3-tools"
 if [ -n "$missing" ]; then
   echo "== installing$missing"
   $SUDO apt-get update -qq
@@ -71,7 +75,7 @@ cargo nextest run --workspace --no-fail-fast
 for cfg in "--io-backend io-uring --shards 1" "--io-backend mmsg --shards 1" "--io-backend mmsg --shards 2"; do
   echo "== integration tests with $cfg"
   TURNPIKE_TEST_SERVER_ARGS="$cfg" cargo nextest run --test integration --no-fail-fast \
-    -E 'test(real_clients) | test(own_client)'
+    -E 'test(real_clients) | test(own_client) | test(transports)'
 done
 # The XDP program in the kernel (BPF_PROG_TEST_RUN, and attaching in a network namespace):
 # needs root; without it each test prints why it skips.

@@ -43,3 +43,9 @@ mod wildcard;
 
 #[path = "it/tls_reload.rs"]
 mod tls_reload;
+
+#[path = "it/transport_support.rs"]
+mod transport_support;
+
+#[path = "it/transports.rs"]
+mod transports;

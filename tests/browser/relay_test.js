@@ -5,8 +5,15 @@
 // messages. Prints one JSON line with what it saw (selected candidate pairs, messages) and exits
 // non-zero if the channel did not open, a message went missing or a pair is not relay<->relay.
 //
-// usage: node relay_test.js --turn 127.0.0.1:PORT (--user NAME --password PW | --secret S --name NAME)
-//                           [--count N] [--timeout-ms MS]
+// usage: node relay_test.js --turn HOST:PORT (--user NAME --password PW | --secret S --name NAME)
+//                           [--count N] [--timeout-ms MS] [--transport udp|tcp|tls] [--ca FILE]
+//
+// --transport picks the ICE server URL: turn:HOST:PORT?transport=udp (default),
+// turn:HOST:PORT?transport=tcp, or turns:HOST:PORT?transport=tcp (TURN over TLS). With --ca the
+// browser runs under a temporary HOME whose NSS database (sql:$HOME/.pki/nssdb, made with
+// certutil from libnss3-tools) trusts that CA for TLS servers: that is how Chromium on Linux
+// learns a private root. No flag turns certificate checks off, so a certificate that does not
+// match HOST makes the turns: server unusable (no relay candidate; the summary says so).
 //
 // With --secret the TURN REST API credentials are computed here with node's crypto:
 // username "<unix-expiry>:<name>", password base64(HMAC-SHA1(secret, username)).
@@ -17,6 +24,7 @@ const crypto = require('crypto');
 const fs = require('fs');
 const os = require('os');
 const path = require('path');
+const { spawnSync } = require('child_process');
 const { chromium } = require('playwright-core');
 
 const CHROMIUM = '/usr/bin/chromium';
@@ -33,7 +41,7 @@ const FLAGS = [
 ];
 
 function parseArgs(argv) {
-  const args = { count: 50, timeoutMs: 30000 };
+  const args = { count: 50, timeoutMs: 30000, transport: 'udp' };
   for (let i = 0; i < argv.length; i += 2) {
     const key = argv[i];
     const value = argv[i + 1];
@@ -46,10 +54,13 @@ function parseArgs(argv) {
       case '--name': args.name = value; break;
       case '--count': args.count = parseInt(value, 10); break;
       case '--timeout-ms': args.timeoutMs = parseInt(value, 10); break;
+      case '--transport': args.transport = value; break;
+      case '--ca': args.ca = value; break;
       default: throw new Error(`unknown argument ${key}`);
     }
   }
   if (!args.turn) throw new Error('--turn HOST:PORT is required');
+  if (!['udp', 'tcp', 'tls'].includes(args.transport)) throw new Error(`bad --transport ${args.transport}`);
   if (args.secret) {
     const name = args.name || 'browser';
     const expiry = Math.floor(Date.now() / 1000) + 3600;
@@ -179,11 +190,38 @@ async function pageTest({ url, username, credential, count, timeoutMs }) {
   return result;
 }
 
+function iceUrl(args) {
+  switch (args.transport) {
+    case 'tcp': return `turn:${args.turn}?transport=tcp`;
+    case 'tls': return `turns:${args.turn}?transport=tcp`;
+    default: return `turn:${args.turn}?transport=udp`;
+  }
+}
+
+// A HOME of its own whose NSS database trusts `ca` (a PEM file) for TLS servers.
+function homeTrusting(ca) {
+  const home = fs.mkdtempSync(path.join(os.tmpdir(), 'turnpike-home-'));
+  const db = path.join(home, '.pki', 'nssdb');
+  fs.mkdirSync(db, { recursive: true });
+  const certutil = (argv) => {
+    const r = spawnSync('certutil', argv, { encoding: 'utf8', timeout: 20000 });
+    if (r.error) throw new Error(`certutil: ${r.error} (apt-get install -y libnss3-tools; scripts/test.sh does)`);
+    if (r.status !== 0) throw new Error(`certutil ${argv.join(' ')}: ${r.stderr}`);
+    return r.stdout;
+  };
+  certutil(['-d', `sql:${db}`, '-N', '--empty-password']);
+  certutil(['-d', `sql:${db}`, '-A', '-t', 'C,,', '-n', 'turnpike-test-ca', '-i', ca]);
+  const listed = certutil(['-d', `sql:${db}`, '-L']);
+  if (!listed.includes('turnpike-test-ca')) throw new Error(`the CA is not in ${db}: ${listed}`);
+  return home;
+}
+
 async function main() {
   const args = parseArgs(process.argv.slice(2));
   if (!fs.existsSync(CHROMIUM)) {
     throw new Error(`${CHROMIUM} is missing: apt-get install -y chromium (scripts/test.sh does)`);
   }
+  const home = args.ca ? homeTrusting(args.ca) : null;
   const userDataDir = fs.mkdtempSync(path.join(os.tmpdir(), 'turnpike-chromium-'));
   let context;
   const killer = setTimeout(() => {
@@ -197,11 +235,12 @@ async function main() {
       headless: true,
       args: FLAGS,
       timeout: 20000,
+      env: home ? { ...process.env, HOME: home } : process.env,
     });
     const page = context.pages()[0] || (await context.newPage());
     page.on('console', (m) => console.error(`page: ${m.text()}`));
     const result = await page.evaluate(pageTest, {
-      url: `turn:${args.turn}?transport=udp`,
+      url: iceUrl(args),
       username: args.user,
       credential: args.password,
       count: args.count,
@@ -214,6 +253,9 @@ async function main() {
     // One flat key=value line for the Rust test (tests/it/browser.rs), which has no JSON parser.
     const c = (x) => (x ? `${x.type}:${x.address}:${x.port}` : 'none');
     const pair = (p) => p || {};
+    const relays = (list) => list.filter((x) => / typ relay /.test(x)).length;
+    // Ports of the relay candidates (candidate-attribute field 6), comma-separated.
+    const relayPorts = (list) => list.filter((x) => / typ relay /.test(x)).map((x) => x.split(' ')[5]).join(',');
     console.log([
       'SUMMARY',
       `credentials=${args.credentials}`,
@@ -229,6 +271,14 @@ async function main() {
       `a_bytes_sent=${pair(result.selected.a).bytesSent || 0}`,
       `b_bytes_sent=${pair(result.selected.b).bytesSent || 0}`,
       `ice=${result.iceState.a}/${result.iceState.b}`,
+      `transport=${args.transport}`,
+      `a_relay_protocol=${(pair(result.selected.a).local || {}).relayProtocol || 'none'}`,
+      `b_relay_protocol=${(pair(result.selected.b).local || {}).relayProtocol || 'none'}`,
+      `a_relay_candidates=${relays(result.gathered.a)}`,
+      `a_relay_ports=${relayPorts(result.gathered.a) || 'none'}`,
+      `b_relay_ports=${relayPorts(result.gathered.b) || 'none'}`,
+      `b_relay_candidates=${relays(result.gathered.b)}`,
+      `candidate_errors=${result.log.filter((l) => l.includes('candidate error')).length}`,
     ].join(' '));
     const relayPair = (p) => p && p.local && p.remote && p.local.type === 'relay' && p.remote.type === 'relay';
     const ok = result.channelOpened && result.received === args.count
@@ -238,6 +288,7 @@ async function main() {
     clearTimeout(killer);
     if (context) await context.close().catch(() => {});
     fs.rmSync(userDataDir, { recursive: true, force: true });
+    if (home) fs.rmSync(home, { recursive: true, force: true });
   }
 }
 

@@ -6,11 +6,20 @@ Allocates, then exchanges datagrams with a loopback echo peer twice:
 Checks which framing each reply arrived in, prints one JSON line with counts and RTTs,
 and exits non-zero if any datagram is missing or arrived in the wrong framing.
 
+The client reaches the server over UDP (default), TCP (`--transport tcp`, aioice's
+turn_transport="tcp") or TLS over TCP (`--transport tls`, turn_ssl with a context that trusts
+only `--ca FILE`, verifies the certificate against HOST, offers ALPN "stun.turn" and may be pinned
+to one TLS version with `--tls-version 1.2|1.3`). The peer is always a UDP echo on 127.0.0.1.
+For TLS the JSON line has "tls": {"version", "alpn", "cipher"}.
+
 usage: aioice_turn.py HOST PORT USERNAME PASSWORD [COUNT]
+                      [--transport udp|tcp|tls] [--ca FILE] [--tls-version 1.2|1.3]
 """
 
+import argparse
 import asyncio
 import json
+import ssl
 import struct
 import sys
 import time
@@ -57,15 +66,49 @@ async def collect(queue, count, timeout=5.0):
     return got
 
 
+def parse_args():
+    p = argparse.ArgumentParser()
+    p.add_argument("host")
+    p.add_argument("port", type=int)
+    p.add_argument("user")
+    p.add_argument("password")
+    p.add_argument("count", type=int, nargs="?", default=50)
+    p.add_argument("--transport", choices=["udp", "tcp", "tls"], default="udp")
+    p.add_argument("--ca", help="PEM file of the CA that signed the server certificate (TLS)")
+    p.add_argument("--tls-version", choices=["1.2", "1.3"])
+    a = p.parse_args()
+    if a.transport == "tls" and not a.ca:
+        p.error("--transport tls needs --ca")
+    return a
+
+
+def tls_context(ca, version):
+    # Trusts only the test CA; hostname checking and CERT_REQUIRED are the defaults.
+    ctx = ssl.create_default_context(cafile=ca)
+    assert ctx.verify_mode == ssl.CERT_REQUIRED and ctx.check_hostname
+    ctx.set_alpn_protocols(["stun.turn"])
+    if version == "1.2":
+        ctx.minimum_version = ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    elif version == "1.3":
+        ctx.minimum_version = ctx.maximum_version = ssl.TLSVersion.TLSv1_3
+    return ctx
+
+
 async def main():
-    host, port, user, password = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
-    count = int(sys.argv[5]) if len(sys.argv) > 5 else 50
+    args = parse_args()
+    host, port, user, password, count = args.host, args.port, args.user, args.password, args.count
     loop = asyncio.get_running_loop()
     echo_transport, _ = await loop.create_datagram_endpoint(Echo, local_addr=("127.0.0.1", 0))
     peer = echo_transport.get_extra_info("sockname")
 
-    transport, receiver = await turn.create_turn_endpoint(
-        Receiver, server_addr=(host, port), username=user, password=password
+    kwargs = {}
+    if args.transport in ("tcp", "tls"):
+        kwargs["transport"] = "tcp"
+    if args.transport == "tls":
+        kwargs["ssl"] = tls_context(args.ca, args.tls_version)
+    transport, receiver = await asyncio.wait_for(
+        turn.create_turn_endpoint(Receiver, server_addr=(host, port), username=user, password=password, **kwargs),
+        10,
     )
     inner = transport._TurnTransport__inner_protocol
     framings = {"data_indication": 0, "channel_data": 0}
@@ -88,12 +131,23 @@ async def main():
         original(data, addr)
 
     inner.datagram_received = spy
-    result = {"relayed": list(transport.get_extra_info("sockname")), "peer": list(peer)}
+    result = {
+        "transport": args.transport,
+        "relayed": list(transport.get_extra_info("sockname")),
+        "peer": list(peer),
+    }
+    if args.transport == "tls":
+        tls = inner.transport.get_extra_info("ssl_object")
+        result["tls"] = {
+            "version": tls.version(),
+            "alpn": tls.selected_alpn_protocol(),
+            "cipher": tls.cipher()[0],
+        }
 
     # 1. Send/Data indications.
     perm = stun.Message(message_method=stun.Method.CREATE_PERMISSION, message_class=stun.Class.REQUEST)
     perm.attributes["XOR-PEER-ADDRESS"] = peer
-    await inner.request_with_retry(perm)
+    await asyncio.wait_for(inner.request_with_retry(perm), 10)
     sent = {}
     for i in range(count):
         payload = b"send-%06d" % i

@@ -17,11 +17,11 @@ use crate::harness::{require, Server, PASSWORD, SECRET, USER};
 
 const MESSAGES: u64 = 50;
 
-fn browser_dir() -> &'static Path {
+pub(crate) fn browser_dir() -> &'static Path {
     Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/browser"))
 }
 
-fn require_browser() {
+pub(crate) fn require_browser() {
     require("node");
     assert!(
         Path::new("/usr/bin/chromium").exists(),
@@ -34,7 +34,7 @@ fn require_browser() {
 }
 
 /// `key=value` pairs of the driver's SUMMARY line.
-fn summary(stdout: &str) -> HashMap<String, String> {
+pub(crate) fn summary(stdout: &str) -> HashMap<String, String> {
     let line = stdout
         .lines()
         .find(|l| l.starts_with("SUMMARY "))

@@ -82,10 +82,12 @@ impl Server {
             }
         });
         let mut addr = None;
+        let mut seen = Vec::new();
         while addr.is_none() {
             let line = rx
                 .recv_timeout(Duration::from_secs(10))
-                .expect("turnpike did not start");
+                .unwrap_or_else(|e| panic!("turnpike did not start ({e}); its log:\n{}", seen.join("\n")));
+            seen.push(line.clone());
             if let Some(rest) = line.split("listening on udp ").nth(1) {
                 let first = rest.split([' ', ',']).next().unwrap();
                 addr = Some(first.parse().expect("listen address"));

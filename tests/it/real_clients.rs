@@ -5,7 +5,7 @@ use std::process::{Child, Command, Stdio};
 
 use crate::harness::{free_udp_port, require, Server, PASSWORD, SECRET, USER};
 
-struct Peer(Child);
+pub(crate) struct Peer(Child);
 
 impl Drop for Peer {
     fn drop(&mut self) {
@@ -14,7 +14,7 @@ impl Drop for Peer {
     }
 }
 
-fn start_peer() -> (Peer, u16) {
+pub(crate) fn start_peer() -> (Peer, u16) {
     require("turnutils_peer");
     let port = free_udp_port();
     let child = Command::new("turnutils_peer")
@@ -29,15 +29,15 @@ fn start_peer() -> (Peer, u16) {
 
 /// What a uclient run printed at the end.
 #[derive(Debug)]
-struct UclientReport {
-    sent: u64,
-    received: u64,
-    lost: u64,
-    rtt_line: String,
-    output: String,
+pub(crate) struct UclientReport {
+    pub(crate) sent: u64,
+    pub(crate) received: u64,
+    pub(crate) lost: u64,
+    pub(crate) rtt_line: String,
+    pub(crate) output: String,
 }
 
-fn parse_uclient(output: &str) -> UclientReport {
+pub(crate) fn parse_uclient(output: &str) -> UclientReport {
     let mut r = UclientReport {
         sent: 0,
         received: 0,
