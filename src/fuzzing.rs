@@ -879,6 +879,11 @@ impl World {
                 assert!(start + payload.len() <= data.len(), "payload outside the datagram");
             }
             ClientAction::Drop(_) | ClientAction::Nothing => {}
+            // The fuzzed clients speak UDP: Connect needs a TCP allocation (only made over
+            // TCP/TLS) and ConnectionBind a stream (RFC 6062 §5.1, §5.4).
+            ClientAction::Connect { .. } | ClientAction::ConnectionElsewhere { .. } => {
+                panic!("an RFC 6062 action for a UDP client")
+            }
         }
         self.out = out;
         if !has_mi {
@@ -979,6 +984,9 @@ impl World {
                     assert_eq!(a.relayed, relayed);
                 }
                 Event::PermissionExpired { .. } | Event::ChannelExpired { .. } => {}
+                Event::ConnectionBound { .. } | Event::PeerConnectionClosed { .. } => {
+                    panic!("an RFC 6062 event for UDP clients")
+                }
             }
         }
         let sizes = self.server.table_sizes();

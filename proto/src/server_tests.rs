@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 use proptest::prelude::*;
 
 use super::{
-    AllocateRequest, ClientAction, CloseReason, DropReason, Event, PeerAction, RelayError, Server, ServerConfig,
+    AllocateRequest, ClientAction, CloseReason, DropReason, Event, PeerAction, PeerConnectionAction, RelayError,
+    Server, ServerConfig, BIND_TIMEOUT,
 };
 use crate::allocation::{FiveTuple, Usage};
 use crate::auth::{self, Credentials, NONCE_COOKIE};
@@ -166,6 +167,12 @@ enum Outcome {
     },
     Drop(DropReason),
     Nothing,
+    Connect {
+        connection_id: u32,
+        relayed: SocketAddr,
+        peer: SocketAddr,
+    },
+    Elsewhere(u8),
 }
 
 impl Outcome {
@@ -396,6 +403,16 @@ impl Harness {
             },
             ClientAction::Drop(r) => Outcome::Drop(r),
             ClientAction::Nothing => Outcome::Nothing,
+            ClientAction::Connect {
+                connection_id,
+                relayed,
+                peer,
+            } => Outcome::Connect {
+                connection_id,
+                relayed,
+                peer,
+            },
+            ClientAction::ConnectionElsewhere { tag } => Outcome::Elsewhere(tag),
         }
     }
 
@@ -3459,4 +3476,299 @@ fn coturn_draft_code_point_of_additional_address_family_is_accepted() {
         other => panic!("{other:?}"),
     };
     assert_eq!(req.additional_family(), Some(AddressFamily::V6));
+}
+
+// ---------------------------------------------------------------------------------------
+// RFC 6062: TCP allocations, Connect, ConnectionBind, ConnectionAttempt
+// ---------------------------------------------------------------------------------------
+
+fn tcp_five_tuple(client: &str) -> FiveTuple {
+    FiveTuple::new(sa(client), sa(SERVER_ADDR), crate::allocation::Transport::Tcp)
+}
+
+/// Alice on a TCP control connection with a TCP allocation on `relay(7)`.
+fn tcp_allocation(h: &mut Harness, now: Instant) -> Client {
+    let mut c = Client::alice();
+    c.ft = tcp_five_tuple("203.0.113.10:40000");
+    let req = h
+        .request(
+            now,
+            &mut c,
+            Method::Allocate,
+            fresh_tid(),
+            &[Attribute::RequestedTransport(6)],
+        )
+        .allocate();
+    assert_eq!(req.relay_transport, crate::server::RelayTransport::Tcp);
+    let (r, _) = h.complete(now, &c, req, Ok(relay(7)));
+    assert_success(&r, Method::Allocate);
+    c
+}
+
+#[test]
+fn rfc6062_5_1_tcp_allocation_needs_a_stream_and_refuses_udp_only_attributes() {
+    let mut h = Harness::new();
+    let now = h.t0;
+    // Over UDP: 400.
+    let mut c = Client::alice();
+    let r = h.respond(now, &mut c, Method::Allocate, &[Attribute::RequestedTransport(6)]);
+    assert_error(&r, Method::Allocate, 400);
+    // Over TCP with EVEN-PORT, RESERVATION-TOKEN or DONT-FRAGMENT: 400.
+    let mut c = Client::alice();
+    c.ft = tcp_five_tuple("203.0.113.10:40001");
+    for extra in [
+        Attribute::EvenPort(false),
+        Attribute::ReservationToken([1; 8]),
+        Attribute::DontFragment,
+    ] {
+        let r = h.respond(
+            now,
+            &mut c,
+            Method::Allocate,
+            &[Attribute::RequestedTransport(6), extra],
+        );
+        assert_error(&r, Method::Allocate, 400);
+    }
+    // Other protocols: 442.
+    let r = h.respond(now, &mut c, Method::Allocate, &[Attribute::RequestedTransport(132)]);
+    assert_error(&r, Method::Allocate, 442);
+    // A TCP allocation has no channels and takes no Send indications.
+    let mut c = tcp_allocation(&mut h, now);
+    assert_success(&h.create_permission(now, &mut c, &[sa(P1)]), Method::CreatePermission);
+    assert_error(&h.channel_bind(now, &mut c, 0x4000, sa(P1)), Method::ChannelBind, 400);
+    assert!(matches!(
+        h.send(now, c.ft, &send_indication(sa(P1), b"x")),
+        Outcome::Drop(DropReason::UnexpectedMessage)
+    ));
+}
+
+#[test]
+fn rfc6062_5_2_connect_446_447_and_success_with_connection_id() {
+    let mut h = Harness::new();
+    let now = h.t0;
+    let mut c = tcp_allocation(&mut h, now);
+    // No XOR-PEER-ADDRESS: 400. A denied peer: 403.
+    assert_error(&h.respond(now, &mut c, Method::Connect, &[]), Method::Connect, 400);
+    let denied = h.respond(
+        now,
+        &mut c,
+        Method::Connect,
+        &[Attribute::XorPeerAddress(sa("10.0.0.1:80"))],
+    );
+    assert_error(&denied, Method::Connect, 403);
+    // A valid Connect: the shell connects from the relayed address.
+    let tid = fresh_tid();
+    let (id, relayed, peer) = match h.request(now, &mut c, Method::Connect, tid, &[Attribute::XorPeerAddress(sa(P1))]) {
+        Outcome::Connect {
+            connection_id,
+            relayed,
+            peer,
+        } => (connection_id, relayed, peer),
+        other => panic!("{other:?}"),
+    };
+    assert_eq!((relayed, peer), (relay(7), sa(P1)));
+    assert_eq!(id & 0xFF, 0, "the default tag");
+    // Another Connect to the same peer while connecting: 446.
+    let again = h.respond(now, &mut c, Method::Connect, &[Attribute::XorPeerAddress(sa(P1))]);
+    assert_error(&again, Method::Connect, 446);
+    // Connected: success with CONNECTION-ID, signed, same transaction.
+    let mut out = Vec::new();
+    let (control, response) = h.server.complete_connect(now, id, true, &mut out).expect("known");
+    assert_eq!((control, response.error), (c.ft, None));
+    c.verify(&out);
+    let m = decode(&out);
+    assert_eq!(m.transaction_id(), tid);
+    assert_eq!(get(&m, kind::CONNECTION_ID), Attribute::ConnectionId(id));
+    // Still 446 while pending.
+    let again = h.respond(now, &mut c, Method::Connect, &[Attribute::XorPeerAddress(sa(P1))]);
+    assert_error(&again, Method::Connect, 446);
+    // A failed Connect: 447, and the peer may be tried again.
+    let id2 = match h.request(
+        now,
+        &mut c,
+        Method::Connect,
+        fresh_tid(),
+        &[Attribute::XorPeerAddress(sa(P2))],
+    ) {
+        Outcome::Connect { connection_id, .. } => connection_id,
+        other => panic!("{other:?}"),
+    };
+    let mut out = Vec::new();
+    let (_, response) = h.server.complete_connect(now, id2, false, &mut out).expect("known");
+    assert_eq!(response.error.map(|e| e.0), Some(447));
+    assert!(
+        h.server.complete_connect(now, id2, true, &mut out).is_none(),
+        "forgotten"
+    );
+    assert!(matches!(
+        h.request(
+            now,
+            &mut c,
+            Method::Connect,
+            fresh_tid(),
+            &[Attribute::XorPeerAddress(sa(P2))]
+        ),
+        Outcome::Connect { .. }
+    ));
+    // Connect on a UDP allocation: 400.
+    let mut u = Client::bob();
+    h.allocate_ok(now, &mut u, relay(8));
+    let r = h.respond(now, &mut u, Method::Connect, &[Attribute::XorPeerAddress(sa(P1))]);
+    assert_error(&r, Method::Connect, 400);
+}
+
+#[test]
+fn rfc6062_5_3_and_5_4_peer_connection_attempt_bind_and_timeouts() {
+    let mut h = Harness::new();
+    let now = h.t0;
+    let mut c = tcp_allocation(&mut h, now);
+    let peer = sa(P1);
+    // RFC 6062 §5.3: no permission, the connection is closed.
+    let mut out = Vec::new();
+    assert_eq!(
+        h.server.peer_connection(now, relay(7), peer, &mut out),
+        PeerConnectionAction::Refuse(DropReason::NoPermission)
+    );
+    assert_eq!(
+        h.server.peer_connection(now, relay(9), peer, &mut out),
+        PeerConnectionAction::Refuse(DropReason::NoAllocation)
+    );
+    assert_success(&h.create_permission(now, &mut c, &[peer]), Method::CreatePermission);
+    let id = match h.server.peer_connection(now, relay(7), peer, &mut out) {
+        PeerConnectionAction::Attempt { control, connection_id } => {
+            assert_eq!(control, c.ft);
+            connection_id
+        }
+        other => panic!("{other:?}"),
+    };
+    // The ConnectionAttempt indication: XOR-PEER-ADDRESS and CONNECTION-ID.
+    let m = decode(&out);
+    assert_eq!(m.method(), Method::ConnectionAttempt);
+    assert_eq!(m.class(), Class::Indication);
+    assert_eq!(get(&m, kind::XOR_PEER_ADDRESS), Attribute::XorPeerAddress(peer));
+    assert_eq!(get(&m, kind::CONNECTION_ID), Attribute::ConnectionId(id));
+    h.all_events();
+
+    // ConnectionBind on the control connection: 400 (it holds the allocation).
+    let bind = [Attribute::ConnectionId(id)];
+    assert_error(
+        &h.respond(now, &mut c, Method::ConnectionBind, &bind),
+        Method::ConnectionBind,
+        400,
+    );
+    // On a new TCP connection of the same user: success, and the event to link them.
+    let mut d = Client::alice();
+    d.ft = tcp_five_tuple("203.0.113.10:40002");
+    // RFC 6062 clients reuse one nonce across their connections: accepted over TCP.
+    d.nonce = c.nonce.clone();
+    let r = h.respond(now, &mut d, Method::ConnectionBind, &bind);
+    assert_success(&r, Method::ConnectionBind);
+    let events = h.all_events();
+    assert!(events.contains(&Event::ConnectionBound {
+        connection_id: id,
+        data: d.ft,
+        peer
+    }));
+    // Bound: a second bind is 400; an unknown id is 400; another user's is 441.
+    let mut d2 = Client::alice();
+    d2.ft = tcp_five_tuple("203.0.113.10:40003");
+    assert_error(
+        &h.respond(now, &mut d2, Method::ConnectionBind, &bind),
+        Method::ConnectionBind,
+        400,
+    );
+    let unknown = [Attribute::ConnectionId(id ^ 0x100)];
+    assert_error(
+        &h.respond(now, &mut d2, Method::ConnectionBind, &unknown),
+        Method::ConnectionBind,
+        400,
+    );
+    let id2 = match h.server.peer_connection(now, relay(7), sa("8.8.8.8:4001"), &mut out) {
+        PeerConnectionAction::Attempt { connection_id, .. } => connection_id,
+        other => panic!("{other:?}"),
+    };
+    let mut b = Client::bob();
+    b.ft = tcp_five_tuple("203.0.113.20:40002");
+    let r = h.respond(now, &mut b, Method::ConnectionBind, &[Attribute::ConnectionId(id2)]);
+    assert_error(&r, Method::ConnectionBind, 441);
+    // A ConnectionBind over UDP: 400.
+    let mut u = Client::alice();
+    u.ft = five_tuple("203.0.113.10:40004");
+    assert_error(
+        &h.respond(now, &mut u, Method::ConnectionBind, &[Attribute::ConnectionId(id2)]),
+        Method::ConnectionBind,
+        400,
+    );
+    // Another shard's CONNECTION-ID: the shell moves the connection there.
+    let foreign = [Attribute::ConnectionId((id2 & !0xFF) | 3)];
+    assert!(matches!(
+        h.request(now, &mut d2, Method::ConnectionBind, fresh_tid(), &foreign),
+        Outcome::Elsewhere(3)
+    ));
+
+    // RFC 6062 §5.3: not bound within 30 s, the peer data connection is closed.
+    h.server.handle_timeout(now + BIND_TIMEOUT - Duration::from_millis(1));
+    assert!(!h
+        .all_events()
+        .contains(&Event::PeerConnectionClosed { connection_id: id2 }));
+    h.server.handle_timeout(now + BIND_TIMEOUT);
+    assert!(h
+        .all_events()
+        .contains(&Event::PeerConnectionClosed { connection_id: id2 }));
+    assert_eq!(h.server.tcp_connection_count(), 1, "the bound one stays");
+
+    // The allocation ends: its connections end with it.
+    let later = now + BIND_TIMEOUT;
+    assert_success(&h.refresh(later, &mut c, Some(0)), Method::Refresh);
+    assert!(h
+        .all_events()
+        .contains(&Event::PeerConnectionClosed { connection_id: id }));
+    assert_eq!(h.server.tcp_connection_count(), 0);
+}
+
+#[test]
+fn nonces_are_bound_to_ip_and_port_over_udp_and_to_the_ip_over_tcp() {
+    let mut h = Harness::new();
+    let now = h.t0;
+    // UDP: a nonce from one port is stale on another (RFC 8489 §9.2.4, defect 2).
+    let mut a = Client::alice();
+    h.challenge(now, &mut a);
+    let mut b = Client::alice();
+    b.ft = five_tuple("203.0.113.10:40009");
+    b.nonce = a.nonce.clone();
+    let r = h
+        .send(
+            now,
+            b.ft,
+            &b.authenticated(Method::Allocate, fresh_tid(), &[Attribute::RequestedTransport(17)]),
+        )
+        .response();
+    assert_error(&r, Method::Allocate, 438);
+    // TCP: the same IP's other connection may use it.
+    let mut a = Client::alice();
+    a.ft = tcp_five_tuple("203.0.113.10:41000");
+    h.challenge(now, &mut a);
+    let mut b = Client::alice();
+    b.ft = tcp_five_tuple("203.0.113.10:41001");
+    b.nonce = a.nonce.clone();
+    assert!(matches!(
+        h.send(
+            now,
+            b.ft,
+            &b.authenticated(Method::Allocate, fresh_tid(), &[Attribute::RequestedTransport(17)])
+        ),
+        Outcome::Allocate(_)
+    ));
+    // Another IP: stale.
+    let mut e = Client::alice();
+    e.ft = tcp_five_tuple("203.0.113.11:41001");
+    e.nonce = a.nonce.clone();
+    let r = h
+        .send(
+            now,
+            e.ft,
+            &e.authenticated(Method::Allocate, fresh_tid(), &[Attribute::RequestedTransport(17)]),
+        )
+        .response();
+    assert_error(&r, Method::Allocate, 438);
 }

@@ -66,7 +66,7 @@ pub enum ShardMessage {
     /// The control thread's answer to [`ControlRequest::Allocate`].
     Allocated {
         /// The ticket (with a reservation token granted, when asked for).
-        request: AllocateRequest,
+        request: Box<AllocateRequest>,
         /// The bound relay socket and its address, or why there is none.
         result: Result<(RelaySocket, SocketAddr), RelayError>,
         /// For a dual allocation (ADDITIONAL-ADDRESS-FAMILY) whose first family was granted:
@@ -340,7 +340,7 @@ impl Control {
                 let granted_additional = additional.as_ref().and_then(|r| r.as_ref().ok()).map(|(_, addr)| *addr);
                 let delivered = self.shards.get(shard).is_some_and(|h| {
                     h.queue(ShardMessage::Allocated {
-                        request,
+                        request: Box::new(request),
                         result,
                         additional,
                     })

@@ -297,7 +297,7 @@ impl Shard {
                 let completion = self
                     .core
                     .server
-                    .complete_allocate(now, request, result, &mut self.scratch);
+                    .complete_allocate(now, *request, result, &mut self.scratch);
                 self.core.count_response(completion.response);
                 if let (Some(h), Some(waited)) = (&self.core.histograms, completion.waited) {
                     h.setup.observe(waited.as_secs_f64());

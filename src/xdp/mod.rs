@@ -624,6 +624,8 @@ impl XdpOffload {
                 self.sync(now, relayed, channel);
                 None
             }
+            // RFC 6062 TCP relaying stays in user space.
+            Event::ConnectionBound { .. } | Event::PeerConnectionClosed { .. } => None,
             Event::ChannelExpired { relayed, channel, .. } => {
                 if let Some(alloc) = self.allocs.get_mut(&relayed) {
                     if let Some(mut chan) = alloc.channels.remove(&channel) {
