@@ -154,6 +154,8 @@ fn main() -> Result<()> {
         stream_messages = s.streams.messages,
         stream_backpressure_drops = s.streams.backpressure_drops,
         stream_closes = %stream_closes.join(","),
+        tcp_relay_connections = s.streams.peer_connections,
+        tcp_relayed_bytes = s.streams.relayed_bytes,
         control_overflow = s.control_overflow,
         quota_refusals = report.control.quota_refusals,
         port_refusals = report.control.port_refusals,

@@ -49,3 +49,6 @@ mod transport_support;
 
 #[path = "it/transports.rs"]
 mod transports;
+
+#[path = "it/tcp_relay.rs"]
+mod tcp_relay;

@@ -1246,7 +1246,9 @@ fn rfc8656_7_2_allocate_request_validation() {
         assert_error(&r, Method::Allocate, code);
         r
     };
-    alloc_err(&mut h, &mut c, &[Attribute::RequestedTransport(6)], 442);
+    alloc_err(&mut h, &mut c, &[Attribute::RequestedTransport(132)], 442);
+    // TCP (RFC 6062 §5.1) needs a TCP or TLS client connection: 400 over UDP.
+    alloc_err(&mut h, &mut c, &[Attribute::RequestedTransport(6)], 400);
     alloc_err(&mut h, &mut c, &[], 400);
     alloc_err(
         &mut h,
@@ -2396,7 +2398,12 @@ fn responses_and_stray_indications_from_clients_are_dropped() {
 fn unknown_method_request_is_400() {
     let mut h = Harness::new();
     let ft = five_tuple("203.0.113.10:40000");
-    for method in [Method::Other(0x0FF), Method::Send, Method::Data, Method::Connect] {
+    for method in [
+        Method::Other(0x0FF),
+        Method::Send,
+        Method::Data,
+        Method::ConnectionAttempt,
+    ] {
         let tid = fresh_tid();
         let r = h.send(
             h.t0,

@@ -513,6 +513,20 @@ impl Conn {
         ReadOutcome::Data { plain: true, len: got }
     }
 
+    /// Ends a TLS session cleanly before the socket closes (a close_notify alert, best
+    /// effort: whatever the kernel takes now), so that the client reads an orderly end
+    /// rather than a truncation.
+    fn close_notify(&mut self) {
+        if let Tls::Session(session) = &mut self.tls {
+            if self.dead != Some(StreamClose::Reset) && self.dead != Some(StreamClose::TlsError) {
+                session.send_close_notify();
+                while session.wants_write() && session.write_tls(&mut self.wbuf).is_ok() {}
+                let now = self.last_message;
+                self.flush(now);
+            }
+        }
+    }
+
     /// Whether the TLS handshake is still going on.
     fn handshaking(&self) -> bool {
         match &self.tls {
@@ -848,7 +862,8 @@ impl Streams {
     }
 
     /// Closes connection `id` (taken out of its slot) and returns its 5-tuple.
-    fn close(&mut self, id: u32, conn: Conn, why: StreamClose) -> FiveTuple {
+    fn close(&mut self, id: u32, mut conn: Conn, why: StreamClose) -> FiveTuple {
+        conn.close_notify();
         let ft = conn.five_tuple;
         let kind = conn.kind;
         // Closing the socket removes it from the epoll set (no other descriptor refers to it).
