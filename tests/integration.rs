@@ -40,3 +40,7 @@ mod metrics;
 
 #[path = "it/wildcard.rs"]
 mod wildcard;
+
+#[cfg(feature = "xdp")]
+#[path = "it/xdp_lab.rs"]
+mod xdp_lab;
