@@ -873,21 +873,22 @@ fn bandwidth_cap_keeps_everything_in_user_space() {
 }
 
 /// The server's short-lifetime flags, when this build has them (`--permission-lifetime`,
-/// `--channel-lifetime`): those flags and the two lifetimes. Without them the default
-/// lifetimes (300 s, 600 s) are used when `TURNPIKE_XDP_LAB_SLOW=1`, else `None` (the test
-/// prints why it skips).
+/// `--channel-lifetime`, hidden or not): those flags and the two lifetimes. Without them the
+/// default lifetimes (300 s, 600 s) are used when `TURNPIKE_XDP_LAB_SLOW=1`, else `None` (the
+/// test prints why it skips).
 fn lifetimes() -> Option<(Vec<&'static str>, Duration, Duration)> {
-    let help = Command::new(env!("CARGO_BIN_EXE_turnpike"))
+    let flags = vec!["--permission-lifetime", "3", "--channel-lifetime", "6"];
+    // clap refuses unknown flags before it prints the help: exit 0 means both are known.
+    let known = Command::new(env!("CARGO_BIN_EXE_turnpike"))
+        .args(&flags)
         .arg("--help")
-        .output()
-        .expect("turnpike --help");
-    let help = String::from_utf8_lossy(&help.stdout);
-    if help.contains("--permission-lifetime") && help.contains("--channel-lifetime") {
-        return Some((
-            vec!["--permission-lifetime", "3", "--channel-lifetime", "6"],
-            Duration::from_secs(3),
-            Duration::from_secs(6),
-        ));
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("turnpike --help")
+        .success();
+    if known {
+        return Some((flags, Duration::from_secs(3), Duration::from_secs(6)));
     }
     if std::env::var("TURNPIKE_XDP_LAB_SLOW").as_deref() == Ok("1") {
         return Some((Vec::new(), Duration::from_secs(300), Duration::from_secs(600)));
