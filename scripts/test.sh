@@ -57,6 +57,8 @@ missing=""
 command -v clang >/dev/null || missing="$missing clang"
 command -v llvm-objdump >/dev/null || missing="$missing llvm"
 [ -f /usr/include/bpf/bpf_helpers.h ] || missing="$missing libbpf-dev"
+# The XDP lab (tests/it/xdp_lab.rs) turns tx checksum offload off on its veth pair.
+command -v ethtool >/dev/null || missing="$missing ethtool"
 if [ -n "$missing" ]; then
   echo "== installing$missing"
   $SUDO apt-get update -qq
@@ -81,6 +83,10 @@ done
 # needs root; without it each test prints why it skips.
 echo "== XDP tests (--features xdp)"
 cargo nextest run -p turnpike --lib --features xdp --no-fail-fast -E 'test(/^xdp::/)'
+# The XDP lab: turnpike --xdp on a veth pair between two network namespaces, coturn's uclient
+# and turnpike's own client through it, checksums verified, offload correctness (root).
+echo "== XDP lab (--features xdp)"
+cargo nextest run --test integration --features xdp --no-fail-fast -E 'test(/^xdp_lab::/)'
 echo "== doc tests"
 cargo test --workspace --doc
 # Operations files: the Grafana dashboard against Grafana's schema (npm @grafana/schema +

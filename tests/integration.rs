@@ -52,3 +52,7 @@ mod transports;
 
 #[path = "it/tcp_relay.rs"]
 mod tcp_relay;
+
+#[cfg(feature = "xdp")]
+#[path = "it/xdp_lab.rs"]
+mod xdp_lab;

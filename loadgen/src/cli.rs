@@ -146,7 +146,7 @@ pub struct Args {
     #[arg(long)]
     pub reuse_nonce: bool,
     /// Local IPs for client sockets: comma-separated IPs, `A-B` ranges or `A/N` CIDRs in
-    /// 127.0.0.0/8. `auto`: one IP of 127.1.0.1, 127.1.0.2, ... per 20,000 allocations
+    /// 127.0.0.0/8 (or 198.18.0.0/15, the benchmarking range, for bench/xdp.sh's namespaces). `auto`: one IP of 127.1.0.1, 127.1.0.2, ... per 20,000 allocations
     /// (kept apart from servers' relay IPs, whose ports overlap Linux's ephemeral range).
     #[arg(long, default_value = "auto")]
     pub local_ip: String,
@@ -266,6 +266,14 @@ pub struct Plan {
 /// Allocations per local IP in the `auto` choice (below the 28,232 ephemeral ports of
 /// Linux's default range).
 pub const ALLOCATIONS_PER_IP: usize = 20_000;
+
+/// Whether loadgen may use `ip`: loopback (127.0.0.0/8), or the benchmarking range
+/// 198.18.0.0/15 (RFC 2544, never routed), which bench/xdp.sh puts on a veth pair between two
+/// network namespaces. Anything else could send load to a real network.
+pub fn is_lab_address(ip: Ipv4Addr) -> bool {
+    let [a, b, ..] = ip.octets();
+    ip.is_loopback() || (a == 198 && (b & 0xfe) == 18)
+}
 
 /// Parses `127.0.0.1,127.0.0.5-127.0.0.9,127.3.0.0/30` into a list of IPv4 addresses.
 ///
@@ -449,13 +457,13 @@ impl Args {
         };
         let peer_ips = parse_ip_list(&self.peer_ip)?;
         for ip in local_ips.iter().chain(&peer_ips) {
-            if !ip.is_loopback() {
-                bail!("{ip} is not a loopback address: loadgen only sends to 127.0.0.0/8");
+            if !is_lab_address(*ip) {
+                bail!("{ip} is not a loopback or benchmarking address: loadgen only sends to 127.0.0.0/8 and 198.18.0.0/15");
             }
         }
         let server = resolve_v4(&self.server)?;
-        if !server.ip().is_loopback() {
-            bail!("--server {server} is not on loopback: loadgen only sends to 127.0.0.0/8");
+        if !is_lab_address(*server.ip()) {
+            bail!("--server {server} is not on loopback or 198.18.0.0/15: loadgen only sends to 127.0.0.0/8 and 198.18.0.0/15");
         }
         let (username, password) = match &self.secret {
             Some(secret) => {
@@ -522,6 +530,16 @@ mod tests {
         assert!(parse_ip_list("127.0.0.9-127.0.0.1").is_err());
         assert!(parse_ip_list("").is_err());
         assert!(parse_ip_list("127.0.0.0/8").is_err());
+    }
+
+    #[test]
+    fn lab_addresses() {
+        for ok in ["127.0.0.1", "127.255.0.9", "198.18.0.1", "198.19.255.254"] {
+            assert!(is_lab_address(ok.parse().unwrap()), "{ok}");
+        }
+        for no in ["10.0.0.1", "198.17.255.255", "198.20.0.0", "192.0.2.1", "8.8.8.8"] {
+            assert!(!is_lab_address(no.parse().unwrap()), "{no}");
+        }
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //! socket2 do not offer (recvmmsg, sendmmsg, level-triggered epoll with a nanosecond
 //! timeout and write interest for streams, setrlimit, getrusage, timer slack). Every block states why it is sound.
 //!
-//! Everything is IPv4: loadgen drives servers on 127.0.0.0/8.
+//! Everything is IPv4: loadgen drives servers on 127.0.0.0/8 (or 198.18.0.0/15 between
+//! network namespaces, bench/xdp.sh).
 
 use std::io;
 use std::mem::MaybeUninit;

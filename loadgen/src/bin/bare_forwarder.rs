@@ -22,7 +22,7 @@ use loadgen::sys::{self, RecvBatch, MAX_BATCH};
 #[derive(Debug, Parser)]
 #[command(name = "bare-forwarder", version, about)]
 struct Args {
-    /// UDP address to listen on (loopback only).
+    /// UDP address to listen on (loopback, or 198.18.0.0/15 in bench/xdp.sh's namespaces).
     #[arg(long, default_value = "127.0.0.1:3479")]
     listen: SocketAddrV4,
     /// Most routes (channel indices) accepted.
@@ -35,8 +35,8 @@ struct Args {
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    if !args.listen.ip().is_loopback() {
-        bail!("--listen must be on 127.0.0.0/8");
+    if !loadgen::cli::is_lab_address(*args.listen.ip()) {
+        bail!("--listen must be on 127.0.0.0/8 or 198.18.0.0/15");
     }
     let stop = Arc::new(AtomicBool::new(false));
     signal_hook::flag::register(signal_hook::consts::SIGINT, stop.clone())?;
