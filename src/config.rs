@@ -130,6 +130,14 @@ pub struct Settings {
     #[arg(long)]
     pub nonce_lifetime: Option<u64>,
 
+    /// Permission lifetime in seconds (RFC 8656 §9 fixes 300; for tests) [default: 300].
+    #[arg(long, hide = true)]
+    pub permission_lifetime: Option<u64>,
+
+    /// Channel binding lifetime in seconds (RFC 8656 §12 fixes 600; for tests) [default: 600].
+    #[arg(long, hide = true)]
+    pub channel_lifetime: Option<u64>,
+
     /// SOFTWARE attribute to put in responses [default: none].
     #[arg(long)]
     pub software: Option<String>,
@@ -303,7 +311,7 @@ impl Settings {
         overlay!(base, cli;
             opt: alt_listen, realm, min_port, max_port, log_level, user_quota, total_quota, rest_username_order,
                  rest_max_ahead, max_permissions, max_channels,
-                 default_lifetime, max_lifetime, nonce_lifetime, software, socket_buffer,
+                 default_lifetime, max_lifetime, nonce_lifetime, permission_lifetime, channel_lifetime, software, socket_buffer,
                  relay_socket_buffer, shards, io_backend, ring_entries, challenge_rate, request_rate,
                  rate_limit_v4_prefix, rate_limit_v6_prefix, max_bitrate, metrics_listen, log_format,
                  alternate_server, drain_timeout, cert, pkey, max_connections, max_connections_per_ip,
@@ -501,6 +509,8 @@ impl Config {
             ("default-lifetime", s.default_lifetime),
             ("max-lifetime", s.max_lifetime),
             ("nonce-lifetime", s.nonce_lifetime),
+            ("permission-lifetime", s.permission_lifetime),
+            ("channel-lifetime", s.channel_lifetime),
         ] {
             if value == Some(0) {
                 bail!("--{flag} must be at least 1 second (0 would expire every allocation or nonce at once)");
@@ -532,6 +542,14 @@ impl Config {
                 .nonce_lifetime
                 .map(Duration::from_secs)
                 .unwrap_or(defaults.nonce_lifetime),
+            permission_lifetime: s
+                .permission_lifetime
+                .map(Duration::from_secs)
+                .unwrap_or(defaults.permission_lifetime),
+            channel_lifetime: s
+                .channel_lifetime
+                .map(Duration::from_secs)
+                .unwrap_or(defaults.channel_lifetime),
             strict_channel_numbers: s.strict_channel_numbers,
             max_permissions_per_allocation: s.max_permissions.unwrap_or(defaults.max_permissions_per_allocation),
             max_channels_per_allocation: s.max_channels.unwrap_or(defaults.max_channels_per_allocation),
@@ -542,7 +560,6 @@ impl Config {
             rate_limit_v4_prefix: s.rate_limit_v4_prefix.unwrap_or(defaults.rate_limit_v4_prefix).min(32),
             rate_limit_v6_prefix: s.rate_limit_v6_prefix.unwrap_or(defaults.rate_limit_v6_prefix).min(128),
             max_bitrate: s.max_bitrate.unwrap_or(defaults.max_bitrate),
-            ..defaults
         };
         let io_backend = match s.io_backend.as_deref().unwrap_or("auto") {
             "auto" => BackendChoice::Auto,

@@ -154,6 +154,8 @@ fn main() -> Result<()> {
         stream_messages = s.streams.messages,
         stream_backpressure_drops = s.streams.backpressure_drops,
         stream_closes = %stream_closes.join(","),
+        xdp_to_peer = s.xdp.to_peer_packets,
+        xdp_to_client = s.xdp.to_client_packets,
         tcp_relay_connections = s.streams.peer_connections,
         tcp_relayed_bytes = s.streams.relayed_bytes,
         control_overflow = s.control_overflow,

@@ -384,9 +384,10 @@ static __always_inline int to_peer(struct xdp_md *ctx, struct pkt *p, int off)
     __u16 channel, len;
     __builtin_memcpy(&channel, cd, 2);
     __builtin_memcpy(&len, cd + 2, 2);
-    // RFC 8656 §12: channel numbers 0x4000-0x4FFF; over UDP the length covers the whole
-    // payload exactly (§12.5: no padding). Anything else is the kernel's.
-    if ((bpf_ntohs(channel) & 0xf000) != 0x4000)
+    // Channel numbers 0x4000-0x7FFF (RFC 8656 §12's 0x4000-0x4FFF and RFC 5766's rest, which
+    // the server binds outside strict mode; only numbers it bound have entries); over UDP the
+    // length covers the whole payload exactly (§12.5: no padding). Anything else is the kernel's.
+    if ((bpf_ntohs(channel) & 0xc000) != 0x4000)
         return XDP_PASS;
     if ((__u32)bpf_ntohs(len) + CD_LEN + UDP_LEN != p->udp_len)
         return XDP_PASS;

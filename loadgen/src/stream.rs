@@ -143,7 +143,7 @@ impl Conn {
         }
     }
 
-    /// Writes queued bytes until the socket refuses more (or [`FLUSH_WRITES`] calls).
+    /// Writes queued bytes until the socket refuses more (or `FLUSH_WRITES` calls).
     ///
     /// # Errors
     /// The connection failed (refused, reset, broken pipe).

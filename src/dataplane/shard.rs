@@ -181,6 +181,12 @@ impl Shard {
         while !shutdown.load(Ordering::Relaxed) {
             self.turn(MAX_WAIT)?;
         }
+        // What XDP relayed, for the shutdown report (refreshed once a second only with a
+        // metrics endpoint).
+        #[cfg(feature = "xdp")]
+        if let Some(x) = &self.core.xdp {
+            self.core.stats.xdp = x.totals();
+        }
         Ok(())
     }
 

@@ -9,7 +9,7 @@
 //! the listening address to the client). Both leave through the interface they came in on
 //! (XDP_TX). Everything else reaches the kernel unchanged and the user-space path, which
 //! stays the reference behaviour: STUN, Send and Data indications, padded ChannelData,
-//! channels 0x5000-0x7FFF (accepted by the server outside strict mode), unknown channels,
+//! unknown channels,
 //! expired entries, bandwidth-capped allocations, IP fragments, IPv4 options, IPv6 extension
 //! headers, VLAN tags, TTL/hop limit ≤ 1, peer datagrams too large for the MTU once framed,
 //! and allocations whose client and relayed addresses differ in family.
@@ -93,8 +93,11 @@ const FLAG_BANDWIDTH_CAPPED: u32 = 1;
 /// Entry flag: the entry's addresses are IPv6.
 const FLAG_IPV6: u32 = 2;
 
-/// Channel numbers the program handles (RFC 8656 §12: 0x4000 through 0x4FFF).
-const CHANNELS: std::ops::RangeInclusive<u16> = 0x4000..=0x4FFF;
+/// Channel numbers the program handles: RFC 8656 §12's 0x4000 through 0x4FFF and RFC 5766's
+/// 0x5000 through 0x7FFF, which the server binds unless `strict_channel_numbers` (deployed
+/// clients use them: coturn's uclient picks from the whole range). Only numbers the server
+/// bound reach the maps.
+const CHANNELS: std::ops::RangeInclusive<u16> = 0x4000..=0x7FFF;
 
 type ListenKey = [u8; 20];
 type ChanKey = [u8; 40];

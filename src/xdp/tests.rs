@@ -624,11 +624,15 @@ fn padded_or_inconsistent_channel_data_passes() {
     let mut f = n.client_sends(CH, &data(5)).frame();
     f[38..40].copy_from_slice(&(8u16 + 4 + 4).to_be_bytes());
     r.assert_pass(&f);
-    // Channel numbers outside 0x4000-0x4FFF (0x5000-0x7FFF are RFC 5766's; the server may
-    // accept them): user space does not install them, and the program checks the range.
-    r.bind(&n, 0x5000, Duration::from_secs(600), Duration::from_secs(300));
-    assert_eq!(r.off.installed(), 1);
-    r.assert_pass(&n.client_sends(0x5000, &data(5)).frame());
+    // Not ChannelData at all (first two bits 10 or 11): the program checks the range.
+    r.assert_pass(&n.client_sends(0x8000, &data(5)).frame());
+    r.assert_pass(&n.client_sends(0xC000, &data(5)).frame());
+    // RFC 5766's numbers 0x5000-0x7FFF, which the server binds outside strict mode (coturn's
+    // uclient picks from 0x4000-0x7FFF), are forwarded like RFC 8656's.
+    r.bind(&n, 0x7FFF, Duration::from_secs(600), Duration::from_secs(300));
+    assert_eq!(r.off.installed(), 2);
+    let (verdict, _) = r.run(&n.client_sends(0x7FFF, &data(5)).frame());
+    assert_eq!(verdict, XDP_TX, "0x7FFF is forwarded");
 }
 
 #[test]
