@@ -653,6 +653,10 @@ mod tests {
         assert_eq!(c.server.max_lifetime, Duration::from_secs(3600));
         assert_eq!(c.user_quota, DEFAULT_USER_QUOTA);
         assert!(!c.log_json && c.metrics_listen.is_none());
+        // The stream settings in the file are the built-in ones.
+        let builtin = Config::resolve(Settings::from_toml("").unwrap()).unwrap();
+        assert!(c.tcp && c.tls_listen.is_empty() && c.tls.is_none() && c.xdp.is_empty());
+        assert_eq!(c.streams, builtin.streams);
     }
 
     #[test]
