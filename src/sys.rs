@@ -381,6 +381,26 @@ pub fn send_from(fd: RawFd, data: &[u8], to: SocketAddr, src: Option<IpAddr>) ->
     Ok(n as usize)
 }
 
+/// A non-blocking TCP listener on `addr` with SO_REUSEADDR and SO_REUSEPORT (IPv6 sockets
+/// IPv6-only): the shards' listeners on one address, and RFC 6062 relay listeners (whose
+/// address:port outgoing Connects bind too).
+///
+/// # Errors
+/// When the socket cannot be made, bound or put to listen.
+pub fn tcp_listener(addr: SocketAddr, backlog: i32) -> io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(backlog)?;
+    Ok(socket.into())
+}
+
 #[cfg(test)]
 mod pktinfo_tests {
     use super::*;

@@ -135,16 +135,7 @@ pub enum RelaySocket {
 
 /// Binds the listening socket of an RFC 6062 TCP allocation.
 fn bind_tcp_relay(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-    if addr.is_ipv6() {
-        socket.set_only_v6(true)?;
-    }
-    socket.set_reuse_address(true)?;
-    socket.set_reuse_port(true)?;
-    socket.set_nonblocking(true)?;
-    socket.bind(&addr.into())?;
-    socket.listen(128)?;
-    Ok(socket.into())
+    sys::tcp_listener(addr, 128)
 }
 
 /// A shard's inbox: the queue and the eventfd that wakes the shard.

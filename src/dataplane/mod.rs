@@ -96,16 +96,7 @@ fn bind_reuseport(addr: SocketAddr, buffer: usize) -> std::io::Result<UdpSocket>
 }
 
 fn bind_tcp_reuseport(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-    if addr.is_ipv6() {
-        socket.set_only_v6(true)?;
-    }
-    socket.set_reuse_address(true)?;
-    socket.set_reuse_port(true)?;
-    socket.set_nonblocking(true)?;
-    socket.bind(&addr.into())?;
-    socket.listen(1024)?;
-    Ok(socket.into())
+    crate::sys::tcp_listener(addr, 1024)
 }
 
 /// Binds shard 0's UDP listener on `addr` and, with `tcp`, a TCP listener on the same

@@ -928,20 +928,21 @@ impl Core {
                     None => self.count_drop(DropReason::NoAllocation),
                 }
             }
-            ClientAction::Allocate(request) => {
-                if self
-                    .control
-                    .try_send(ControlRequest::Allocate {
-                        shard: self.index,
-                        request,
-                    })
-                    .is_err()
-                {
-                    self.stats.control_overflow += 1;
-                }
-            }
+            ClientAction::Allocate(request) => self.send_allocate(request),
             ClientAction::Drop(reason) => self.count_drop(reason),
             ClientAction::Nothing => {}
+        }
+    }
+
+    /// Hands an Allocate ticket to the control thread. A full queue means overload: no
+    /// answer, the client retransmits (counted).
+    fn send_allocate(&mut self, request: crate::proto::server::AllocateRequest) {
+        let ticket = ControlRequest::Allocate {
+            shard: self.index,
+            request,
+        };
+        if self.control.try_send(ticket).is_err() {
+            self.stats.control_overflow += 1;
         }
     }
 
@@ -1021,17 +1022,7 @@ impl Core {
                 }
             }
             ClientAction::Allocate(request) => {
-                if self
-                    .control
-                    .try_send(ControlRequest::Allocate {
-                        shard: self.index,
-                        request,
-                    })
-                    .is_err()
-                {
-                    // Overloaded: no answer; the client retransmits.
-                    self.stats.control_overflow += 1;
-                }
+                self.send_allocate(request);
                 Verdict::Drop
             }
             // Connect needs a TCP allocation and ConnectionBind a TCP or TLS connection: the

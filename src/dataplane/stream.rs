@@ -894,6 +894,24 @@ impl Streams {
         self.close(id, conn, why)
     }
 
+    /// Takes a slot for `conn` and adds its socket to the epoll set with the events it needs.
+    fn register(&mut self, conn: &mut Conn) -> io::Result<u32> {
+        let id = self.new_slot();
+        let want = conn.wanted_interest();
+        if let Err(e) = epoll_ctl(
+            self.epfd.as_raw_fd(),
+            libc::EPOLL_CTL_ADD,
+            conn.socket.as_raw_fd(),
+            want,
+            id as u64,
+        ) {
+            self.free.push(id);
+            return Err(e);
+        }
+        conn.interest = want;
+        Ok(id)
+    }
+
     fn new_slot(&mut self) -> u32 {
         match self.free.pop() {
             Some(id) => id,
@@ -974,19 +992,7 @@ impl Streams {
     ) -> io::Result<u32> {
         let mut conn = Conn::new(socket, FiveTuple::new(peer, relayed, Transport::Tcp), Tls::None, now);
         conn.kind = ConnKind::Peer { connection_id, state };
-        let id = self.new_slot();
-        let want = conn.wanted_interest();
-        if let Err(e) = epoll_ctl(
-            self.epfd.as_raw_fd(),
-            libc::EPOLL_CTL_ADD,
-            conn.socket.as_raw_fd(),
-            want,
-            id as u64,
-        ) {
-            self.free.push(id);
-            return Err(e);
-        }
-        conn.interest = want;
+        let id = self.register(&mut conn)?;
         self.by_connection_id.insert(connection_id, id);
         self.conns[id as usize] = Some(conn);
         self.stats.peer_open += 1;
@@ -1143,20 +1149,13 @@ impl Streams {
         let mut conn = Conn::new(a.socket, a.five_tuple, tls, now);
         conn.rbuf = a.pending;
         conn.wbuf = a.unsent;
-        let id = self.new_slot();
-        let want = conn.wanted_interest();
-        if let Err(e) = epoll_ctl(
-            self.epfd.as_raw_fd(),
-            libc::EPOLL_CTL_ADD,
-            conn.socket.as_raw_fd(),
-            want,
-            id as u64,
-        ) {
-            self.free.push(id);
-            self.shared.release(conn.five_tuple.client.ip());
-            return Err(e);
-        }
-        conn.interest = want;
+        let id = match self.register(&mut conn) {
+            Ok(id) => id,
+            Err(e) => {
+                self.shared.release(conn.five_tuple.client.ip());
+                return Err(e);
+            }
+        };
         let t = transport_index(conn.five_tuple.transport);
         self.stats.open[t] += 1;
         self.by_tuple.insert(conn.five_tuple, id);
