@@ -56,3 +56,6 @@ mod tcp_relay;
 #[cfg(feature = "xdp")]
 #[path = "it/xdp_lab.rs"]
 mod xdp_lab;
+
+#[path = "it/ipv6.rs"]
+mod ipv6;
