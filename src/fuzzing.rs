@@ -1705,6 +1705,16 @@ mod tests {
         }
     }
 
+    /// Found by `cargo fuzz` in CI: coturn's draft code point of ADDITIONAL-ADDRESS-FAMILY
+    /// (0x8032) was decoded as the attribute of type 0x8000, so its kind did not round trip.
+    /// The server reads that code point itself now; the codec leaves it undecoded.
+    #[test]
+    fn regression_draft_additional_address_family_keeps_its_kind() {
+        super::stun_decode(include_bytes!(
+            "../fuzz/corpus/stun_decode/regression-draft-additional-address-family"
+        ));
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(2000))]
 

@@ -1352,10 +1352,11 @@ impl Server {
         };
         // Deviation for interoperability: coturn 4.6's clients send the attribute under its
         // draft code point (0x8032); both are accepted.
-        let additional = match msg
-            .get(kind::ADDITIONAL_ADDRESS_FAMILY)
-            .or_else(|| msg.get(kind::ADDITIONAL_ADDRESS_FAMILY_DRAFT))
-        {
+        let draft = || {
+            msg.raw(kind::ADDITIONAL_ADDRESS_FAMILY_DRAFT)
+                .map(|a| Attribute::decode(kind::ADDITIONAL_ADDRESS_FAMILY, a.value, &msg.transaction_id()))
+        };
+        let additional = match msg.get(kind::ADDITIONAL_ADDRESS_FAMILY).or_else(draft) {
             None => None,
             Some(Ok(Attribute::AdditionalAddressFamily(AddressFamily::V6))) => Some(AddressFamily::V6),
             Some(_) => return err(AllocateError::MalformedAttribute),

@@ -40,7 +40,9 @@ pub mod kind {
     pub const CONNECTION_ID: u16 = 0x002A;
     pub const ADDITIONAL_ADDRESS_FAMILY: u16 = 0x8000;
     /// ADDITIONAL-ADDRESS-FAMILY's code point in draft-ietf-tram-turnbis, still sent by
-    /// coturn 4.6's clients (`turnutils_uclient -Z`); decoded as ADDITIONAL-ADDRESS-FAMILY.
+    /// coturn 4.6's clients (`turnutils_uclient -Z`). Not decoded by [`Attribute::decode`]
+    /// (whose values keep their own type); the server reads its value as
+    /// ADDITIONAL-ADDRESS-FAMILY's.
     pub const ADDITIONAL_ADDRESS_FAMILY_DRAFT: u16 = 0x8032;
     pub const ADDRESS_ERROR_CODE: u16 = 0x8001;
     pub const PASSWORD_ALGORITHMS: u16 = 0x8002;
@@ -584,7 +586,7 @@ impl<'a> Attribute<'a> {
             XOR_PEER_ADDRESS => Attribute::XorPeerAddress(decode_address(kind, v, Some(tid))?),
             DATA => Attribute::Data(v),
             XOR_RELAYED_ADDRESS => Attribute::XorRelayedAddress(decode_address(kind, v, Some(tid))?),
-            REQUESTED_ADDRESS_FAMILY | ADDITIONAL_ADDRESS_FAMILY | ADDITIONAL_ADDRESS_FAMILY_DRAFT => {
+            REQUESTED_ADDRESS_FAMILY | ADDITIONAL_ADDRESS_FAMILY => {
                 let f = AddressFamily::from_u8(fixed::<4>(kind, v)?[0]).ok_or(AttributeError::BadFamily { kind })?;
                 if kind == REQUESTED_ADDRESS_FAMILY {
                     Attribute::RequestedAddressFamily(f)
