@@ -40,7 +40,7 @@ pub mod kind {
     pub const CONNECTION_ID: u16 = 0x002A;
     pub const ADDITIONAL_ADDRESS_FAMILY: u16 = 0x8000;
     /// ADDITIONAL-ADDRESS-FAMILY's code point in draft-ietf-tram-turnbis, still sent by
-    /// coturn 4.6's clients (`turnutils_uclient -Z`). Not decoded by [`Attribute::decode`]
+    /// coturn 4.6's clients (`turnutils_uclient -Z`). Not decoded by `Attribute::decode`
     /// (whose values keep their own type); the server reads its value as
     /// ADDITIONAL-ADDRESS-FAMILY's.
     pub const ADDITIONAL_ADDRESS_FAMILY_DRAFT: u16 = 0x8032;
