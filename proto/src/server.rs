@@ -874,8 +874,12 @@ impl Server {
         alloc.usage.to_peer_packets += 1;
         alloc.usage.to_peer_bytes += cd.payload.len() as u64;
         ClientAction::Relay {
-            // A bound peer's family always has a relayed address (checked at ChannelBind).
-            relayed: alloc.relayed_for(binding.peer).unwrap_or(alloc.relayed),
+            // A bound peer's family always has a relayed address (checked at ChannelBind); a
+            // single-family allocation has only its own.
+            relayed: match alloc.additional {
+                None => alloc.relayed,
+                Some(_) => alloc.relayed_for(binding.peer).unwrap_or(alloc.relayed),
+            },
             peer: binding.peer,
             payload: cd.payload,
         }
