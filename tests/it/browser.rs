@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::process::Command;
 
-use crate::harness::{require, Server, PASSWORD, SECRET, USER};
+use crate::harness::{require, Netns, Server, PASSWORD, SECRET, USER};
 
 const MESSAGES: u64 = 50;
 
@@ -139,36 +139,6 @@ fn chromium_data_channel_relay_rest_api() {
     run_browser(&["--secret", SECRET, "--name", "chromium"], "rest-api");
 }
 
-/// A network namespace of this test with a veth pair, one end carrying `addrs` (Chromium refuses
-/// to follow a redirect to a loopback address, crbug.com/649118, so this test cannot run on
-/// 127.0.0.1); deleted on drop.
-struct Netns(String);
-
-impl Netns {
-    fn new(name: &str, addrs: &[&str]) -> Netns {
-        let ns = Netns(name.to_string());
-        let ip = |args: &[&str]| {
-            let st = Command::new("ip").args(args).status().expect("ip");
-            assert!(st.success(), "ip {args:?}");
-        };
-        ip(&["netns", "add", name]);
-        ip(&["-n", name, "link", "set", "lo", "up"]);
-        ip(&["-n", name, "link", "add", "v0", "type", "veth", "peer", "name", "v1"]);
-        for a in addrs {
-            ip(&["-n", name, "addr", "add", a, "dev", "v0", "nodad"]);
-        }
-        ip(&["-n", name, "link", "set", "v0", "up"]);
-        ip(&["-n", name, "link", "set", "v1", "up"]);
-        ns
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
-
 /// Drain with a real browser: Chromium is configured with the draining turnpike only; its
 /// Allocate gets 300 Try Alternate with ALTERNATE-SERVER and Chromium follows it, so the data
 /// channel is relayed by the second turnpike and the draining one relays nothing. Everything
@@ -177,6 +147,7 @@ impl Drop for Netns {
 fn chromium_follows_the_drain_redirect() {
     require_browser();
     require("ip");
+    // Chromium refuses to follow a redirect to a loopback address (crbug.com/649118).
     let ns = Netns::new(
         &format!("tpdrain{}", std::process::id()),
         &["198.18.0.1/24", "198.18.0.2/24"],

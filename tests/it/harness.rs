@@ -186,3 +186,33 @@ pub fn require(program: &str) {
         "{program} is not installed: run the README test command (scripts/test.sh) which installs it"
     );
 }
+
+/// A network namespace of the test's own with a veth pair inside it (v0, v1: this kernel has
+/// no dummy module), `lo` up and `addrs` (CIDR; IPv6 ones without duplicate address detection)
+/// on v0; deleted on drop. Its name is `ns.0`.
+pub struct Netns(pub String);
+
+impl Netns {
+    pub fn new(name: &str, addrs: &[&str]) -> Netns {
+        let ns = Netns(name.to_string());
+        let ip = |args: &[&str]| {
+            let st = Command::new("ip").args(args).status().expect("ip");
+            assert!(st.success(), "ip {args:?}");
+        };
+        ip(&["netns", "add", name]);
+        ip(&["-n", name, "link", "set", "lo", "up"]);
+        ip(&["-n", name, "link", "add", "v0", "type", "veth", "peer", "name", "v1"]);
+        for a in addrs {
+            ip(&["-n", name, "addr", "add", a, "dev", "v0", "nodad"]);
+        }
+        ip(&["-n", name, "link", "set", "v0", "up"]);
+        ip(&["-n", name, "link", "set", "v1", "up"]);
+        ns
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}

@@ -6,7 +6,7 @@
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use crate::harness::{free_udp_port, require, Server, PASSWORD, USER};
+use crate::harness::{free_udp_port, require, Netns, Server, PASSWORD, USER};
 use crate::real_clients::{parse_uclient, UclientReport};
 
 /// turnutils_peer on `ip`, killed on drop; optionally inside network namespace `netns`.
@@ -151,26 +151,11 @@ fn uclient_dual_allocation_reaches_peers_of_both_families() {
 #[test]
 fn uclient_ipv6_in_a_namespace_with_documentation_addresses() {
     require("ip");
-    let ns = format!("tp-ipv6-{}", std::process::id());
-    let ip = |args: &[&str]| {
-        let st = Command::new("ip").args(args).status().expect("ip");
-        assert!(st.success(), "ip {args:?}");
-    };
-    ip(&["netns", "add", &ns]);
-    struct Del(String);
-    impl Drop for Del {
-        fn drop(&mut self) {
-            let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-        }
-    }
-    let _del = Del(ns.clone());
-    ip(&["-n", &ns, "link", "set", "lo", "up"]);
-    ip(&["-n", &ns, "link", "add", "v0", "type", "veth", "peer", "name", "v1"]);
-    for a in ["2001:db8::1/64", "2001:db8::2/64"] {
-        ip(&["-n", &ns, "addr", "add", a, "dev", "v0", "nodad"]);
-    }
-    ip(&["-n", &ns, "link", "set", "v0", "up"]);
-    ip(&["-n", &ns, "link", "set", "v1", "up"]);
+    let netns = Netns::new(
+        &format!("tp-ipv6-{}", std::process::id()),
+        &["2001:db8::1/64", "2001:db8::2/64"],
+    );
+    let ns = netns.0.clone();
     let args: Vec<String> = [
         "--listen",
         "[2001:db8::1]:3478",

@@ -9,7 +9,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use crate::client::Client;
-use crate::harness::{free_udp_port, require, Server, PASSWORD, USER};
+use crate::harness::{free_udp_port, require, Netns, Server, PASSWORD, USER};
 use turnpike::proto::stun::attribute::kind;
 use turnpike::proto::stun::{Class, PasswordAlgorithm};
 
@@ -70,29 +70,13 @@ fn wildcard_ipv4_listener_answers_and_relays_from_the_address_asked() {
 fn wildcard_ipv6_listener_in_a_namespace_answers_from_each_address() {
     require("ip");
     require("python3");
-    let ns = format!("tp-wild6-{}", std::process::id());
-    let ip = |args: &[&str]| {
-        let st = Command::new("ip").args(args).status().expect("ip");
-        assert!(st.success(), "ip {args:?}");
-    };
-    ip(&["netns", "add", &ns]);
-    struct Del(String);
-    impl Drop for Del {
-        fn drop(&mut self) {
-            let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-        }
-    }
-    let _del = Del(ns.clone());
-    ip(&["-n", &ns, "link", "set", "lo", "up"]);
-    // A veth pair inside the namespace (this kernel has no dummy module).
-    ip(&["-n", &ns, "link", "add", "v0", "type", "veth", "peer", "name", "v1"]);
     // ::1 and ::2 for the server, ::3 for the client: the kernel's own source address
     // choice for answers to ::3 would be ::2 (longest matching prefix), whatever was asked.
-    for a in ["2001:db8::1/64", "2001:db8::2/64", "2001:db8::3/64"] {
-        ip(&["-n", &ns, "addr", "add", a, "dev", "v0", "nodad"]);
-    }
-    ip(&["-n", &ns, "link", "set", "v0", "up"]);
-    ip(&["-n", &ns, "link", "set", "v1", "up"]);
+    let netns = Netns::new(
+        &format!("tp-wild6-{}", std::process::id()),
+        &["2001:db8::1/64", "2001:db8::2/64", "2001:db8::3/64"],
+    );
+    let ns = netns.0.clone();
     let args: Vec<String> = [
         "--listen",
         "[::]:3478",
