@@ -7,7 +7,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use crate::harness::{free_udp_port, require, Netns, Server, PASSWORD, USER};
-use crate::real_clients::{parse_uclient, UclientReport};
+use crate::real_clients::{run_uclient, UclientReport};
 
 /// turnutils_peer on `ip`, killed on drop; optionally inside network namespace `netns`.
 struct Peer(Child);
@@ -48,19 +48,7 @@ fn uclient(netns: Option<&str>, mode: &[&str], server: (&str, u16), peer: (&str,
     ];
     args.extend_from_slice(mode);
     args.push(server.0);
-    let mut cmd = Command::new("timeout");
-    cmd.arg("90");
-    if let Some(ns) = netns {
-        cmd.args(["ip", "netns", "exec", ns]);
-    }
-    let out = cmd.arg("turnutils_uclient").args(&args).output().expect("run uclient");
-    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    let report = parse_uclient(&text);
-    eprintln!(
-        "uclient {args:?}: sent {} received {} lost {} | {}",
-        report.sent, report.received, report.lost, report.rtt_line
-    );
-    report
+    run_uclient(netns, &args)
 }
 
 fn assert_clean(r: &UclientReport) {

@@ -37,6 +37,24 @@ pub(crate) struct UclientReport {
     pub(crate) output: String,
 }
 
+/// Runs `turnutils_uclient ARGS` (at most 90 s; inside network namespace `netns` when given)
+/// and parses what it printed.
+pub(crate) fn run_uclient(netns: Option<&str>, args: &[&str]) -> UclientReport {
+    let mut cmd = Command::new("timeout");
+    cmd.arg("90");
+    if let Some(ns) = netns {
+        cmd.args(["ip", "netns", "exec", ns]);
+    }
+    let out = cmd.arg("turnutils_uclient").args(args).output().expect("run uclient");
+    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    let report = parse_uclient(&text);
+    eprintln!(
+        "uclient {args:?}: sent {} received {} lost {} | {}",
+        report.sent, report.received, report.lost, report.rtt_line
+    );
+    report
+}
+
 pub(crate) fn parse_uclient(output: &str) -> UclientReport {
     let mut r = UclientReport {
         sent: 0,
@@ -87,18 +105,7 @@ fn uclient(mode: &[&str], credentials: &[&str]) -> UclientReport {
     args.extend_from_slice(mode);
     args.extend_from_slice(credentials);
     args.push("127.0.0.1");
-    let out = Command::new("timeout")
-        .arg("90")
-        .arg("turnutils_uclient")
-        .args(&args)
-        .output()
-        .expect("run uclient");
-    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    let report = parse_uclient(&text);
-    eprintln!(
-        "uclient {mode:?}: sent {} received {} lost {} | {}",
-        report.sent, report.received, report.lost, report.rtt_line
-    );
+    let report = run_uclient(None, &args);
     let stats = server.stop();
     eprintln!("turnpike: {}", stats.last().cloned().unwrap_or_default());
     report

@@ -5,14 +5,13 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::process::Command;
 use std::time::Duration;
 
 use turnpike::proto::stun::attribute::kind;
 use turnpike::proto::stun::{Attribute, Class, Method};
 
 use crate::harness::{require, PASSWORD, USER};
-use crate::real_clients::{parse_uclient, UclientReport};
+use crate::real_clients::{run_uclient, UclientReport};
 use crate::transport_support::*;
 
 /// uclient -T (TCP relaying between pairs of its own clients) through `relay`.
@@ -40,19 +39,7 @@ fn uclient_tcp_relay(relay: &Relay, tls: bool) -> UclientReport {
         args.push("-S");
     }
     args.push("127.0.0.1");
-    let out = Command::new("timeout")
-        .arg("90")
-        .arg("turnutils_uclient")
-        .args(&args)
-        .output()
-        .expect("run uclient");
-    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    let report = parse_uclient(&text);
-    eprintln!(
-        "uclient {args:?}: sent {} received {} lost {} | {}",
-        report.sent, report.received, report.lost, report.rtt_line
-    );
-    report
+    run_uclient(None, &args)
 }
 
 fn assert_tcp_relayed(r: &UclientReport, shutdown: &str) {

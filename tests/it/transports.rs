@@ -33,7 +33,7 @@ use turnpike::proto::stun::{Attribute, Class, MessageBuilder, MessageType, Metho
 use crate::browser::{browser_dir, require_browser, summary};
 use crate::client::Client;
 use crate::harness::{require, PASSWORD, USER};
-use crate::real_clients::{parse_uclient, start_peer, UclientReport};
+use crate::real_clients::{run_uclient, start_peer, UclientReport};
 use crate::transport_support::*;
 
 // ---------------------------------------------------------------------------------------------
@@ -82,19 +82,7 @@ fn uclient_stream(relay: &Relay, stream: Stream, send_indications: bool) -> Ucli
         args.push("-s");
     }
     args.push("127.0.0.1");
-    let out = Command::new("timeout")
-        .arg("90")
-        .arg("turnutils_uclient")
-        .args(&args)
-        .output()
-        .expect("run uclient");
-    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    let report = parse_uclient(&text);
-    eprintln!(
-        "uclient {args:?}: sent {} received {} lost {} | {}",
-        report.sent, report.received, report.lost, report.rtt_line
-    );
-    report
+    run_uclient(None, &args)
 }
 
 /// uclient's lines that are not errors of the run: with `-S` it picks, per connection, one of
