@@ -162,6 +162,12 @@ pub struct Args {
     /// Packets allowed in flight per thread with `--rate max`.
     #[arg(long, default_value_t = 128)]
     pub window: usize,
+    /// Packets sent back to back on each channel per turn (1-64): a video frame is a burst
+    /// of same-size packets to one peer. The rate (`--rate`) still counts packets; each
+    /// burst is written with one sendmmsg, and the echo peers answer each burst as it
+    /// arrives.
+    #[arg(long, default_value_t = 1)]
+    pub burst: usize,
     /// Payload size in bytes (at least 20: channel index, sequence, timestamp, magic).
     #[arg(long, default_value_t = 100)]
     pub size: usize,
@@ -241,6 +247,8 @@ pub struct Plan {
     pub rate: Rate,
     /// Window per thread for `Rate::Max`, in packets.
     pub window: usize,
+    /// Packets per channel per turn, back to back.
+    pub burst: usize,
     /// Payload bytes.
     pub size: usize,
     /// Traffic time.
@@ -420,6 +428,9 @@ impl Args {
         if self.window == 0 {
             bail!("--window must be at least 1");
         }
+        if self.burst == 0 || self.burst > 64 {
+            bail!("--burst must be 1-64");
+        }
         if self.mode == Mode::Raw && self.send_indications {
             bail!("--send-indications is for --mode turn");
         }
@@ -494,6 +505,7 @@ impl Args {
             peer_ips,
             rate: self.rate,
             window: self.window,
+            burst: self.burst,
             size: self.size,
             duration: Duration::from_secs_f64(self.duration),
             send_indications: self.send_indications,
@@ -601,6 +613,10 @@ mod tests {
             .plan()
             .is_err());
         assert!(args(&["--mode", "raw", "--transport", "tcp"]).plan().is_err());
+        assert_eq!(p.burst, 1);
+        assert_eq!(args(&["--burst", "16"]).plan().unwrap().burst, 16);
+        assert!(args(&["--burst", "0"]).plan().is_err());
+        assert!(args(&["--burst", "65"]).plan().is_err());
         assert_eq!(host_of("127.0.0.1:5349"), "127.0.0.1");
         assert_eq!(host_of("localhost:443"), "localhost");
         assert_eq!(host_of("[::1]:5349"), "::1");

@@ -377,6 +377,7 @@ fn build_report(
         threads: plan.threads,
         rate_requested_pps: requested,
         window: requested.is_none().then_some(plan.window),
+        burst: plan.burst,
         interrupted,
         setup: Setup {
             seconds: setup_secs,

@@ -215,6 +215,9 @@ pub struct Report {
     pub rate_requested_pps: Option<f64>,
     /// Window per thread for `max`, packets.
     pub window: Option<usize>,
+    /// Packets per channel sent back to back (`--burst`).
+    #[serde(default = "one")]
+    pub burst: usize,
     /// Ctrl-C cut the run short.
     pub interrupted: bool,
     /// Setup.
@@ -229,6 +232,10 @@ pub struct Report {
     pub stun: Stun,
     /// Server process figures when `--server-pid` was given.
     pub server_process: Option<ServerProcess>,
+}
+
+fn one() -> usize {
+    1
 }
 
 fn si(v: f64) -> String {
@@ -258,13 +265,18 @@ impl Report {
         let _ = writeln!(s, "loadgen {} over {transport} → {}", self.mode, self.server);
         let _ = writeln!(
             s,
-            "  {} channels on {} allocations ({} per allocation), {}, {} B payload, rate {}, {} thread(s){}",
+            "  {} channels on {} allocations ({} per allocation), {}, {} B payload, rate {}{}, {} thread(s){}",
             self.channels,
             self.allocations,
             self.channels_per_allocation,
             self.encapsulation,
             self.size_bytes,
             rate,
+            if self.burst > 1 {
+                format!(", bursts of {}", self.burst)
+            } else {
+                String::new()
+            },
             self.threads,
             if self.interrupted { ", INTERRUPTED" } else { "" }
         );

@@ -359,7 +359,7 @@ impl Worker {
             written_off: 0,
             last_rx: Instant::now(),
             send_tid: 0,
-            tx_bufs: vec![Vec::new(); k],
+            tx_bufs: vec![Vec::new(); k * plan.burst],
             scratch: Vec::new(),
             stream_rx: if plan.transport.is_stream() {
                 vec![0; STREAM_READ_BUF]
@@ -858,7 +858,8 @@ impl Worker {
         if now_ns >= end || self.allocs.is_empty() {
             return Duration::from_millis(2);
         }
-        let k = self.plan.per_alloc as u64;
+        // Packets one turn of an allocation sends.
+        let k = (self.plan.per_alloc * self.plan.burst) as u64;
         match self.plan.rate {
             Rate::Pps(_) => {
                 let expected = ((now_ns.saturating_sub(start)) as f64 * 1e-9 * self.rate) as u64;
@@ -904,10 +905,11 @@ impl Worker {
     }
 
     /// Sends about `budget` packets round-robin over the live allocations (all channels of
-    /// an allocation in one sendmmsg). Returns the packets scheduled (sent or refused).
+    /// an allocation, `--burst` packets each, back to back in one sendmmsg). Returns the packets scheduled (sent or refused).
     fn send_traffic(&mut self, budget: usize, now_ns: u64) -> usize {
         let n = self.allocs.len();
         let k = self.plan.per_alloc;
+        let burst = self.plan.burst;
         let size = self.plan.size;
         let stream = self.plan.transport.is_stream();
         let pad = if stream { framing::channel_data_padding(size) } else { 0 };
@@ -924,7 +926,8 @@ impl Worker {
                 continue;
             }
             skipped = 0;
-            for j in 0..k {
+            for m in 0..k * burst {
+                let j = m / burst;
                 let gidx = self.global_chan(a, j);
                 let ch = &mut self.chans[a * k + j];
                 let h = payload::Header {
@@ -933,7 +936,7 @@ impl Worker {
                     sent_ns: now_ns,
                 };
                 ch.next_seq = ch.next_seq.wrapping_add(1);
-                let mut buf = std::mem::take(&mut self.tx_bufs[j]);
+                let mut buf = std::mem::take(&mut self.tx_bufs[m]);
                 match (self.plan.mode, self.plan.send_indications) {
                     (Mode::Raw, _) => {
                         buf.clear();
@@ -966,19 +969,20 @@ impl Worker {
                         b.attribute(&Attribute::Data(&self.scratch));
                     }
                 }
-                self.tx_bufs[j] = buf;
+                self.tx_bufs[m] = buf;
             }
+            let total = k * burst;
             if stream {
-                let sent = self.send_stream_traffic(a, k);
+                let sent = self.send_stream_traffic(a, total);
                 self.c.client_tx += sent as u64;
-                self.c.send_failures += (k - sent) as u64;
-                done += k;
+                self.c.send_failures += (total - sent) as u64;
+                done += total;
                 continue;
             }
             let fd = self.allocs[a].fd;
             let mut msgs: [(&[u8], Option<SocketAddrV4>); MAX_BATCH] = [(&[], None); MAX_BATCH];
             let mut sent = 0;
-            for chunk in self.tx_bufs[..k].chunks(MAX_BATCH) {
+            for chunk in self.tx_bufs[..total].chunks(MAX_BATCH) {
                 for (i, b) in chunk.iter().enumerate() {
                     msgs[i] = (&b[..], None);
                 }
@@ -990,8 +994,8 @@ impl Worker {
                 }
             }
             self.c.client_tx += sent as u64;
-            self.c.send_failures += (k - sent) as u64;
-            done += k;
+            self.c.send_failures += (total - sent) as u64;
+            done += total;
         }
         done
     }
@@ -1027,7 +1031,7 @@ impl Worker {
 
     // ---------------------------------------------------------------- streams
 
-    /// Queues allocation `a`'s `k` traffic messages (`tx_bufs[..k]`) on its connection and
+    /// Queues allocation `a`'s `k` traffic messages (`tx_bufs[..k]`, bursts included) on its connection and
     /// flushes; returns how many were taken (none while more than [`STREAM_TX_LIMIT`] bytes
     /// wait for the kernel).
     fn send_stream_traffic(&mut self, a: usize, k: usize) -> usize {
