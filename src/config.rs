@@ -191,6 +191,12 @@ pub struct Settings {
     #[arg(long)]
     pub no_pin: bool,
 
+    /// Send every relayed datagram with its own sendmsg instead of UDP GSO (UDP_SEGMENT:
+    /// consecutive datagrams of a batch to one destination, of equal length, leave in one
+    /// sendmsg; nothing changes on the wire).
+    #[arg(long)]
+    pub no_udp_gso: bool,
+
     /// Serve Prometheus metrics on /metrics, and /healthz and /readyz, at IP:PORT (off by
     /// default; coturn uses 9641).
     #[arg(long)]
@@ -317,7 +323,7 @@ impl Settings {
                  alternate_server, drain_timeout, cert, pkey, max_connections, max_connections_per_ip,
                  tls_handshake_timeout, stream_idle_timeout, max_stream_frame;
             vec: listen, relay_ip, users, static_auth_secret, allowed_peer_ip, denied_peer_ip, tls_listen, xdp;
-            flag: strict_channel_numbers, no_pin, metrics_coturn_names, no_tcp);
+            flag: strict_channel_numbers, no_pin, metrics_coturn_names, no_tcp, no_udp_gso);
         Ok(base)
     }
 
@@ -383,6 +389,8 @@ pub struct Config {
     pub ring_entries: u32,
     /// Pin shard threads to cores.
     pub pin_cores: bool,
+    /// Send runs of equal datagrams to one destination with UDP GSO.
+    pub udp_gso: bool,
     /// Accept TCP on the `listen` addresses.
     pub tcp: bool,
     /// TLS listening addresses.
@@ -629,6 +637,7 @@ impl Config {
             io_backend,
             ring_entries: s.ring_entries.unwrap_or(4096),
             pin_cores: !s.no_pin,
+            udp_gso: !s.no_udp_gso,
             tcp: !s.no_tcp,
             tls_listen: s.tls_listen,
             tls,

@@ -139,6 +139,9 @@ pub struct Metrics {
     control_overflows: IntCounter,
     handovers: IntCounter,
     handover_overflows: IntCounter,
+    gso_sends: IntCounter,
+    gso_datagrams: IntCounter,
+    gso_fallbacks: IntCounter,
     kernel_rcvbuf: IntCounter,
     kernel_sndbuf: IntCounter,
     busy: prometheus::CounterVec,
@@ -409,6 +412,21 @@ impl Metrics {
                 "turnpike_handover_overflows_total",
                 "Handovers dropped because the owning shard's inbox was full.",
             )?,
+            gso_sends: counter(
+                &r,
+                "turnpike_udp_gso_sends_total",
+                "UDP GSO sends: runs of two or more equal datagrams to one destination sent with one sendmsg.",
+            )?,
+            gso_datagrams: counter(
+                &r,
+                "turnpike_udp_gso_datagrams_total",
+                "Datagrams sent in UDP GSO sends.",
+            )?,
+            gso_fallbacks: counter(
+                &r,
+                "turnpike_udp_gso_fallbacks_total",
+                "UDP GSO sends the kernel refused (a segment over the path MTU, ...), sent again one datagram at a time.",
+            )?,
             kernel_rcvbuf: counter(
                 &r,
                 "turnpike_kernel_udp_receive_buffer_errors_total",
@@ -637,6 +655,9 @@ impl Metrics {
         catch_up(&self.stream_messages, t.streams.messages);
         catch_up(&self.stream_backpressure, t.streams.backpressure_drops);
         catch_up(&self.handover_overflows, t.handover_overflow);
+        catch_up(&self.gso_sends, t.io.gso_sends);
+        catch_up(&self.gso_datagrams, t.io.gso_datagrams);
+        catch_up(&self.gso_fallbacks, t.io.gso_fallbacks);
         catch_up(
             &self.realm_bytes.with_label_values(&[&self.realm]),
             t.to_peer_bytes + t.to_client_bytes,

@@ -216,6 +216,9 @@ impl ShardStats {
         self.io.sync_sends += s.io.sync_sends;
         self.io.truncated += s.io.truncated;
         self.io.batches += s.io.batches;
+        self.io.gso_sends += s.io.gso_sends;
+        self.io.gso_datagrams += s.io.gso_datagrams;
+        self.io.gso_fallbacks += s.io.gso_fallbacks;
     }
 
     /// STUN responses sent (all methods and codes).
@@ -241,6 +244,12 @@ pub struct IoStats {
     pub truncated: u64,
     /// Receive or send batches submitted.
     pub batches: u64,
+    /// UDP GSO sends (two datagrams or more in one sendmsg).
+    pub gso_sends: u64,
+    /// Datagrams sent in GSO sends.
+    pub gso_datagrams: u64,
+    /// GSO sends the kernel refused and that were sent again one datagram at a time.
+    pub gso_fallbacks: u64,
 }
 
 /// The control thread's accounting as of its last batch.

@@ -347,6 +347,21 @@ pub fn pktinfo_source(src: IpAddr, control: &mut Control) -> usize {
     cmsg_align(len)
 }
 
+/// Appends a UDP_SEGMENT control message (UDP GSO, Linux ≥ 4.18) at byte `at` of
+/// `control` (after an IP_PKTINFO message, or 0): the kernel cuts the datagram's payload into
+/// datagrams of `segment` bytes (the last may be shorter), all to the same destination.
+/// Returns the control length in bytes including it.
+pub fn udp_segment(segment: u16, control: &mut Control, at: usize) -> usize {
+    let c = &mut control.0[at..];
+    c[..CMSG_HDR + 8].fill(0);
+    let len = CMSG_HDR + 2;
+    c[..std::mem::size_of::<usize>()].copy_from_slice(&len.to_ne_bytes());
+    c[8..12].copy_from_slice(&libc::SOL_UDP.to_ne_bytes());
+    c[12..16].copy_from_slice(&libc::UDP_SEGMENT.to_ne_bytes());
+    c[CMSG_HDR..CMSG_HDR + 2].copy_from_slice(&segment.to_ne_bytes());
+    at + cmsg_align(len)
+}
+
 /// sendmsg(2) of `data` to `to`, from source address `src` when given (IP_PKTINFO), else
 /// as the kernel routes it.
 ///

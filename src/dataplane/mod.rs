@@ -249,7 +249,7 @@ impl Runtime {
         let mut handles = Vec::new();
         let mut inboxes = Vec::new();
         for _ in 0..shards {
-            let io = Io::new(backend, config.ring_entries).context("creating the I/O backend")?;
+            let io = Io::new(backend, config.ring_entries, config.udp_gso).context("creating the I/O backend")?;
             let (tx, rx) = crossbeam_channel::bounded(QUEUE);
             handles.push(ShardHandle { tx, waker: io.waker() });
             inboxes.push(rx);

@@ -4,11 +4,11 @@
 #![allow(unsafe_code)]
 
 use std::io;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::os::fd::RawFd;
 use std::time::Duration;
 
-use super::{Datagram, IoStats, SocketId, Verdict, HEADROOM, MAX_PAYLOAD};
+use super::{gso, Datagram, IoStats, SocketId, Verdict, HEADROOM, MAX_PAYLOAD};
 use crate::sys::{self, RawAddr};
 
 /// Datagrams per recvmmsg/sendmmsg call.
@@ -24,6 +24,7 @@ const WATCHED: u64 = u64::MAX - 1;
 
 struct Pending {
     fd: RawFd,
+    to: SocketAddr,
     src: Option<IpAddr>,
     addr: RawAddr,
     addr_len: libc::socklen_t,
@@ -46,6 +47,10 @@ pub struct MmsgIo {
     pending: Vec<Pending>,
     send_iovs: Vec<libc::iovec>,
     send_hdrs: Vec<libc::mmsghdr>,
+    /// Per message of a sendmmsg: its first pending datagram and how many it carries.
+    send_msgs: Vec<(usize, usize)>,
+    /// Send runs of equal datagrams with UDP GSO.
+    gso: bool,
     /// Control data received (the destination address on wildcard sockets).
     controls: Vec<sys::Control>,
     /// Control data sent (the source address on wildcard sockets).
@@ -73,11 +78,12 @@ fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
 }
 
 impl MmsgIo {
-    /// Creates the epoll instance and the wake-up eventfd.
+    /// Creates the epoll instance and the wake-up eventfd; `gso` sends runs of equal
+    /// datagrams with UDP GSO ([`gso`]).
     ///
     /// # Errors
     /// When the kernel refuses either.
-    pub fn new() -> io::Result<Self> {
+    pub fn new(gso: bool) -> io::Result<Self> {
         // SAFETY: plain system call.
         let epfd = cvt(unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) })?;
         let waker = sys::eventfd()?;
@@ -107,6 +113,8 @@ impl MmsgIo {
                 BATCH
             ],
             send_hdrs: (0..BATCH).map(|_| zeroed_hdr()).collect(),
+            send_msgs: Vec::with_capacity(BATCH),
+            gso,
             controls: vec![sys::Control::new(); BATCH],
             send_controls: vec![sys::Control::new(); BATCH],
             stats: IoStats::default(),
@@ -315,6 +323,7 @@ impl MmsgIo {
             let addr_len = addr.set(to);
             self.pending.push(Pending {
                 fd,
+                to,
                 src,
                 addr,
                 addr_len,
@@ -324,7 +333,8 @@ impl MmsgIo {
         }
     }
 
-    /// Sends the pending datagrams, one sendmmsg per run of equal source sockets.
+    /// Sends the pending datagrams, one sendmmsg per run of equal source sockets; within it,
+    /// runs of equal datagrams to one destination as one GSO message each ([`gso`]).
     fn flush(&mut self) {
         let total = self.pending.len();
         let mut start = 0;
@@ -334,30 +344,48 @@ impl MmsgIo {
             while end < total && self.pending[end].fd == fd {
                 end += 1;
             }
-            for (k, p) in self.pending[start..end].iter_mut().enumerate() {
-                self.send_iovs[k] = libc::iovec {
-                    iov_base: p.ptr as *mut libc::c_void,
-                    iov_len: p.len,
+            self.send_msgs.clear();
+            let mut i = start;
+            while i < end {
+                let n = if self.gso {
+                    gso::run(&self.pending[i..end], |p| (p.to, p.src, p.len))
+                } else {
+                    1
                 };
+                let k = self.send_msgs.len();
+                // One iovec per datagram: at most BATCH in all, as pending entries are.
+                for (d, p) in self.pending[i..i + n].iter().enumerate() {
+                    self.send_iovs[i - start + d] = libc::iovec {
+                        iov_base: p.ptr as *mut libc::c_void,
+                        iov_len: p.len,
+                    };
+                }
+                let p = &mut self.pending[i];
                 let h = &mut self.send_hdrs[k].msg_hdr;
                 h.msg_name = (&mut p.addr as *mut RawAddr).cast();
                 h.msg_namelen = p.addr_len;
-                h.msg_iov = &mut self.send_iovs[k];
-                h.msg_iovlen = 1;
-                match p.src {
-                    Some(ip) => {
-                        h.msg_controllen = sys::pktinfo_source(ip, &mut self.send_controls[k]);
-                        h.msg_control = self.send_controls[k].0.as_mut_ptr().cast();
-                    }
-                    None => {
-                        h.msg_control = std::ptr::null_mut();
-                        h.msg_controllen = 0;
-                    }
+                h.msg_iov = &mut self.send_iovs[i - start];
+                h.msg_iovlen = n;
+                let control = &mut self.send_controls[k];
+                let mut control_len = match p.src {
+                    Some(ip) => sys::pktinfo_source(ip, control),
+                    None => 0,
+                };
+                if n > 1 {
+                    control_len = sys::udp_segment(p.len as u16, control, control_len);
                 }
+                if control_len == 0 {
+                    h.msg_control = std::ptr::null_mut();
+                } else {
+                    h.msg_control = control.0.as_mut_ptr().cast();
+                }
+                h.msg_controllen = control_len;
                 h.msg_flags = 0;
+                self.send_msgs.push((i, n));
+                i += n;
             }
+            let count = self.send_msgs.len();
             let mut done = 0;
-            let count = end - start;
             while done < count {
                 // SAFETY: headers `done..count` point at live pending entries and buffers.
                 let r = unsafe {
@@ -369,18 +397,49 @@ impl MmsgIo {
                     )
                 };
                 if r <= 0 {
-                    // The first remaining datagram failed (buffer full, unreachable): drop it.
-                    self.stats.send_errors += 1;
-                    self.stats.last_send_errno = io::Error::last_os_error().raw_os_error().unwrap_or(0);
+                    // The first remaining message failed (buffer full, unreachable, or GSO
+                    // refused for this route): a GSO message goes again one by one, any
+                    // other is dropped.
+                    let errno = io::Error::last_os_error().raw_os_error().unwrap_or(0);
+                    let (first, n) = self.send_msgs[done];
+                    if n > 1 && errno != libc::EAGAIN {
+                        self.stats.gso_fallbacks += 1;
+                        self.send_one_by_one(first, n);
+                    } else {
+                        self.stats.send_errors += n as u64;
+                        self.stats.last_send_errno = errno;
+                    }
                     done += 1;
                 } else {
-                    self.stats.tx += r as u64;
+                    for &(_, n) in &self.send_msgs[done..done + r as usize] {
+                        self.stats.tx += n as u64;
+                        if n > 1 {
+                            self.stats.gso_sends += 1;
+                            self.stats.gso_datagrams += n as u64;
+                        }
+                    }
                     done += r as usize;
                 }
             }
             start = end;
         }
         self.pending.clear();
+    }
+
+    /// Sends pending datagrams `first..first + n` with one sendmsg each.
+    fn send_one_by_one(&mut self, first: usize, n: usize) {
+        for p in &self.pending[first..first + n] {
+            // SAFETY: the pending entry points into this value's receive or reply buffers,
+            // which are not written until the batch is flushed.
+            let data = unsafe { std::slice::from_raw_parts(p.ptr, p.len) };
+            match sys::send_from(p.fd, data, p.to, p.src) {
+                Ok(_) => self.stats.tx += 1,
+                Err(e) => {
+                    self.stats.send_errors += 1;
+                    self.stats.last_send_errno = e.raw_os_error().unwrap_or(0);
+                }
+            }
+        }
     }
 }
 

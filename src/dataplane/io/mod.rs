@@ -25,6 +25,107 @@ pub const HEADROOM: usize = 4;
 /// Bytes of payload a receive buffer holds; longer datagrams are dropped as truncated.
 pub const MAX_PAYLOAD: usize = 4096 - HEADROOM;
 
+/// UDP GSO (UDP_SEGMENT, `--no-udp-gso` turns it off): consecutive forwards of a batch from
+/// one socket to one destination, of equal length (the last may be shorter), leave in one
+/// sendmsg whose payload the kernel cuts back into the same datagrams: one trip through the
+/// socket and IP layers for the run instead of one per datagram. A video frame relayed over
+/// a channel is such a run. On the wire nothing changes.
+pub mod gso {
+    use std::net::{IpAddr, SocketAddr};
+
+    /// Datagrams in one GSO send at most (the kernel's UDP_MAX_SEGMENTS is 64 before
+    /// Linux 6.2, 128 since).
+    pub const MAX_SEGMENTS: usize = 64;
+    /// Longest datagram sent with GSO, bytes: segments must fit the path MTU (the kernel
+    /// refuses, EMSGSIZE, otherwise), and IPv6 + UDP + 1,400 bytes fit a 1,500-byte MTU.
+    /// Longer datagrams go one by one, fragmented by IP as before.
+    pub const MAX_SEGMENT: usize = 1400;
+    /// Payload bytes in one GSO send at most (one IP datagram's worth).
+    pub const MAX_BYTES: usize = 65_000;
+
+    /// One datagram waiting to be sent: destination, source IP (IP_PKTINFO) and length.
+    pub type Key = (SocketAddr, Option<IpAddr>, usize);
+
+    /// How many of `items` (all from one socket, in order) leave in the first send: the
+    /// first datagram and the ones after it that go to the same destination from the same
+    /// source with the same length, ended by a shorter one or the limits above. 1 when GSO
+    /// does not apply.
+    pub fn run<T>(items: &[T], key: impl Fn(&T) -> Key) -> usize {
+        let Some(first) = items.first() else { return 0 };
+        let (to, src, seg) = key(first);
+        if seg == 0 || seg > MAX_SEGMENT {
+            return 1;
+        }
+        let max = MAX_SEGMENTS.min(MAX_BYTES / seg).min(items.len());
+        let mut n = 1;
+        while n < max {
+            let (t, s, len) = key(&items[n]);
+            if t != to || s != src || len == 0 || len > seg {
+                break;
+            }
+            n += 1;
+            if len < seg {
+                break;
+            }
+        }
+        n
+    }
+
+    /// Whether a datagram (`to`, `src`, `len`) joins an open run of `count` datagrams of
+    /// `seg` bytes to `run_to` from `run_src` (the run is closed by a shorter datagram).
+    pub fn joins(run: Key, count: usize, closed: bool, next: Key) -> bool {
+        let (run_to, run_src, seg) = run;
+        let (to, src, len) = next;
+        !closed
+            && to == run_to
+            && src == run_src
+            && len != 0
+            && len <= seg
+            && count < MAX_SEGMENTS.min(MAX_BYTES / seg.max(1))
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        fn k(port: u16, len: usize) -> Key {
+            (SocketAddr::from(([127, 0, 0, 1], port)), None, len)
+        }
+
+        #[test]
+        fn runs_of_equal_datagrams_to_one_destination() {
+            let id = |x: &Key| *x;
+            assert_eq!(run::<Key>(&[], id), 0);
+            assert_eq!(run(&[k(1, 100)], id), 1);
+            assert_eq!(run(&[k(1, 100), k(1, 100), k(1, 100), k(2, 100)], id), 3);
+            // A shorter datagram ends the run and belongs to it; a longer one does not.
+            assert_eq!(run(&[k(1, 100), k(1, 100), k(1, 60), k(1, 60)], id), 3);
+            assert_eq!(run(&[k(1, 100), k(1, 120)], id), 1);
+            // Another source IP is another run.
+            let other = (k(1, 100).0, Some("127.0.0.2".parse().unwrap()), 100);
+            assert_eq!(run(&[k(1, 100), other], id), 1);
+            // Empty and over-long datagrams are sent alone.
+            assert_eq!(run(&[k(1, 0), k(1, 0)], id), 1);
+            assert_eq!(run(&[k(1, MAX_SEGMENT + 1), k(1, MAX_SEGMENT + 1)], id), 1);
+            // At most MAX_SEGMENTS, and at most MAX_BYTES.
+            let many = vec![k(1, 10); 100];
+            assert_eq!(run(&many, id), MAX_SEGMENTS);
+            let big = vec![k(1, MAX_SEGMENT); 100];
+            assert_eq!(run(&big, id), MAX_BYTES / MAX_SEGMENT);
+        }
+
+        #[test]
+        fn joining_an_open_run() {
+            assert!(joins(k(1, 100), 1, false, k(1, 100)));
+            assert!(joins(k(1, 100), 1, false, k(1, 99)));
+            assert!(!joins(k(1, 100), 1, true, k(1, 100)));
+            assert!(!joins(k(1, 100), 1, false, k(1, 101)));
+            assert!(!joins(k(1, 100), 1, false, k(2, 100)));
+            assert!(!joins(k(1, 100), MAX_SEGMENTS, false, k(1, 100)));
+        }
+    }
+}
+
 /// A shard-local socket number.
 pub type SocketId = u32;
 
@@ -112,14 +213,15 @@ pub enum Io {
 }
 
 impl Io {
-    /// Creates a backend of `kind` with a wake-up eventfd (see [`Io::waker`]).
+    /// Creates a backend of `kind` with a wake-up eventfd (see [`Io::waker`]); `gso` sends
+    /// runs of equal datagrams with UDP GSO (see [`gso`]).
     ///
     /// # Errors
     /// When the kernel refuses the ring, epoll or eventfd.
-    pub fn new(kind: BackendKind, ring_entries: u32) -> io::Result<Io> {
+    pub fn new(kind: BackendKind, ring_entries: u32, gso: bool) -> io::Result<Io> {
         Ok(match kind {
-            BackendKind::IoUring => Io::Uring(Box::new(uring::UringIo::new(ring_entries)?)),
-            BackendKind::Mmsg => Io::Mmsg(Box::new(mmsg::MmsgIo::new()?)),
+            BackendKind::IoUring => Io::Uring(Box::new(uring::UringIo::new(ring_entries, gso)?)),
+            BackendKind::Mmsg => Io::Mmsg(Box::new(mmsg::MmsgIo::new(gso)?)),
         })
     }
 
@@ -220,3 +322,6 @@ impl Io {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -11,7 +11,7 @@
 
 use std::alloc::{alloc_zeroed, dealloc, Layout};
 use std::io;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::Duration;
@@ -19,7 +19,7 @@ use std::time::Duration;
 use io_uring::types::{BufRingEntry, Fd, RecvMsgOut, SubmitArgs, Timespec};
 use io_uring::{cqueue, opcode, squeue, IoUring};
 
-use super::{Datagram, IoStats, SocketId, Verdict, HEADROOM, MAX_PAYLOAD};
+use super::{gso, Datagram, IoStats, SocketId, Verdict, HEADROOM, MAX_PAYLOAD};
 use crate::sys::{self, RawAddr};
 
 /// Provided buffers per shard (a power of two, at most 32768).
@@ -57,12 +57,30 @@ enum SockState {
 
 struct SendSlot {
     hdr: libc::msghdr,
-    iov: libc::iovec,
+    socket: SocketId,
+    fd: RawFd,
+    to: SocketAddr,
+    src: Option<IpAddr>,
     addr: RawAddr,
-    /// IP_PKTINFO choosing the source address (sockets bound to a wildcard address).
+    /// IP_PKTINFO choosing the source address (sockets bound to a wildcard address), and
+    /// UDP_SEGMENT for a GSO send.
     control: sys::Control,
-    /// The provided buffer to return when the send completes.
-    buffer: Option<u16>,
+    /// Datagrams in the send: its iovecs are `iovs[slot * gso::MAX_SEGMENTS..][..count]`.
+    count: usize,
+    /// Whether `buffers[slot * gso::MAX_SEGMENTS..][..count]` are provided buffers to return
+    /// when the send completes (forwards), or the data is in a reply slot.
+    provided: bool,
+}
+
+/// The forwards of a batch being gathered into one send ([`gso`]): same socket, same
+/// destination and source, equal lengths.
+struct Run {
+    slot: u16,
+    socket: SocketId,
+    /// Destination, source IP and segment length.
+    key: gso::Key,
+    /// Ended by a shorter datagram.
+    closed: bool,
 }
 
 /// io_uring with a provided buffer ring.
@@ -78,7 +96,15 @@ pub struct UringIo {
     recv_hdr: Box<libc::msghdr>,
     sockets: Vec<SockState>,
     slots: Vec<SendSlot>,
+    /// Per send slot, `gso::MAX_SEGMENTS` iovecs and provided buffer ids.
+    iovs: Vec<libc::iovec>,
+    buffers: Vec<u16>,
     free_slots: Vec<u16>,
+    /// Send runs of equal datagrams with UDP GSO.
+    gso: bool,
+    /// The open run of forwards, sent when the next forward does not join it or the batch
+    /// ends.
+    run: Option<Run>,
     replies: Vec<u8>,
     cqes: Vec<(u64, i32, u32)>,
     /// Counters.
@@ -92,7 +118,7 @@ unsafe impl Send for UringIo {}
 /// Checks that this kernel runs the backend: a multishot receive on a loopback socket gets
 /// a datagram sent to it.
 pub fn probe() -> Result<(), String> {
-    let mut io = UringIo::new(64).map_err(|e| format!("io_uring setup failed: {e}"))?;
+    let mut io = UringIo::new(64, false).map_err(|e| format!("io_uring setup failed: {e}"))?;
     let sock = std::net::UdpSocket::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
     sock.set_nonblocking(true).map_err(|e| e.to_string())?;
     let addr = sock.local_addr().map_err(|e| e.to_string())?;
@@ -116,11 +142,12 @@ pub fn probe() -> Result<(), String> {
 }
 
 impl UringIo {
-    /// Creates a ring of `entries` submission entries, its buffer ring and wake-up eventfd.
+    /// Creates a ring of `entries` submission entries, its buffer ring and wake-up eventfd;
+    /// `gso` sends runs of equal datagrams with UDP GSO ([`gso`]).
     ///
     /// # Errors
     /// When the kernel refuses the ring or the buffer ring.
-    pub fn new(entries: u32) -> io::Result<Self> {
+    pub fn new(entries: u32, gso: bool) -> io::Result<Self> {
         let ring = IoUring::builder()
             .setup_cqsize(entries.saturating_mul(4))
             .setup_coop_taskrun()
@@ -163,16 +190,27 @@ impl UringIo {
                 .map(|_| SendSlot {
                     // SAFETY: plain C struct; zero is valid.
                     hdr: unsafe { std::mem::zeroed() },
-                    iov: libc::iovec {
-                        iov_base: std::ptr::null_mut(),
-                        iov_len: 0,
-                    },
+                    socket: 0,
+                    fd: -1,
+                    to: SocketAddr::from(([0, 0, 0, 0], 0)),
+                    src: None,
                     addr: RawAddr::zeroed(),
                     control: sys::Control::new(),
-                    buffer: None,
+                    count: 0,
+                    provided: false,
                 })
                 .collect(),
+            iovs: vec![
+                libc::iovec {
+                    iov_base: std::ptr::null_mut(),
+                    iov_len: 0,
+                };
+                SEND_SLOTS * gso::MAX_SEGMENTS
+            ],
+            buffers: vec![0; SEND_SLOTS * gso::MAX_SEGMENTS],
             free_slots: (0..SEND_SLOTS as u16).rev().collect(),
+            gso,
+            run: None,
             replies: vec![0u8; SEND_SLOTS * REPLY_SLOT],
             cqes: Vec::with_capacity(CQE_BATCH),
             stats: IoStats::default(),
@@ -356,6 +394,7 @@ impl UringIo {
                 _ => {}
             }
         }
+        self.end_run();
         // Re-arm receives that ended (buffers were short, or an error).
         for id in 0..self.sockets.len() {
             if let SockState::NeedsArm(fd) = self.sockets[id] {
@@ -434,9 +473,7 @@ impl UringIo {
                 // SAFETY: within this buffer (checked above); the buffer stays out of the
                 // ring until the send completes.
                 let ptr = unsafe { self.bufs.as_ptr().add(start + s) };
-                if !self.queue_send(socket, to, src, ptr, end - s, Some(bid)) {
-                    self.give_back(bid);
-                }
+                self.forward(socket, to, src, ptr, end - s, bid);
             }
             Verdict::Forward { .. } => self.give_back(bid),
             Verdict::Reply { socket, to, src } => {
@@ -446,7 +483,8 @@ impl UringIo {
         }
     }
 
-    fn queue_reply(&mut self, socket: SocketId, to: std::net::SocketAddr, src: Option<IpAddr>, data: &[u8]) {
+    fn queue_reply(&mut self, socket: SocketId, to: SocketAddr, src: Option<IpAddr>, data: &[u8]) {
+        self.end_run();
         let Some(&slot) = self.free_slots.last() else {
             self.send_sync(socket, to, src, data);
             return;
@@ -455,18 +493,58 @@ impl UringIo {
         let off = slot as usize * REPLY_SLOT;
         self.replies[off..off + n].copy_from_slice(&data[..n]);
         let ptr = self.replies[off..].as_ptr();
-        self.queue_send(socket, to, src, ptr, n, None);
+        if let Some(slot) = self.prepare(socket, to, src, ptr, n, None) {
+            self.submit(slot);
+        }
+    }
+
+    /// Forwards `len` bytes at `ptr` in provided buffer `bid`: joins the open run of
+    /// forwards or starts one (with GSO), else sends it alone.
+    fn forward(&mut self, socket: SocketId, to: SocketAddr, src: Option<IpAddr>, ptr: *const u8, len: usize, bid: u16) {
+        let key = (to, src, len);
+        if let Some(run) = &mut self.run {
+            let count = self.slots[run.slot as usize].count;
+            if run.socket == socket && gso::joins(run.key, count, run.closed, key) {
+                let i = run.slot as usize * gso::MAX_SEGMENTS + count;
+                self.iovs[i] = libc::iovec {
+                    iov_base: ptr as *mut libc::c_void,
+                    iov_len: len,
+                };
+                self.buffers[i] = bid;
+                self.slots[run.slot as usize].count += 1;
+                run.closed = len < run.key.2;
+                return;
+            }
+        }
+        self.end_run();
+        match self.prepare(socket, to, src, ptr, len, Some(bid)) {
+            Some(slot) if self.gso && len != 0 && len <= gso::MAX_SEGMENT => {
+                self.run = Some(Run {
+                    slot,
+                    socket,
+                    key,
+                    closed: false,
+                })
+            }
+            Some(slot) => self.submit(slot),
+            // Sent at once, or failed: the buffer is free again.
+            None => self.give_back(bid),
+        }
+    }
+
+    /// Submits the open run of forwards, if any.
+    fn end_run(&mut self) {
+        if let Some(run) = self.run.take() {
+            self.submit(run.slot);
+        }
     }
 
     /// Sends at once with sendto(2): the fallback when every send slot is in flight (a
     /// burst of more than [`SEND_SLOTS`] datagrams before their completions come back).
-    fn send_sync(&mut self, socket: SocketId, to: std::net::SocketAddr, src: Option<IpAddr>, data: &[u8]) {
-        let fd = match self.sockets.get(socket as usize) {
-            Some(SockState::Armed(fd)) | Some(SockState::NeedsArm(fd)) => *fd,
-            _ => {
-                self.stats.send_errors += 1;
-                return;
-            }
+    fn send_sync(&mut self, socket: SocketId, to: SocketAddr, src: Option<IpAddr>, data: &[u8]) {
+        let Some(fd) = self.fd_of(socket) else {
+            self.stats.send_errors += 1;
+            return;
         };
         self.stats.sync_sends += 1;
         match sys::send_from(fd, data, to, src) {
@@ -478,68 +556,119 @@ impl UringIo {
         }
     }
 
-    /// Queues a SendMsg of `len` bytes at `ptr`, or sends at once when no slot is free;
-    /// `false` when the buffer is no longer needed (sent at once, or the send failed).
-    fn queue_send(
+    fn fd_of(&self, socket: SocketId) -> Option<RawFd> {
+        match self.sockets.get(socket as usize) {
+            Some(SockState::Armed(fd)) | Some(SockState::NeedsArm(fd)) => Some(*fd),
+            _ => None,
+        }
+    }
+
+    /// Takes a send slot for `len` bytes at `ptr` (in provided buffer `buffer`, or a reply
+    /// slot), not yet submitted; or sends at once when no slot is free. `None` when the data
+    /// is no longer needed (sent at once, or the socket is gone).
+    fn prepare(
         &mut self,
         socket: SocketId,
-        to: std::net::SocketAddr,
+        to: SocketAddr,
         src: Option<IpAddr>,
         ptr: *const u8,
         len: usize,
         buffer: Option<u16>,
-    ) -> bool {
-        let fd = match self.sockets.get(socket as usize) {
-            Some(SockState::Armed(fd)) | Some(SockState::NeedsArm(fd)) => *fd,
-            _ => {
-                self.stats.send_errors += 1;
-                return false;
-            }
+    ) -> Option<u16> {
+        let Some(fd) = self.fd_of(socket) else {
+            self.stats.send_errors += 1;
+            return None;
         };
         let Some(slot) = self.free_slots.pop() else {
             // SAFETY: `ptr..ptr+len` lies in `bufs` or `replies` (the callers' contract) and
             // is not written during this call.
             let data = unsafe { std::slice::from_raw_parts(ptr, len) };
             self.send_sync(socket, to, src, data);
-            return false;
+            return None;
         };
-        let s = &mut self.slots[slot as usize];
-        let addr_len = s.addr.set(to);
-        s.iov = libc::iovec {
+        let base = slot as usize * gso::MAX_SEGMENTS;
+        self.iovs[base] = libc::iovec {
             iov_base: ptr as *mut libc::c_void,
             iov_len: len,
         };
+        self.buffers[base] = buffer.unwrap_or(0);
+        let s = &mut self.slots[slot as usize];
+        s.socket = socket;
+        s.fd = fd;
+        s.to = to;
+        s.src = src;
+        s.count = 1;
+        s.provided = buffer.is_some();
+        Some(slot)
+    }
+
+    /// Queues slot `slot`'s SendMsg: one datagram, or a GSO run of `count` (UDP_SEGMENT of
+    /// the first datagram's length).
+    fn submit(&mut self, slot: u16) {
+        let base = slot as usize * gso::MAX_SEGMENTS;
+        let s = &mut self.slots[slot as usize];
+        let addr_len = s.addr.set(s.to);
         s.hdr.msg_name = (&mut s.addr as *mut RawAddr).cast();
         s.hdr.msg_namelen = addr_len;
-        s.hdr.msg_iov = &mut s.iov;
-        s.hdr.msg_iovlen = 1;
-        match src {
-            Some(ip) => {
-                s.hdr.msg_controllen = sys::pktinfo_source(ip, &mut s.control);
-                s.hdr.msg_control = s.control.0.as_mut_ptr().cast();
-            }
-            None => {
-                s.hdr.msg_control = std::ptr::null_mut();
-                s.hdr.msg_controllen = 0;
-            }
+        s.hdr.msg_iov = &mut self.iovs[base];
+        s.hdr.msg_iovlen = s.count;
+        let mut control_len = match s.src {
+            Some(ip) => sys::pktinfo_source(ip, &mut s.control),
+            None => 0,
+        };
+        if s.count > 1 {
+            control_len = sys::udp_segment(self.iovs[base].iov_len as u16, &mut s.control, control_len);
         }
-        s.buffer = buffer;
-        let e = opcode::SendMsg::new(Fd(fd), &s.hdr)
+        if control_len == 0 {
+            s.hdr.msg_control = std::ptr::null_mut();
+        } else {
+            s.hdr.msg_control = s.control.0.as_mut_ptr().cast();
+        }
+        s.hdr.msg_controllen = control_len;
+        let e = opcode::SendMsg::new(Fd(s.fd), &s.hdr)
             .build()
             .user_data(TAG_SEND | slot as u64);
         self.push(e);
-        true
     }
 
     fn on_send(&mut self, slot: u16, res: i32) {
-        if res < 0 {
-            self.stats.send_errors += 1;
-            self.stats.last_send_errno = -res;
+        let s = &self.slots[slot as usize];
+        let (count, socket, fd, to, src, provided) = (s.count, s.socket, s.fd, s.to, s.src, s.provided);
+        let base = slot as usize * gso::MAX_SEGMENTS;
+        if res >= 0 {
+            self.stats.tx += count as u64;
+            if count > 1 {
+                self.stats.gso_sends += 1;
+                self.stats.gso_datagrams += count as u64;
+            }
+        } else if count > 1 && res != -libc::EAGAIN {
+            // GSO refused for this route (a segment over the path MTU, ...): send the run
+            // again one datagram at a time, from the same descriptor if it is still open.
+            self.stats.gso_fallbacks += 1;
+            let open = self.fd_of(socket) == Some(fd);
+            for k in 0..count {
+                let iov = self.iovs[base + k];
+                // SAFETY: the iovec points into a provided buffer that stays out of the ring
+                // until this completion returns it below.
+                let data = unsafe { std::slice::from_raw_parts(iov.iov_base as *const u8, iov.iov_len) };
+                match open.then(|| sys::send_from(fd, data, to, src)) {
+                    Some(Ok(_)) => self.stats.tx += 1,
+                    Some(Err(e)) => {
+                        self.stats.send_errors += 1;
+                        self.stats.last_send_errno = e.raw_os_error().unwrap_or(0);
+                    }
+                    None => self.stats.send_errors += 1,
+                }
+            }
         } else {
-            self.stats.tx += 1;
+            self.stats.send_errors += count as u64;
+            self.stats.last_send_errno = -res;
         }
-        if let Some(bid) = self.slots[slot as usize].buffer.take() {
-            self.give_back(bid);
+        if provided {
+            for k in 0..count {
+                let bid = self.buffers[base + k];
+                self.give_back(bid);
+            }
         }
         self.free_slots.push(slot);
     }

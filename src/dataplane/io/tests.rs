@@ -1,0 +1,128 @@
+//! Both backends on real loopback sockets: a burst of datagrams forwarded from one socket to
+//! one destination arrives whole and in order, with and without UDP GSO, and a GSO send the
+//! kernel refuses (segments over the MTU) goes again one datagram at a time.
+#![allow(unsafe_code)]
+
+use std::net::UdpSocket;
+use std::os::fd::AsRawFd;
+use std::time::{Duration, Instant};
+
+use super::{BackendKind, Io, IoStats, Verdict, HEADROOM};
+
+fn backends() -> Vec<BackendKind> {
+    let mut v = vec![BackendKind::Mmsg];
+    if super::probe_uring().is_ok() {
+        v.push(BackendKind::IoUring);
+    } else {
+        eprintln!("io_uring unavailable here: testing mmsg only");
+    }
+    v
+}
+
+/// Datagram `i` of a burst: `len` bytes that say which one it is.
+fn datagram(i: usize, len: usize) -> Vec<u8> {
+    (0..len).map(|k| (i * 31 + k) as u8).collect()
+}
+
+/// Sends `lens.len()` datagrams from a client to a socket the backend receives on, which
+/// forwards each payload unchanged to a receiver; returns what the receiver got and the
+/// backend's counters.
+fn forward_burst(kind: BackendKind, gso: bool, lens: &[usize]) -> (Vec<Vec<u8>>, IoStats) {
+    let mut io = Io::new(kind, 256, gso).expect("backend");
+    let relay = UdpSocket::bind("127.0.0.1:0").unwrap();
+    relay.set_nonblocking(true).unwrap();
+    let receiver = UdpSocket::bind("127.0.0.1:0").unwrap();
+    receiver.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let to = receiver.local_addr().unwrap();
+    io.register(0, relay.as_raw_fd()).unwrap();
+    for (i, &len) in lens.iter().enumerate() {
+        client.send_to(&datagram(i, len), relay.local_addr().unwrap()).unwrap();
+    }
+    let mut scratch = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while io.stats().rx < lens.len() as u64 && Instant::now() < deadline {
+        io.wait(Some(Duration::from_millis(10)), &mut scratch, |d, _| Verdict::Forward {
+            socket: 0,
+            to,
+            src: None,
+            start: HEADROOM,
+            end: HEADROOM + d.len,
+        })
+        .unwrap();
+    }
+    // Send completions (io_uring) come back on later waits.
+    for _ in 0..5 {
+        io.wait(Some(Duration::from_millis(5)), &mut scratch, |_, _| Verdict::Drop)
+            .unwrap();
+    }
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while got.len() < lens.len() {
+        match receiver.recv(&mut buf) {
+            Ok(n) => got.push(buf[..n].to_vec()),
+            Err(_) => break,
+        }
+    }
+    (got, io.stats())
+}
+
+fn expected(lens: &[usize]) -> Vec<Vec<u8>> {
+    lens.iter().enumerate().map(|(i, &len)| datagram(i, len)).collect()
+}
+
+#[test]
+fn a_burst_arrives_whole_and_in_order_with_and_without_gso() {
+    // 24 equal datagrams and a shorter last one, then a run to break (longer), then more.
+    let mut lens = vec![1000; 24];
+    lens.push(333);
+    lens.extend([1200, 1200, 1200, 0, 7]);
+    for kind in backends() {
+        for gso in [true, false] {
+            let (got, stats) = forward_burst(kind, gso, &lens);
+            assert_eq!(got, expected(&lens), "{kind:?} gso={gso}");
+            assert_eq!(stats.tx, lens.len() as u64, "{kind:?} gso={gso}");
+            assert_eq!(stats.send_errors, 0, "{kind:?} gso={gso}");
+            if gso {
+                assert!(stats.gso_sends >= 1, "{kind:?}: no GSO send: {stats:?}");
+                assert!(stats.gso_datagrams >= 2, "{kind:?}: {stats:?}");
+                assert_eq!(stats.gso_fallbacks, 0, "{kind:?}: {stats:?}");
+            } else {
+                assert_eq!(stats.gso_sends, 0, "{kind:?}: {stats:?}");
+            }
+        }
+    }
+}
+
+#[test]
+fn a_refused_gso_send_goes_again_one_by_one() {
+    // In a network namespace of this thread's own, loopback's MTU below the segment size:
+    // the kernel refuses the GSO send (EMSGSIZE) and the datagrams go one by one (IP
+    // fragments them).
+    let h = std::thread::spawn(|| {
+        // SAFETY: unshare affects only this thread, which owns nothing else.
+        if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+            eprintln!(
+                "skipped: unshare(CLONE_NEWNET) refused ({}); run as root",
+                std::io::Error::last_os_error()
+            );
+            return;
+        }
+        let st = std::process::Command::new("ip")
+            .args(["link", "set", "lo", "mtu", "1200", "up"])
+            .status();
+        if !matches!(st, Ok(s) if s.success()) {
+            eprintln!("skipped: `ip link set lo mtu 1200 up` failed");
+            return;
+        }
+        let lens = vec![1300; 16];
+        for kind in backends() {
+            let (got, stats) = forward_burst(kind, true, &lens);
+            assert_eq!(got, expected(&lens), "{kind:?}");
+            assert!(stats.gso_fallbacks >= 1, "{kind:?}: {stats:?}");
+            assert_eq!(stats.gso_sends, 0, "{kind:?}: {stats:?}");
+            assert_eq!(stats.tx, lens.len() as u64, "{kind:?}: {stats:?}");
+        }
+    });
+    h.join().unwrap();
+}
