@@ -197,6 +197,12 @@ pub struct Settings {
     #[arg(long)]
     pub no_udp_gso: bool,
 
+    /// Receive with UDP GRO: datagrams of one flow that the kernel coalesced (a burst the
+    /// NIC's GRO merged, or a peer's GSO send) are read as one and split in turnpike.
+    /// Needs the mmsg backend (`--io-backend auto` then selects it; `io-uring` is refused).
+    #[arg(long)]
+    pub udp_gro: bool,
+
     /// Serve Prometheus metrics on /metrics, and /healthz and /readyz, at IP:PORT (off by
     /// default; coturn uses 9641).
     #[arg(long)]
@@ -323,7 +329,7 @@ impl Settings {
                  alternate_server, drain_timeout, cert, pkey, max_connections, max_connections_per_ip,
                  tls_handshake_timeout, stream_idle_timeout, max_stream_frame;
             vec: listen, relay_ip, users, static_auth_secret, allowed_peer_ip, denied_peer_ip, tls_listen, xdp;
-            flag: strict_channel_numbers, no_pin, metrics_coturn_names, no_tcp, no_udp_gso);
+            flag: strict_channel_numbers, no_pin, metrics_coturn_names, no_tcp, no_udp_gso, udp_gro);
         Ok(base)
     }
 
@@ -391,6 +397,8 @@ pub struct Config {
     pub pin_cores: bool,
     /// Send runs of equal datagrams to one destination with UDP GSO.
     pub udp_gso: bool,
+    /// Receive coalesced datagrams with UDP GRO (mmsg backend).
+    pub udp_gro: bool,
     /// Accept TCP on the `listen` addresses.
     pub tcp: bool,
     /// TLS listening addresses.
@@ -638,6 +646,7 @@ impl Config {
             ring_entries: s.ring_entries.unwrap_or(4096),
             pin_cores: !s.no_pin,
             udp_gso: !s.no_udp_gso,
+            udp_gro: s.udp_gro,
             tcp: !s.no_tcp,
             tls_listen: s.tls_listen,
             tls,

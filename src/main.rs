@@ -149,6 +149,8 @@ fn main() -> Result<()> {
         gso_sends = s.io.gso_sends,
         gso_datagrams = s.io.gso_datagrams,
         gso_fallbacks = s.io.gso_fallbacks,
+        gro_receives = s.io.gro_receives,
+        gro_datagrams = s.io.gro_datagrams,
         truncated = s.io.truncated,
         handovers = s.handovers,
         streams_accepted = s.streams.accepted.iter().sum::<u64>(),

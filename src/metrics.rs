@@ -142,6 +142,8 @@ pub struct Metrics {
     gso_sends: IntCounter,
     gso_datagrams: IntCounter,
     gso_fallbacks: IntCounter,
+    gro_receives: IntCounter,
+    gro_datagrams: IntCounter,
     kernel_rcvbuf: IntCounter,
     kernel_sndbuf: IntCounter,
     busy: prometheus::CounterVec,
@@ -427,6 +429,16 @@ impl Metrics {
                 "turnpike_udp_gso_fallbacks_total",
                 "UDP GSO sends the kernel refused (a segment over the path MTU, ...), sent again one datagram at a time.",
             )?,
+            gro_receives: counter(
+                &r,
+                "turnpike_udp_gro_receives_total",
+                "Coalesced datagrams received with UDP GRO (--udp-gro): two datagrams or more read as one.",
+            )?,
+            gro_datagrams: counter(
+                &r,
+                "turnpike_udp_gro_datagrams_total",
+                "Datagrams received inside coalesced ones (UDP GRO).",
+            )?,
             kernel_rcvbuf: counter(
                 &r,
                 "turnpike_kernel_udp_receive_buffer_errors_total",
@@ -658,6 +670,8 @@ impl Metrics {
         catch_up(&self.gso_sends, t.io.gso_sends);
         catch_up(&self.gso_datagrams, t.io.gso_datagrams);
         catch_up(&self.gso_fallbacks, t.io.gso_fallbacks);
+        catch_up(&self.gro_receives, t.io.gro_receives);
+        catch_up(&self.gro_datagrams, t.io.gro_datagrams);
         catch_up(
             &self.realm_bytes.with_label_values(&[&self.realm]),
             t.to_peer_bytes + t.to_client_bytes,

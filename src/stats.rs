@@ -219,6 +219,8 @@ impl ShardStats {
         self.io.gso_sends += s.io.gso_sends;
         self.io.gso_datagrams += s.io.gso_datagrams;
         self.io.gso_fallbacks += s.io.gso_fallbacks;
+        self.io.gro_receives += s.io.gro_receives;
+        self.io.gro_datagrams += s.io.gro_datagrams;
     }
 
     /// STUN responses sent (all methods and codes).
@@ -250,6 +252,10 @@ pub struct IoStats {
     pub gso_datagrams: u64,
     /// GSO sends the kernel refused and that were sent again one datagram at a time.
     pub gso_fallbacks: u64,
+    /// Coalesced datagrams received (UDP GRO: two datagrams or more read as one).
+    pub gro_receives: u64,
+    /// Datagrams received in coalesced ones.
+    pub gro_datagrams: u64,
 }
 
 /// The control thread's accounting as of its last batch.

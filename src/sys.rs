@@ -298,16 +298,7 @@ fn cmsg_align(n: usize) -> usize {
 /// The destination address of a received datagram, from the IP_PKTINFO or IPV6_PKTINFO
 /// control message the kernel wrote into `control` (`None` when there is none).
 pub fn pktinfo_destination(control: &[u8]) -> Option<IpAddr> {
-    let mut at = 0;
-    while at + CMSG_HDR <= control.len() {
-        let h = &control[at..];
-        let len = usize::from_ne_bytes(h[..std::mem::size_of::<usize>()].try_into().ok()?);
-        let level = i32::from_ne_bytes(h[8..12].try_into().ok()?);
-        let kind = i32::from_ne_bytes(h[12..16].try_into().ok()?);
-        if len < CMSG_HDR || at + len > control.len() {
-            return None;
-        }
-        let data = &h[CMSG_HDR..len];
+    cmsgs(control).find_map(|(level, kind, data)| {
         // in_pktinfo { ipi_ifindex: i32, ipi_spec_dst: in_addr, ipi_addr: in_addr }: the
         // header's destination is ipi_addr.
         if level == libc::IPPROTO_IP && kind == libc::IP_PKTINFO && data.len() >= 12 {
@@ -319,9 +310,62 @@ pub fn pktinfo_destination(control: &[u8]) -> Option<IpAddr> {
             ip.copy_from_slice(&data[..16]);
             return Some(IpAddr::V6(Ipv6Addr::from(ip)));
         }
+        None
+    })
+}
+
+/// The segment size of a datagram received coalesced by UDP GRO (the UDP_GRO control
+/// message, an int, bytes): the payload is datagrams of that size, the last possibly
+/// shorter. `None` for a datagram received as sent.
+pub fn gro_segment(control: &[u8]) -> Option<usize> {
+    cmsgs(control).find_map(|(level, kind, data)| {
+        (level == libc::SOL_UDP && kind == libc::UDP_GRO && data.len() >= 4)
+            .then(|| i32::from_ne_bytes([data[0], data[1], data[2], data[3]]))
+            .filter(|&n| n > 0)
+            .map(|n| n as usize)
+    })
+}
+
+/// The control messages in `control`: (level, type, data). Stops at a malformed header.
+fn cmsgs(control: &[u8]) -> impl Iterator<Item = (i32, i32, &[u8])> {
+    let mut at = 0;
+    std::iter::from_fn(move || {
+        if at + CMSG_HDR > control.len() {
+            return None;
+        }
+        let h = &control[at..];
+        let len = usize::from_ne_bytes(h[..std::mem::size_of::<usize>()].try_into().ok()?);
+        let level = i32::from_ne_bytes(h[8..12].try_into().ok()?);
+        let kind = i32::from_ne_bytes(h[12..16].try_into().ok()?);
+        if len < CMSG_HDR || at + len > control.len() {
+            return None;
+        }
         at += cmsg_align(len);
+        Some((level, kind, &h[CMSG_HDR..len]))
+    })
+}
+
+/// Turns on UDP GRO (UDP_GRO, Linux ≥ 5.0) for `fd`: datagrams of one flow that arrive
+/// together may be read as one, with [`gro_segment`] telling their size.
+///
+/// # Errors
+/// When the kernel refuses the option.
+pub fn set_udp_gro(fd: RawFd) -> io::Result<()> {
+    let on: libc::c_int = 1;
+    // SAFETY: `on` is a valid int for the duration of the call.
+    let r = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_UDP,
+            libc::UDP_GRO,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
     }
-    None
+    Ok(())
 }
 
 /// Writes into `control` the IP_PKTINFO or IPV6_PKTINFO message that makes a datagram

@@ -59,3 +59,6 @@ mod xdp_lab;
 
 #[path = "it/ipv6.rs"]
 mod ipv6;
+
+#[path = "it/gso_gro.rs"]
+mod gso_gro;

@@ -158,9 +158,12 @@ fn start_xdp(config: &Config, shards: usize) -> (Option<crate::xdp::XdpProgram>,
     (Some(program), offloads)
 }
 
-/// Picks the backend: the configured one, or io_uring when the probe passes.
-fn choose_backend(choice: BackendChoice) -> Result<(BackendKind, String)> {
+/// Picks the backend: the configured one, or io_uring when the probe passes (mmsg with
+/// `--udp-gro`, which io_uring's 4 KiB provided buffers cannot serve).
+fn choose_backend(choice: BackendChoice, udp_gro: bool) -> Result<(BackendKind, String)> {
     match choice {
+        BackendChoice::IoUring if udp_gro => bail!("--udp-gro needs --io-backend mmsg (or auto)"),
+        BackendChoice::Auto if udp_gro => Ok((BackendKind::Mmsg, "selected by --udp-gro".into())),
         BackendChoice::Mmsg => Ok((BackendKind::Mmsg, "selected with --io-backend mmsg".into())),
         BackendChoice::IoUring => match io::probe_uring() {
             Ok(()) => Ok((BackendKind::IoUring, "selected with --io-backend io-uring".into())),
@@ -179,7 +182,7 @@ impl Runtime {
     /// # Errors
     /// When a socket cannot be bound or a backend cannot be created.
     pub fn new(config: Config) -> Result<Runtime> {
-        let (backend, backend_reason) = choose_backend(config.io_backend)?;
+        let (backend, backend_reason) = choose_backend(config.io_backend, config.udp_gro)?;
         let shards = config.shards.max(1);
         // Shard 0 binds first so that port 0 resolves; the others join its address.
         let mut per_shard: Vec<Vec<(SocketAddr, UdpSocket)>> = (0..shards).map(|_| Vec::new()).collect();
@@ -249,7 +252,8 @@ impl Runtime {
         let mut handles = Vec::new();
         let mut inboxes = Vec::new();
         for _ in 0..shards {
-            let io = Io::new(backend, config.ring_entries, config.udp_gso).context("creating the I/O backend")?;
+            let io = Io::new(backend, config.ring_entries, config.udp_gso, config.udp_gro)
+                .context("creating the I/O backend")?;
             let (tx, rx) = crossbeam_channel::bounded(QUEUE);
             handles.push(ShardHandle { tx, waker: io.waker() });
             inboxes.push(rx);

@@ -17,6 +17,9 @@ pub const BATCH: usize = 64;
 const SLOT: usize = HEADROOM + MAX_PAYLOAD;
 /// Bytes per reply slot: a Data indication adds at most 48 bytes to a payload.
 const REPLY_SLOT: usize = SLOT + 64;
+/// With UDP GRO, bytes after each receive slot for the rest of a coalesced datagram (the
+/// kernel coalesces up to 64 datagrams, at most 64 KiB of payload).
+const GRO_EXTRA: usize = (64 << 10) - MAX_PAYLOAD;
 /// recvmmsg rounds per ready socket before moving on (fairness between sockets).
 const ROUNDS: usize = 4;
 const WAKER: u64 = u64::MAX;
@@ -51,6 +54,11 @@ pub struct MmsgIo {
     send_msgs: Vec<(usize, usize)>,
     /// Send runs of equal datagrams with UDP GSO.
     gso: bool,
+    /// Receive coalesced datagrams (UDP GRO): `gro_extra` continues each receive slot, and
+    /// each datagram of a coalesced one is copied into a slot of `segments` to be handled.
+    gro: bool,
+    gro_extra: Vec<u8>,
+    segments: Vec<u8>,
     /// Control data received (the destination address on wildcard sockets).
     controls: Vec<sys::Control>,
     /// Control data sent (the source address on wildcard sockets).
@@ -79,11 +87,13 @@ fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
 
 impl MmsgIo {
     /// Creates the epoll instance and the wake-up eventfd; `gso` sends runs of equal
-    /// datagrams with UDP GSO ([`gso`]).
+    /// datagrams with UDP GSO ([`gso`]); `gro` turns on UDP GRO on every socket registered
+    /// and receives coalesced datagrams (4 MiB more address space, touched as coalesced
+    /// datagrams arrive).
     ///
     /// # Errors
     /// When the kernel refuses either.
-    pub fn new(gso: bool) -> io::Result<Self> {
+    pub fn new(gso: bool, gro: bool) -> io::Result<Self> {
         // SAFETY: plain system call.
         let epfd = cvt(unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) })?;
         let waker = sys::eventfd()?;
@@ -101,7 +111,7 @@ impl MmsgIo {
                     iov_base: std::ptr::null_mut(),
                     iov_len: 0
                 };
-                BATCH
+                2 * BATCH
             ],
             hdrs: (0..BATCH).map(|_| zeroed_hdr()).collect(),
             pending: Vec::with_capacity(BATCH),
@@ -115,12 +125,20 @@ impl MmsgIo {
             send_hdrs: (0..BATCH).map(|_| zeroed_hdr()).collect(),
             send_msgs: Vec::with_capacity(BATCH),
             gso,
+            gro,
+            gro_extra: if gro { vec![0u8; BATCH * GRO_EXTRA] } else { Vec::new() },
+            segments: if gro {
+                vec![0u8; gso::MAX_SEGMENTS * SLOT]
+            } else {
+                Vec::new()
+            },
             controls: vec![sys::Control::new(); BATCH],
             send_controls: vec![sys::Control::new(); BATCH],
             stats: IoStats::default(),
         };
         sys::prefault(&mut io.bufs);
         sys::prefault(&mut io.reply_bufs);
+        sys::prefault(&mut io.segments);
         io.epoll_add(waker, WAKER)?;
         Ok(io)
     }
@@ -135,11 +153,15 @@ impl MmsgIo {
         Ok(())
     }
 
-    /// Starts watching `fd` as socket `id`.
+    /// Starts watching `fd` as socket `id` (with UDP GRO on when the backend receives
+    /// coalesced datagrams).
     ///
     /// # Errors
-    /// When epoll refuses the descriptor.
+    /// When epoll refuses the descriptor, or the kernel UDP_GRO.
     pub fn register(&mut self, id: SocketId, fd: RawFd) -> io::Result<()> {
+        if self.gro {
+            sys::set_udp_gro(fd)?;
+        }
         let i = id as usize;
         if self.fds.len() <= i {
             self.fds.resize(i + 1, -1);
@@ -231,17 +253,26 @@ impl MmsgIo {
 
     fn recv_batch(&mut self, fd: RawFd) -> usize {
         let base = self.bufs.as_mut_ptr();
+        let extra = self.gro_extra.as_mut_ptr();
+        let iovs = if self.gro { 2 } else { 1 };
         for i in 0..BATCH {
-            self.iovs[i] = libc::iovec {
+            self.iovs[2 * i] = libc::iovec {
                 // SAFETY: stays within `bufs` (BATCH * SLOT bytes).
                 iov_base: unsafe { base.add(i * SLOT + HEADROOM) }.cast(),
                 iov_len: MAX_PAYLOAD,
             };
+            if self.gro {
+                self.iovs[2 * i + 1] = libc::iovec {
+                    // SAFETY: stays within `gro_extra` (BATCH * GRO_EXTRA bytes with GRO).
+                    iov_base: unsafe { extra.add(i * GRO_EXTRA) }.cast(),
+                    iov_len: GRO_EXTRA,
+                };
+            }
             let h = &mut self.hdrs[i].msg_hdr;
             h.msg_name = (&mut self.addrs[i] as *mut RawAddr).cast();
             h.msg_namelen = std::mem::size_of::<RawAddr>() as libc::socklen_t;
-            h.msg_iov = &mut self.iovs[i];
-            h.msg_iovlen = 1;
+            h.msg_iov = &mut self.iovs[2 * i];
+            h.msg_iovlen = iovs;
             h.msg_control = self.controls[i].0.as_mut_ptr().cast();
             h.msg_controllen = sys::PKTINFO_SPACE;
             h.msg_flags = 0;
@@ -269,18 +300,24 @@ impl MmsgIo {
         F: FnMut(Datagram<'_>, &mut Vec<u8>) -> Verdict,
     {
         for i in 0..got {
-            self.stats.rx += 1;
             let hdr = &self.hdrs[i];
-            if hdr.msg_hdr.msg_flags & libc::MSG_TRUNC != 0 {
+            let len = hdr.msg_len as usize;
+            let control_len = hdr.msg_hdr.msg_controllen.min(sys::PKTINFO_SPACE);
+            let control = &self.controls[i].0[..control_len];
+            let segment = if self.gro { sys::gro_segment(control) } else { None };
+            if let Some(segment) = segment.filter(|&n| n < len) {
+                self.handle_coalesced(i, id, len, segment, scratch, handler);
+                continue;
+            }
+            self.stats.rx += 1;
+            if hdr.msg_hdr.msg_flags & libc::MSG_TRUNC != 0 || len > MAX_PAYLOAD {
                 self.stats.truncated += 1;
                 continue;
             }
-            let len = hdr.msg_len as usize;
-            let control_len = hdr.msg_hdr.msg_controllen.min(sys::PKTINFO_SPACE);
             let local = if control_len == 0 {
                 None
             } else {
-                sys::pktinfo_destination(&self.controls[i].0[..control_len])
+                sys::pktinfo_destination(control)
             };
             let Some(from) = self.addrs[i].get() else { continue };
             let slot = &mut self.bufs[i * SLOT..(i + 1) * SLOT];
@@ -315,21 +352,120 @@ impl MmsgIo {
                     (socket, to, src, dst.as_ptr(), n)
                 }
             };
-            let Some(&fd) = self.fds.get(socket as usize).filter(|fd| **fd >= 0) else {
-                self.stats.send_errors += 1;
-                continue;
-            };
-            let mut addr = RawAddr::zeroed();
-            let addr_len = addr.set(to);
-            self.pending.push(Pending {
-                fd,
-                to,
-                src,
-                addr,
-                addr_len,
-                ptr,
-                len,
-            });
+            self.queue(socket, to, src, ptr, len);
+        }
+    }
+
+    /// Queues `len` bytes at `ptr` (in a receive, reply or segment slot) for the flush.
+    fn queue(&mut self, socket: SocketId, to: SocketAddr, src: Option<IpAddr>, ptr: *const u8, len: usize) {
+        let Some(&fd) = self.fds.get(socket as usize).filter(|fd| **fd >= 0) else {
+            self.stats.send_errors += 1;
+            return;
+        };
+        let mut addr = RawAddr::zeroed();
+        let addr_len = addr.set(to);
+        self.pending.push(Pending {
+            fd,
+            to,
+            src,
+            addr,
+            addr_len,
+            ptr,
+            len,
+        });
+    }
+
+    /// Handles received message `i`, `len` bytes coalesced by UDP GRO from datagrams of
+    /// `segment` bytes (the last may be shorter): each is copied into a segment slot, with
+    /// headroom, and handled as received. Sends queued earlier in the batch are flushed
+    /// first, which frees the segment slots; a reply is sent at once (the reply slot is per
+    /// message).
+    fn handle_coalesced<F>(
+        &mut self,
+        i: usize,
+        id: SocketId,
+        len: usize,
+        segment: usize,
+        scratch: &mut Vec<u8>,
+        handler: &mut F,
+    ) where
+        F: FnMut(Datagram<'_>, &mut Vec<u8>) -> Verdict,
+    {
+        self.flush();
+        self.stats.gro_receives += 1;
+        let control_len = self.hdrs[i].msg_hdr.msg_controllen.min(sys::PKTINFO_SPACE);
+        let local = sys::pktinfo_destination(&self.controls[i].0[..control_len]);
+        let Some(from) = self.addrs[i].get() else { return };
+        // The coalesced payload: the receive slot's payload area, then its GRO_EXTRA bytes.
+        let head_len = len.min(MAX_PAYLOAD);
+        let tail_len = len - head_len;
+        if segment > MAX_PAYLOAD || tail_len > GRO_EXTRA {
+            // Datagrams this long are dropped when they arrive alone too.
+            let n = len.div_ceil(segment) as u64;
+            self.stats.rx += n;
+            self.stats.truncated += n;
+            return;
+        }
+        let mut off = 0;
+        let mut k = 0;
+        while off < len {
+            let n = segment.min(len - off);
+            if k == gso::MAX_SEGMENTS {
+                self.flush();
+                k = 0;
+            }
+            let slot = &mut self.segments[k * SLOT..(k + 1) * SLOT];
+            let dst = &mut slot[HEADROOM..HEADROOM + n];
+            // Bytes `off..off + n` of the payload, across the receive slot and its extra.
+            let head = &self.bufs[i * SLOT + HEADROOM..i * SLOT + HEADROOM + head_len];
+            let extra = &self.gro_extra[i * GRO_EXTRA..i * GRO_EXTRA + tail_len];
+            let from_head = head_len.saturating_sub(off).min(n);
+            if from_head > 0 {
+                dst[..from_head].copy_from_slice(&head[off..off + from_head]);
+            }
+            if from_head < n {
+                let at = off + from_head - head_len;
+                dst[from_head..].copy_from_slice(&extra[at..at + n - from_head]);
+            }
+            self.stats.rx += 1;
+            self.stats.gro_datagrams += 1;
+            let slot_ptr = slot.as_ptr();
+            let verdict = handler(
+                Datagram {
+                    socket: id,
+                    from,
+                    local,
+                    buf: slot,
+                    len: n,
+                },
+                scratch,
+            );
+            match verdict {
+                Verdict::Drop => {}
+                Verdict::Forward {
+                    socket,
+                    to,
+                    src,
+                    start,
+                    end,
+                } if start <= end && end <= SLOT => {
+                    // SAFETY: start..end lies within this segment slot (checked above).
+                    self.queue(socket, to, src, unsafe { slot_ptr.add(start) }, end - start);
+                }
+                Verdict::Forward { .. } => {}
+                Verdict::Reply { socket, to, src } => match self.fds.get(socket as usize).filter(|fd| **fd >= 0) {
+                    Some(&fd) => match sys::send_from(fd, scratch, to, src) {
+                        Ok(_) => self.stats.tx += 1,
+                        Err(e) => {
+                            self.stats.send_errors += 1;
+                            self.stats.last_send_errno = e.raw_os_error().unwrap_or(0);
+                        }
+                    },
+                    None => self.stats.send_errors += 1,
+                },
+            }
+            off += n;
+            k += 1;
         }
     }
 

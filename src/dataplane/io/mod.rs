@@ -214,14 +214,19 @@ pub enum Io {
 
 impl Io {
     /// Creates a backend of `kind` with a wake-up eventfd (see [`Io::waker`]); `gso` sends
-    /// runs of equal datagrams with UDP GSO (see [`gso`]).
+    /// runs of equal datagrams with UDP GSO (see [`gso`]); `gro` receives coalesced
+    /// datagrams with UDP GRO (mmsg only: io_uring's provided buffers, 4 KiB each, cannot
+    /// hold a coalesced datagram of up to 64 KiB).
     ///
     /// # Errors
-    /// When the kernel refuses the ring, epoll or eventfd.
-    pub fn new(kind: BackendKind, ring_entries: u32, gso: bool) -> io::Result<Io> {
+    /// When the kernel refuses the ring, epoll or eventfd; `gro` with io_uring.
+    pub fn new(kind: BackendKind, ring_entries: u32, gso: bool, gro: bool) -> io::Result<Io> {
+        if gro && kind == BackendKind::IoUring {
+            return Err(io::Error::other("UDP GRO needs the mmsg backend"));
+        }
         Ok(match kind {
             BackendKind::IoUring => Io::Uring(Box::new(uring::UringIo::new(ring_entries, gso)?)),
-            BackendKind::Mmsg => Io::Mmsg(Box::new(mmsg::MmsgIo::new(gso)?)),
+            BackendKind::Mmsg => Io::Mmsg(Box::new(mmsg::MmsgIo::new(gso, gro)?)),
         })
     }
 
