@@ -16,6 +16,11 @@
 #   bare          loadgen's bare recvmmsg/sendmmsg forwarder (loadgen --mode raw)
 #   turnpike      turnpike --shards 1 (user space only)
 #   turnpike-xdp  turnpike --shards 1 --xdp <relay veth> (native XDP on the veth)
+#   turnpike-nogso     turnpike --no-udp-gso (each datagram its own sendmsg)
+#   turnpike-mmsg      turnpike --io-backend mmsg (GSO, no GRO)
+#   turnpike-gro       turnpike --io-backend mmsg --udp-gro (GSO and GRO)
+# With --burst N loadgen sends N packets back to back per channel (a video frame): what GSO
+# and GRO are for. The relay end's GRO (on here) coalesces a burst for a UDP_GRO socket.
 # For each: loadgen --rate max (delivered packets/s, relay CPU per packet), then loadgen at a
 # fixed rate, half of the first configuration's max (RTT percentiles at equal offered load).
 #
@@ -39,6 +44,7 @@ usage: bench/xdp.sh [options]
   --per-alloc K       channels per allocation (default 1)
   --size B            payload bytes (default 100)
   --window W          loadgen --window for max runs (default 128)
+  --burst N           loadgen --burst: packets per channel back to back (default 1)
   --threads T         loadgen worker threads (default 1)
   --servers LIST      comma list, run in this order (default coturn,bare,turnpike,turnpike-xdp);
                       the first one's max sets the half-load rate
@@ -52,7 +58,7 @@ usage: bench/xdp.sh [options]
 EOF
 }
 
-DURATION=5 CHANNELS=1000 PER_ALLOC=1 SIZE=100 WINDOW=128 THREADS=1
+DURATION=5 CHANNELS=1000 PER_ALLOC=1 SIZE=100 WINDOW=128 THREADS=1 BURST=1
 SERVERS=coturn,bare,turnpike,turnpike-xdp HALF_RATE="" RELAY_CPU=1 LOADGEN_CPU=0
 PERF=0 SKIP_BUILD=0 OUT="" LOGDIR=/tmp/turnpike-xdp-bench
 while [ $# -gt 0 ]; do
@@ -62,6 +68,7 @@ while [ $# -gt 0 ]; do
     --per-alloc) PER_ALLOC=$2; shift 2 ;;
     --size) SIZE=$2; shift 2 ;;
     --window) WINDOW=$2; shift 2 ;;
+    --burst) BURST=$2; shift 2 ;;
     --threads) THREADS=$2; shift 2 ;;
     --servers) SERVERS=$2; shift 2 ;;
     --half-rate) HALF_RATE=$2; shift 2 ;;
@@ -176,11 +183,18 @@ server_argv() {
         --log-file stdout --simple-log --pidfile "$LOGDIR/turnserver.pid" ;;
     bare)
       echo "$BIN/bare-forwarder" --listen "$RELAY:$PORT" ;;
-    turnpike|turnpike-xdp)
+    turnpike|turnpike-*)
       local a="$BIN/turnpike --listen $RELAY:$PORT --relay-ip $RELAY --allowed-peer-ip 198.18.0.0/15"
       a="$a --user $USER:$PASSWORD --realm $REALM --user-quota 0 --shards 1 --no-tcp"
       a="$a --challenge-rate 0 --request-rate 0 --log-level info"
-      [ "$1" = turnpike-xdp ] && a="$a --xdp $DR"
+      case "$1" in
+        turnpike) ;;
+        turnpike-xdp) a="$a --xdp $DR" ;;
+        turnpike-nogso) a="$a --no-udp-gso" ;;
+        turnpike-mmsg) a="$a --io-backend mmsg" ;;
+        turnpike-gro) a="$a --io-backend mmsg --udp-gro" ;;
+        *) log "unknown server $1"; exit 2 ;;
+      esac
       echo "$a" ;;
     *) log "unknown server $1"; exit 2 ;;
   esac
@@ -240,7 +254,7 @@ EOF
 run_loadgen() {
   local json=$1 name=$2; shift 2
   local argv=("$BIN/loadgen" --server "$RELAY:$PORT" --channels "$CHANNELS" --channels-per-allocation "$PER_ALLOC"
-    --peers "$((PER_ALLOC > 4 ? PER_ALLOC : 4))" --size "$SIZE" --duration "$DURATION" --threads "$THREADS"
+    --peers "$((PER_ALLOC > 4 ? PER_ALLOC : 4))" --size "$SIZE" --duration "$DURATION" --threads "$THREADS" --burst "$BURST"
     --user "$USER:$PASSWORD" --setup-rate 100000 --json --quiet --local-ip "$CLIENT_IPS" --peer-ip "$PEER_IP"
     --server-pid "$SERVER_PID" "$@")
   [ "$name" = bare ] && argv+=(--mode raw)
@@ -293,8 +307,9 @@ for name in "${LIST[@]}"; do
 done
 
 log "== report"
+BENCH_SHAPE="$CHANNELS channels, $SIZE-byte payloads, bursts of $BURST, $DURATION s per run" \
 python3 - "$LOGDIR" "$RELAY_CPU" "$PERF" "$OUT" "$(uptime)" "${LIST[@]}" <<'EOF'
-import json, sys
+import json, os, sys
 logdir, cpu, perf, out, load, names = sys.argv[1], sys.argv[2], sys.argv[3] == "1", sys.argv[4], sys.argv[5], sys.argv[6:]
 
 def busy(name, kind, report):
@@ -347,6 +362,7 @@ if "bare" in base and base["bare"][3]:
     bare_eff = 1e9 / base["bare"][3]
 L = []
 L.append(f"Machine: {load.strip()}; relay CPU {cpu} (relay + its NAPI thread), loadgen and its NAPI thread on the other.")
+L.append(f"Traffic: {os.environ.get('BENCH_SHAPE', '')}.")
 L.append("")
 L.append("| relay | delivered pkt/s (max) | relay CPU busy | relay CPU ns/pkt | pkt per relay CPU-s | vs bare | process CPU s | loss max / half | half-load rate | RTT p50 / p90 / p99 / p99.9 µs | loadgen saturated |")
 L.append("|---|---|---|---|---|---|---|---|---|---|---|")
