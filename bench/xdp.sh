@@ -45,6 +45,10 @@ usage: bench/xdp.sh [options]
   --size B            payload bytes (default 100)
   --window W          loadgen --window for max runs (default 128)
   --burst N           loadgen --burst: packets per channel back to back (default 1)
+  --tx-csum on|off    tx checksum offload on the veths (default off, which XDP needs: its
+                      incremental checksum updates cannot fix partial checksums); `on` is
+                      the NIC-like case for the user-space relays (GSO without software
+                      checksums), not valid with turnpike-xdp
   --threads T         loadgen worker threads (default 1)
   --servers LIST      comma list, run in this order (default coturn,bare,turnpike,turnpike-xdp);
                       the first one's max sets the half-load rate
@@ -58,7 +62,7 @@ usage: bench/xdp.sh [options]
 EOF
 }
 
-DURATION=5 CHANNELS=1000 PER_ALLOC=1 SIZE=100 WINDOW=128 THREADS=1 BURST=1
+DURATION=5 CHANNELS=1000 PER_ALLOC=1 SIZE=100 WINDOW=128 THREADS=1 BURST=1 TX_CSUM=off
 SERVERS=coturn,bare,turnpike,turnpike-xdp HALF_RATE="" RELAY_CPU=1 LOADGEN_CPU=0
 PERF=0 SKIP_BUILD=0 OUT="" LOGDIR=/tmp/turnpike-xdp-bench
 while [ $# -gt 0 ]; do
@@ -69,6 +73,7 @@ while [ $# -gt 0 ]; do
     --size) SIZE=$2; shift 2 ;;
     --window) WINDOW=$2; shift 2 ;;
     --burst) BURST=$2; shift 2 ;;
+    --tx-csum) TX_CSUM=$2; shift 2 ;;
     --threads) THREADS=$2; shift 2 ;;
     --servers) SERVERS=$2; shift 2 ;;
     --half-rate) HALF_RATE=$2; shift 2 ;;
@@ -133,8 +138,10 @@ ip -n "$NR" link set lo up
 ip -n "$NR" addr add "$RELAY/15" dev "$DR"
 for i in $(seq 1 16); do ip -n "$NH" addr add "198.18.1.$i/15" dev "$DH"; done
 ip -n "$NH" addr add "$PEER_IP/15" dev "$DH"
-ip netns exec "$NH" ethtool -K "$DH" tx off >/dev/null
-ip netns exec "$NR" ethtool -K "$DR" tx off gro on >/dev/null
+case "$TX_CSUM" in on|off) ;; *) log "--tx-csum must be on or off"; exit 2 ;; esac
+case "$TX_CSUM,$SERVERS," in on,*turnpike-xdp,*) log "--tx-csum on is not valid with turnpike-xdp"; exit 2 ;; esac
+ip netns exec "$NH" ethtool -K "$DH" tx "$TX_CSUM" >/dev/null
+ip netns exec "$NR" ethtool -K "$DR" tx "$TX_CSUM" gro on >/dev/null
 cat >"$LOGDIR/pass.bpf.c" <<'EOF'
 #include <linux/bpf.h>
 __attribute__((section("xdp"), used)) int xdp_pass(struct xdp_md *ctx) { return XDP_PASS; }
@@ -307,7 +314,7 @@ for name in "${LIST[@]}"; do
 done
 
 log "== report"
-BENCH_SHAPE="$CHANNELS channels, $SIZE-byte payloads, bursts of $BURST, $DURATION s per run" \
+BENCH_SHAPE="$CHANNELS channels, $SIZE-byte payloads, bursts of $BURST, $DURATION s per run, tx checksum offload $TX_CSUM" \
 python3 - "$LOGDIR" "$RELAY_CPU" "$PERF" "$OUT" "$(uptime)" "${LIST[@]}" <<'EOF'
 import json, os, sys
 logdir, cpu, perf, out, load, names = sys.argv[1], sys.argv[2], sys.argv[3] == "1", sys.argv[4], sys.argv[5], sys.argv[6:]
