@@ -20,6 +20,10 @@ const REPLY_SLOT: usize = SLOT + 64;
 /// With UDP GRO, bytes after each receive slot for the rest of a coalesced datagram (the
 /// kernel coalesces up to 64 datagrams, at most 64 KiB of payload).
 const GRO_EXTRA: usize = (64 << 10) - MAX_PAYLOAD;
+/// With UDP GRO, segment slots: datagrams split out of coalesced ones, waiting for the flush.
+const SEGMENT_SLOTS: usize = 256;
+/// Sends queued per flush at most: one per received datagram, plus one per segment slot.
+const PENDING_MAX: usize = BATCH + SEGMENT_SLOTS;
 /// recvmmsg rounds per ready socket before moving on (fairness between sockets).
 const ROUNDS: usize = 4;
 const WAKER: u64 = u64::MAX;
@@ -59,6 +63,8 @@ pub struct MmsgIo {
     gro: bool,
     gro_extra: Vec<u8>,
     segments: Vec<u8>,
+    /// Segment slots in use since the last flush.
+    segments_used: usize,
     /// Control data received (the destination address on wildcard sockets).
     controls: Vec<sys::Control>,
     /// Control data sent (the source address on wildcard sockets).
@@ -114,26 +120,27 @@ impl MmsgIo {
                 2 * BATCH
             ],
             hdrs: (0..BATCH).map(|_| zeroed_hdr()).collect(),
-            pending: Vec::with_capacity(BATCH),
+            pending: Vec::with_capacity(PENDING_MAX),
             send_iovs: vec![
                 libc::iovec {
                     iov_base: std::ptr::null_mut(),
                     iov_len: 0
                 };
-                BATCH
+                PENDING_MAX
             ],
-            send_hdrs: (0..BATCH).map(|_| zeroed_hdr()).collect(),
-            send_msgs: Vec::with_capacity(BATCH),
+            send_hdrs: (0..PENDING_MAX).map(|_| zeroed_hdr()).collect(),
+            send_msgs: Vec::with_capacity(PENDING_MAX),
             gso,
             gro,
             gro_extra: if gro { vec![0u8; BATCH * GRO_EXTRA] } else { Vec::new() },
+            segments_used: 0,
             segments: if gro {
-                vec![0u8; gso::MAX_SEGMENTS * SLOT]
+                vec![0u8; SEGMENT_SLOTS * SLOT]
             } else {
                 Vec::new()
             },
             controls: vec![sys::Control::new(); BATCH],
-            send_controls: vec![sys::Control::new(); BATCH],
+            send_controls: vec![sys::Control::new(); PENDING_MAX],
             stats: IoStats::default(),
         };
         sys::prefault(&mut io.bufs);
@@ -377,8 +384,8 @@ impl MmsgIo {
 
     /// Handles received message `i`, `len` bytes coalesced by UDP GRO from datagrams of
     /// `segment` bytes (the last may be shorter): each is copied into a segment slot, with
-    /// headroom, and handled as received. Sends queued earlier in the batch are flushed
-    /// first, which frees the segment slots; a reply is sent at once (the reply slot is per
+    /// headroom, and handled as received. When the segment slots run short, the sends queued
+    /// so far are flushed, which frees them; a reply is sent at once (the reply slot is per
     /// message).
     fn handle_coalesced<F>(
         &mut self,
@@ -391,7 +398,6 @@ impl MmsgIo {
     ) where
         F: FnMut(Datagram<'_>, &mut Vec<u8>) -> Verdict,
     {
-        self.flush();
         self.stats.gro_receives += 1;
         let control_len = self.hdrs[i].msg_hdr.msg_controllen.min(sys::PKTINFO_SPACE);
         let local = sys::pktinfo_destination(&self.controls[i].0[..control_len]);
@@ -406,14 +412,17 @@ impl MmsgIo {
             self.stats.truncated += n;
             return;
         }
+        if self.segments_used + len.div_ceil(segment) > SEGMENT_SLOTS {
+            self.flush();
+        }
         let mut off = 0;
-        let mut k = 0;
         while off < len {
             let n = segment.min(len - off);
-            if k == gso::MAX_SEGMENTS {
+            if self.segments_used == SEGMENT_SLOTS {
                 self.flush();
-                k = 0;
             }
+            let k = self.segments_used;
+            self.segments_used += 1;
             let slot = &mut self.segments[k * SLOT..(k + 1) * SLOT];
             let dst = &mut slot[HEADROOM..HEADROOM + n];
             // Bytes `off..off + n` of the payload, across the receive slot and its extra.
@@ -465,7 +474,6 @@ impl MmsgIo {
                 },
             }
             off += n;
-            k += 1;
         }
     }
 
@@ -489,7 +497,7 @@ impl MmsgIo {
                     1
                 };
                 let k = self.send_msgs.len();
-                // One iovec per datagram: at most BATCH in all, as pending entries are.
+                // One iovec per datagram: at most PENDING_MAX in all, as pending entries are.
                 for (d, p) in self.pending[i..i + n].iter().enumerate() {
                     self.send_iovs[i - start + d] = libc::iovec {
                         iov_base: p.ptr as *mut libc::c_void,
@@ -560,6 +568,7 @@ impl MmsgIo {
             start = end;
         }
         self.pending.clear();
+        self.segments_used = 0;
     }
 
     /// Sends pending datagrams `first..first + n` with one sendmsg each.
