@@ -8,7 +8,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::os::fd::RawFd;
 use std::time::Duration;
 
-use super::{gso, Datagram, IoStats, SocketId, Verdict, HEADROOM, MAX_PAYLOAD};
+use super::{gso, send_counted, Datagram, IoStats, SocketId, Verdict, HEADROOM, MAX_PAYLOAD};
 use crate::sys::{self, RawAddr};
 
 /// Datagrams per recvmmsg/sendmmsg call.
@@ -463,13 +463,7 @@ impl MmsgIo {
                 }
                 Verdict::Forward { .. } => {}
                 Verdict::Reply { socket, to, src } => match self.fds.get(socket as usize).filter(|fd| **fd >= 0) {
-                    Some(&fd) => match sys::send_from(fd, scratch, to, src) {
-                        Ok(_) => self.stats.tx += 1,
-                        Err(e) => {
-                            self.stats.send_errors += 1;
-                            self.stats.last_send_errno = e.raw_os_error().unwrap_or(0);
-                        }
-                    },
+                    Some(&fd) => send_counted(&mut self.stats, fd, scratch, to, src),
                     None => self.stats.send_errors += 1,
                 },
             }
@@ -577,13 +571,7 @@ impl MmsgIo {
             // SAFETY: the pending entry points into this value's receive or reply buffers,
             // which are not written until the batch is flushed.
             let data = unsafe { std::slice::from_raw_parts(p.ptr, p.len) };
-            match sys::send_from(p.fd, data, p.to, p.src) {
-                Ok(_) => self.stats.tx += 1,
-                Err(e) => {
-                    self.stats.send_errors += 1;
-                    self.stats.last_send_errno = e.raw_os_error().unwrap_or(0);
-                }
-            }
+            send_counted(&mut self.stats, p.fd, data, p.to, p.src);
         }
     }
 }

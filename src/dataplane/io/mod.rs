@@ -316,12 +316,7 @@ impl Io {
     /// Sends `data` from `fd` to `to` outside a batch (responses that complete later, such
     /// as an Allocate finished by the control thread), from source IP `src` when given.
     pub fn send_now(&mut self, fd: RawFd, data: &[u8], to: SocketAddr, src: Option<IpAddr>) {
-        let stats = self.stats_mut();
-        if sys::send_from(fd, data, to, src).is_ok() {
-            stats.tx += 1;
-        } else {
-            stats.send_errors += 1;
-        }
+        send_counted(self.stats_mut(), fd, data, to, src);
     }
 
     fn stats_mut(&mut self) -> &mut IoStats {
@@ -336,6 +331,18 @@ impl Io {
         match self {
             Io::Uring(u) => u.stats,
             Io::Mmsg(m) => m.stats,
+        }
+    }
+}
+
+/// Sends one datagram with its own sendmsg, outside a batch, and counts it in `stats` (sent,
+/// or refused with its errno).
+fn send_counted(stats: &mut IoStats, fd: RawFd, data: &[u8], to: SocketAddr, src: Option<IpAddr>) {
+    match sys::send_from(fd, data, to, src) {
+        Ok(_) => stats.tx += 1,
+        Err(e) => {
+            stats.send_errors += 1;
+            stats.last_send_errno = e.raw_os_error().unwrap_or(0);
         }
     }
 }

@@ -19,7 +19,7 @@ use std::time::Duration;
 use io_uring::types::{BufRingEntry, Fd, RecvMsgOut, SubmitArgs, Timespec};
 use io_uring::{cqueue, opcode, squeue, IoUring};
 
-use super::{gso, Datagram, IoStats, SocketId, Verdict, HEADROOM, MAX_PAYLOAD};
+use super::{gso, send_counted, Datagram, IoStats, SocketId, Verdict, HEADROOM, MAX_PAYLOAD};
 use crate::sys::{self, RawAddr};
 
 /// Provided buffers per shard (a power of two, at most 32768).
@@ -581,13 +581,7 @@ impl UringIo {
             return;
         };
         self.stats.sync_sends += 1;
-        match sys::send_from(fd, data, to, src) {
-            Ok(_) => self.stats.tx += 1,
-            Err(e) => {
-                self.stats.send_errors += 1;
-                self.stats.last_send_errno = e.raw_os_error().unwrap_or(0);
-            }
-        }
+        send_counted(&mut self.stats, fd, data, to, src);
     }
 
     fn fd_of(&self, socket: SocketId) -> Option<RawFd> {
@@ -685,13 +679,10 @@ impl UringIo {
                 // SAFETY: the iovec points into a provided buffer that stays out of the ring
                 // until this completion returns it below.
                 let data = unsafe { std::slice::from_raw_parts(iov.iov_base as *const u8, iov.iov_len) };
-                match open.then(|| sys::send_from(fd, data, to, src)) {
-                    Some(Ok(_)) => self.stats.tx += 1,
-                    Some(Err(e)) => {
-                        self.stats.send_errors += 1;
-                        self.stats.last_send_errno = e.raw_os_error().unwrap_or(0);
-                    }
-                    None => self.stats.send_errors += 1,
+                if open {
+                    send_counted(&mut self.stats, fd, data, to, src);
+                } else {
+                    self.stats.send_errors += 1;
                 }
             }
         } else {
