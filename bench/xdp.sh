@@ -40,7 +40,8 @@
 # all), a ramp of higher rates (--gen-ramp, until the loss passes --gen-max-loss), and an
 # open-loop run at the generator's maximum (overload: the user-space relays livelock there).
 # The loadgen-side veth has GRO on instead of the XDP_PASS program (xdp-gen attaches its own for
-# each run; GRO keeps the veth's NAPI thread, pinned, across attach and detach). Frames reach
+# each run; GRO keeps the veth's NAPI thread, pinned, across attach and detach); that NAPI
+# thread runs as SCHED_FIFO so that it drains the relay's output at once. Frames reach
 # the relay's veth only while it has GRO or XDP (it has GRO on), and the relay's XDP_TX output
 # reaches the loadgen side only while xdp-gen's program is attached there.
 #
@@ -121,7 +122,7 @@ BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release
 log() { echo "$@" >&2; }
 
 [ "$(id -u)" = 0 ] || { log "bench/xdp.sh needs root (network namespaces, XDP)"; exit 1; }
-for t in ip ethtool clang python3 taskset timeout; do
+for t in ip ethtool clang python3 taskset timeout chrt; do
   command -v "$t" >/dev/null || { log "$t is missing"; exit 1; }
 done
 case ",$SERVERS," in *,coturn,*) command -v turnserver >/dev/null || { log "turnserver (coturn) is missing"; exit 1; } ;; esac
@@ -201,7 +202,12 @@ pin_napi() {
   while read -r pid comm; do
     case "$comm" in
       "napi/$DR-"*) taskset -pc "$RELAY_CPU" "$pid" >/dev/null; n=$((n + 1)) ;;
-      "napi/$DH-"*) taskset -pc "$LOADGEN_CPU" "$pid" >/dev/null; n=$((n + 1)) ;;
+      "napi/$DH-"*)
+        taskset -pc "$LOADGEN_CPU" "$pid" >/dev/null; n=$((n + 1))
+        # live-frames: the loadgen side's NAPI thread (xdp-gen's sink) must drain the relay's
+        # output at once, whatever else runs on that CPU, or its ring overflows.
+        if [ "$GENERATOR" = live-frames ]; then chrt -f -p 50 "$pid"; fi
+        ;;
     esac
   done < <(ps -e -o pid=,comm=)
   log "   pinned $n NAPI thread(s)"
@@ -367,7 +373,7 @@ relay_thread_ns() {
   local p
   for p in "$SERVER_PID" $(ps -e -o pid=,comm= | awk -v n="napi/$DR-" 'index($2, n) == 1 { print $1 }'); do
     cat /proc/"$p"/task/*/schedstat 2>/dev/null || true
-  done | awk '{ s += $1 } END { printf "%d\n", s }'
+  done | awk '{ s += $1 } END { printf "%.0f\n", s }'
 }
 
 # One xdp-gen run against $1, tagged $2, at rate $3 (frames/s or max) in bursts of $4, the
