@@ -318,6 +318,10 @@ fn main() -> Result<()> {
         }
     }
     let size = args.size.unwrap_or(list.size);
+    // One frame within a 1500-byte MTU, ChannelData header included.
+    if size > 1468 {
+        bail!("payload of {size} bytes: at most 1468 (a 1500-byte MTU with the ChannelData header)");
+    }
     let (ifindex, src_mac) = interface(&args.iface)?;
     let dst_mac = match &args.dst_mac {
         Some(m) => parse_mac(m)?,
