@@ -200,6 +200,16 @@ pub struct Args {
     /// Give up setting up allocations after this many seconds.
     #[arg(long, default_value_t = 120.0)]
     pub setup_timeout: f64,
+    /// After setup, write the flows (client address, channel number, peer, relayed address)
+    /// as JSON to this file, for another sender (`xdp-gen`). UDP with ChannelData or `--mode
+    /// raw` only.
+    #[arg(long)]
+    pub flows_out: Option<std::path::PathBuf>,
+    /// After setup (and `--flows-out`), keep the allocations open (refreshed) without sending
+    /// for this many seconds, or until SIGINT/SIGTERM (which then skips the traffic); then
+    /// traffic, if `--duration` is above 0, and the release.
+    #[arg(long, default_value_t = 0.0)]
+    pub hold: f64,
     /// Process ID of the server, to report its CPU seconds during traffic and its resident
     /// memory per allocation (read from /proc).
     #[arg(long)]
@@ -267,6 +277,10 @@ pub struct Plan {
     pub drain: Duration,
     /// Setup deadline.
     pub setup_timeout: Duration,
+    /// Where to write the flows after setup.
+    pub flows_out: Option<std::path::PathBuf>,
+    /// Idle time with the allocations open after setup.
+    pub hold: Duration,
     /// Server PID for /proc sampling.
     pub server_pid: Option<u32>,
 }
@@ -391,6 +405,17 @@ fn unix_now() -> u64 {
 }
 
 impl Args {
+    /// `--flows-out` and `--hold`.
+    fn check_hold(&self) -> Result<()> {
+        if !(self.hold >= 0.0 && self.hold <= 86_400.0) {
+            bail!("--hold must be 0-86400 seconds");
+        }
+        if self.flows_out.is_some() && (self.transport != Transport::Udp || self.send_indications) {
+            bail!("--flows-out is for UDP with ChannelData (or --mode raw)");
+        }
+        Ok(())
+    }
+
     /// Checks the options and resolves addresses and credentials.
     ///
     /// # Errors
@@ -437,6 +462,7 @@ impl Args {
         if self.mode == Mode::Raw && self.transport != Transport::Udp {
             bail!("--mode raw (bare-forwarder) is UDP only");
         }
+        self.check_hold()?;
         if self.transport != Transport::Tls
             && (self.ca.is_some() || self.tls_name.is_some() || self.tls_version != TlsVersion::Any)
         {
@@ -515,6 +541,8 @@ impl Args {
             rto: Duration::from_millis(self.rto_ms.max(10)),
             drain: Duration::from_millis(self.drain_ms),
             setup_timeout: Duration::from_secs_f64(self.setup_timeout.max(1.0)),
+            flows_out: self.flows_out.clone(),
+            hold: Duration::from_secs_f64(self.hold),
             server_pid: self.server_pid,
         })
     }
@@ -590,6 +618,21 @@ mod tests {
         let p = args(&["--secret", "s3", "--user", "bob"]).plan().unwrap();
         assert!(p.username.ends_with(":bob"));
         assert_eq!(p.password, turnpike::proto::auth::rest_api_password("s3", &p.username));
+    }
+
+    #[test]
+    fn hold_checks() {
+        let args = |extra: &[&str]| {
+            let mut v = vec!["loadgen"];
+            v.extend_from_slice(extra);
+            Args::try_parse_from(v).unwrap()
+        };
+        let p = args(&["--flows-out", "/tmp/f.json", "--hold", "30"]).plan().unwrap();
+        assert_eq!(p.hold, Duration::from_secs(30));
+        assert!(p.flows_out.is_some());
+        assert!(args(&["--hold=-1"]).plan().is_err());
+        assert!(args(&["--flows-out", "f", "--send-indications"]).plan().is_err());
+        assert!(args(&["--flows-out", "f", "--transport", "tcp"]).plan().is_err());
     }
 
     #[test]

@@ -11,6 +11,8 @@
 //! `--server-pid`, the server's CPU seconds and memory per allocation.
 
 pub mod cli;
+pub mod flows;
+pub mod frame;
 pub mod payload;
 pub mod report;
 pub mod stream;
@@ -197,6 +199,7 @@ pub fn run(plan: Plan, command: String, interrupt: Arc<AtomicBool>, quiet: bool)
     pb.finish_and_clear();
     shared.phase.store(worker::PH_IDLE, Relaxed);
     let rss_after = plan.server_pid.and_then(proc_sample).map(|s| s.1);
+    let exported = after_setup(&plan, &shared, &interrupt);
 
     // Traffic.
     let mut traffic_secs = 0.0;
@@ -284,6 +287,7 @@ pub fn run(plan: Plan, command: String, interrupt: Arc<AtomicBool>, quiet: bool)
         rtt.add(&out.rtt).context("merging histograms")?;
         stun_rtt.add(&out.stun_rtt).context("merging histograms")?;
     }
+    exported?;
     Ok(build_report(
         &plan,
         command,
@@ -298,6 +302,43 @@ pub fn run(plan: Plan, command: String, interrupt: Arc<AtomicBool>, quiet: bool)
         &rtt,
         &stun_rtt,
     ))
+}
+
+/// After setup: `--flows-out` (the flows of the allocations set up, from every worker) and
+/// `--hold` (idle with the allocations open until the time is up or `interrupt`). A file that
+/// cannot be written sets `interrupt` (the run goes straight to the release) and is the error.
+fn after_setup(plan: &Plan, shared: &Shared, interrupt: &AtomicBool) -> Result<()> {
+    if let Some(path) = &plan.flows_out {
+        let mut flows: Vec<flows::Flow> = shared
+            .progress
+            .iter()
+            .flat_map(|p| p.flows.lock().unwrap_or_else(|e| e.into_inner()).clone())
+            .collect();
+        flows.sort_by_key(|f| f.index);
+        let list = flows::FlowList {
+            mode: match plan.mode {
+                Mode::Turn => "turn".into(),
+                Mode::Raw => "raw".into(),
+            },
+            server: plan.server,
+            size: plan.size,
+            flows,
+        };
+        if let Err(e) = list.write(path) {
+            interrupt.store(true, Relaxed);
+            return Err(e);
+        }
+    }
+    let end = Instant::now() + plan.hold;
+    // Bounded by --hold (at most a day), 50 ms per turn.
+    while !interrupt.load(Relaxed) {
+        let now = Instant::now();
+        if now >= end {
+            break;
+        }
+        std::thread::sleep((end - now).min(Duration::from_millis(50)));
+    }
+    Ok(())
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -28,6 +28,8 @@ use crate::payload;
 use crate::stream::{Conn, Input};
 use crate::sys::{self, Epoll, RecvBatch, MAX_BATCH};
 
+mod export;
+
 /// Phase: set up allocations.
 pub const PH_SETUP: u8 = 0;
 /// Phase: set up finished, waiting for traffic (refreshes continue).
@@ -73,6 +75,9 @@ pub struct Progress {
     pub received: AtomicU64,
     /// Every allocation of this worker is released (or gave up).
     pub release_settled: AtomicBool,
+    /// `--flows-out`: the flows of this worker's allocations that were set up, filled just
+    /// before `setup_settled` becomes true.
+    pub flows: std::sync::Mutex<Vec<crate::flows::Flow>>,
 }
 
 /// Final counters of one worker (summed over workers for the report).
@@ -218,6 +223,8 @@ struct Alloc {
     /// The sans-IO client of this allocation's 5-tuple: credentials, realm and nonce.
     client: Client,
     relayed: bool,
+    /// The XOR-RELAYED-ADDRESS of the allocation (IPv4), for `--flows-out`.
+    relayed_addr: Option<SocketAddrV4>,
     lifetime: u32,
     auth_tries: u8,
 }
@@ -324,6 +331,7 @@ impl Worker {
                 req: Vec::new(),
                 client: Client::new(&plan.username, &plan.password, PasswordAlgorithm::Md5),
                 relayed: false,
+                relayed_addr: None,
                 lifetime: 0,
                 auth_tries: 0,
             })
@@ -462,6 +470,9 @@ impl Worker {
     fn check_settled(&mut self) {
         let p = &self.shared.progress[self.id];
         if self.settled == self.allocs.len() && !p.setup_settled.load(Relaxed) {
+            if self.plan.flows_out.is_some() {
+                self.export_flows();
+            }
             p.setup_settled_ns.store(self.now_ns(Instant::now()), Relaxed);
             p.setup_settled.store(true, Relaxed);
         }
@@ -732,6 +743,9 @@ impl Worker {
         match step {
             Step::Allocate => {
                 self.allocs[a].relayed = matches!(msg.get(kind::XOR_RELAYED_ADDRESS), Some(Ok(_)));
+                if let Some(Ok(Attribute::XorRelayedAddress(SocketAddr::V4(r)))) = msg.get(kind::XOR_RELAYED_ADDRESS) {
+                    self.allocs[a].relayed_addr = Some(r);
+                }
                 self.allocs[a].lifetime = match msg.get(kind::LIFETIME) {
                     Some(Ok(Attribute::Lifetime(l))) => l,
                     _ => 600,

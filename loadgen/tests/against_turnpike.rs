@@ -540,3 +540,58 @@ fn tls_through_turnpike_loses_nothing_and_checks_the_certificate() {
     drop(server);
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn flows_out_lists_the_channels_and_holds_them() {
+    let server = turnpike();
+    let addr = server.addr.to_string();
+    let dir = std::env::temp_dir().join(format!("loadgen-flows-it-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("flows.json");
+    let t0 = Instant::now();
+    let r = loadgen(&s(&[
+        "--server",
+        &addr,
+        "--channels",
+        "8",
+        "--channels-per-allocation",
+        "2",
+        "--peers",
+        "2",
+        "--duration",
+        "0",
+        "--flows-out",
+        path.to_str().unwrap(),
+        "--hold",
+        "0.5",
+    ]));
+    assert!(t0.elapsed() >= Duration::from_millis(500), "held for --hold");
+    assert_eq!(r.stun.released, 4, "released after the hold");
+    let list = loadgen::flows::FlowList::read(&path).unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert_eq!(list.mode, "turn");
+    assert_eq!(list.server.to_string(), addr);
+    assert_eq!(list.flows.len(), 8);
+    for (i, f) in list.flows.iter().enumerate() {
+        assert_eq!(f.index as usize, i);
+        assert_eq!(f.channel, Some(0x4000 + (i % 2) as u16), "{f:?}");
+        assert_eq!(f.client.ip().to_string(), "127.0.0.1");
+        assert_eq!(f.relayed.ip().to_string(), "127.0.0.1");
+        assert_ne!(f.relayed.port(), list.server.port());
+        // Both channels of an allocation share its client and relayed addresses, and go to
+        // different peers.
+        let other = &list.flows[i ^ 1];
+        assert_eq!((f.client, f.relayed), (other.client, other.relayed));
+        assert_ne!(f.peer, other.peer);
+    }
+    let allocations: std::collections::HashSet<_> = list.flows.iter().map(|f| f.relayed).collect();
+    assert_eq!(allocations.len(), 4);
+    // The frame of a flow carries ChannelData on its channel with the flow's index.
+    let f = &list.flows[3];
+    let frame = loadgen::frame::client_frame(&list, f, [2; 6], [4; 6], 100);
+    let udp = &frame[loadgen::frame::ETH_LEN + loadgen::frame::IPV4_LEN..];
+    assert_eq!(u16::from_be_bytes([udp[2], udp[3]]), list.server.port());
+    let cd = &udp[loadgen::frame::UDP_LEN..];
+    assert_eq!(u16::from_be_bytes([cd[0], cd[1]]), f.channel.unwrap());
+    assert_eq!(loadgen::payload::route_id(&cd[4..]), Some(3));
+}
