@@ -198,7 +198,6 @@ impl Shard {
     /// second and a third of the shard's CPU waiting for it when pinned to one core).
     fn start(&mut self) -> std::io::Result<()> {
         self.started = true;
-        self.io.enable()?;
         if self.core.streams.is_active() {
             self.io.watch(self.core.streams.fd())?;
         }

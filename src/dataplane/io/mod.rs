@@ -230,18 +230,6 @@ impl Io {
         })
     }
 
-    /// Readies the backend on the calling thread, the one that will run [`Io::wait`]: call
-    /// it there first (io_uring: enables the ring, whose only submitter that thread becomes).
-    ///
-    /// # Errors
-    /// When the kernel refuses.
-    pub fn enable(&mut self) -> io::Result<()> {
-        match self {
-            Io::Uring(u) => u.enable(),
-            Io::Mmsg(_) => Ok(()),
-        }
-    }
-
     /// Starts receiving on `fd` as socket `id`.
     ///
     /// # Errors

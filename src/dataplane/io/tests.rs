@@ -29,7 +29,6 @@ fn datagram(i: usize, len: usize) -> Vec<u8> {
 /// backend's counters.
 fn forward_burst(kind: BackendKind, gso: bool, lens: &[usize]) -> (Vec<Vec<u8>>, IoStats) {
     let mut io = Io::new(kind, 256, gso, false).expect("backend");
-    io.enable().unwrap();
     let relay = UdpSocket::bind("127.0.0.1:0").unwrap();
     relay.set_nonblocking(true).unwrap();
     let receiver = UdpSocket::bind("127.0.0.1:0").unwrap();

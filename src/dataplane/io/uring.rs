@@ -86,8 +86,6 @@ struct Run {
 /// io_uring with a provided buffer ring.
 pub struct UringIo {
     ring: IoUring,
-    /// Created disabled, not yet enabled.
-    disabled: bool,
     waker: RawFd,
     watched: Option<RawFd>,
     watch_fired: bool,
@@ -121,7 +119,6 @@ unsafe impl Send for UringIo {}
 /// a datagram sent to it.
 pub fn probe() -> Result<(), String> {
     let mut io = UringIo::new(64, false).map_err(|e| format!("io_uring setup failed: {e}"))?;
-    io.enable().map_err(|e| format!("enabling the ring failed: {e}"))?;
     let sock = std::net::UdpSocket::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
     sock.set_nonblocking(true).map_err(|e| e.to_string())?;
     let addr = sock.local_addr().map_err(|e| e.to_string())?;
@@ -151,27 +148,10 @@ impl UringIo {
     /// # Errors
     /// When the kernel refuses the ring or the buffer ring.
     pub fn new(entries: u32, gso: bool) -> io::Result<Self> {
-        // Created disabled, single issuer, with deferred task work: the shard thread enables
-        // it ([`UringIo::enable`]) and becomes its only submitter, and the kernel's completion
-        // work (a datagram arrived, a send finished) runs only when that thread asks for
-        // completions, in one go, instead of interrupting it as each happens. Kernels before
-        // 6.1 refuse DEFER_TASKRUN: then a ring with cooperative task work, enabled at once.
-        let (ring, disabled) = match IoUring::builder()
+        let ring = IoUring::builder()
             .setup_cqsize(entries.saturating_mul(4))
-            .setup_r_disabled()
-            .setup_single_issuer()
-            .setup_defer_taskrun()
-            .build(entries)
-        {
-            Ok(ring) => (ring, true),
-            Err(_) => (
-                IoUring::builder()
-                    .setup_cqsize(entries.saturating_mul(4))
-                    .setup_coop_taskrun()
-                    .build(entries)?,
-                false,
-            ),
-        };
+            .setup_coop_taskrun()
+            .build(entries)?;
         let ring_layout = Layout::from_size_align(BUFFERS as usize * std::mem::size_of::<BufRingEntry>(), 4096)
             .map_err(|_| io::Error::other("buffer ring layout"))?;
         // SAFETY: the layout has a non-zero size.
@@ -197,7 +177,6 @@ impl UringIo {
         recv_hdr.msg_controllen = sys::PKTINFO_SPACE;
         let mut io = UringIo {
             ring,
-            disabled,
             waker,
             watched: None,
             watch_fired: false,
@@ -244,19 +223,6 @@ impl UringIo {
         io.publish_tail();
         io.arm_waker();
         Ok(io)
-    }
-
-    /// Enables the ring on the calling thread, which becomes its only submitter: call it on
-    /// the thread that runs [`UringIo::wait`] before anything else (a no-op for a ring that
-    /// was not created disabled).
-    ///
-    /// # Errors
-    /// When the kernel refuses.
-    pub fn enable(&mut self) -> io::Result<()> {
-        if std::mem::take(&mut self.disabled) {
-            self.ring.submitter().register_enable_rings()?;
-        }
-        Ok(())
     }
 
     /// Puts buffer `bid` at the ring's tail (published by [`UringIo::publish_tail`]).
