@@ -75,7 +75,11 @@ pub enum Rate {
     Max,
 }
 
-fn parse_rate(s: &str) -> Result<Rate, String> {
+/// Parses a rate: a number of packets/s (`_` separators and a `pps` suffix allowed) or `max`.
+///
+/// # Errors
+/// Anything else, and rates that are not finite and positive.
+pub fn parse_rate(s: &str) -> Result<Rate, String> {
     if s.eq_ignore_ascii_case("max") {
         return Ok(Rate::Max);
     }

@@ -39,6 +39,7 @@ use aya::programs::{TestRun, TestRunAttrs, TestRunOptions, Xdp, XdpMode};
 use aya::EbpfLoader;
 use clap::{Parser, ValueEnum};
 
+use loadgen::cli::{parse_rate, Rate};
 use loadgen::flows::FlowList;
 use loadgen::frame;
 
@@ -68,27 +69,6 @@ enum Direction {
     Peer,
     /// Both, alternating.
     Both,
-}
-
-/// Offered load: a fixed rate or as fast as the generator goes.
-#[derive(Debug, Clone, Copy, PartialEq)]
-enum Rate {
-    Pps(f64),
-    Max,
-}
-
-fn parse_rate(s: &str) -> Result<Rate, String> {
-    if s.eq_ignore_ascii_case("max") {
-        return Ok(Rate::Max);
-    }
-    let v = s
-        .replace('_', "")
-        .parse::<f64>()
-        .map_err(|e| format!("rate {s:?}: {e} (frames/s or \"max\")"))?;
-    if !(v > 0.0 && v.is_finite()) {
-        return Err(format!("rate {s:?} must be > 0"));
-    }
-    Ok(Rate::Pps(v))
 }
 
 /// NIC-like frames for a relay from BPF_PROG_RUN live frames (see the crate docs of
