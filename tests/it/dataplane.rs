@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use turnpike::proto::stun::{Attribute, Class, Method, PasswordAlgorithm};
 
 use crate::client::Client;
-use crate::harness::{require, Server, PASSWORD, USER};
+use crate::harness::{require, shutdown_value, Server, PASSWORD, USER};
 
 fn echo_peer(stop: Arc<AtomicBool>) -> (SocketAddr, thread::JoinHandle<()>) {
     let s = UdpSocket::bind("127.0.0.1:0").unwrap();
@@ -72,17 +72,6 @@ fn assert_healthy(server: SocketAddr, peer: SocketAddr) {
 }
 
 /// The `key=value` of the shutdown line.
-fn shutdown_value(lines: &[String], key: &str) -> u64 {
-    let line = lines.iter().find(|l| l.contains("shut down")).expect("shutdown line");
-    let needle = format!("{key}=");
-    let rest = line.split(&needle).nth(1).unwrap_or_else(|| panic!("{key} in {line}"));
-    rest.split(|c: char| !c.is_ascii_digit())
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap()
-}
-
 #[test]
 fn client_killed_mid_stream_leaves_server_healthy() {
     require("turnutils_uclient");

@@ -12,7 +12,7 @@ use turnpike::proto::channel_data::ChannelData;
 use turnpike::proto::stun::{Class, PasswordAlgorithm};
 
 use crate::client::Client;
-use crate::harness::{Server, PASSWORD, USER};
+use crate::harness::{shutdown_value, Server, PASSWORD, USER};
 
 /// Sends `datagrams` (all of the first one's length, the last possibly shorter) from `sock`
 /// to `to` in one sendmsg with UDP_SEGMENT.
@@ -32,19 +32,6 @@ fn send_gso(sock: &UdpSocket, to: SocketAddr, datagrams: &[Vec<u8>]) {
 
 fn payload(i: usize, len: usize) -> Vec<u8> {
     (0..len).map(|k| (i * 7 + k) as u8).collect()
-}
-
-fn shutdown_value(lines: &[String], key: &str) -> u64 {
-    let line = lines.iter().find(|l| l.contains("shut down")).expect("shutdown line");
-    let rest = line
-        .split(&format!("{key}="))
-        .nth(1)
-        .unwrap_or_else(|| panic!("{key} in {line}"));
-    rest.split(|c: char| !c.is_ascii_digit())
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap()
 }
 
 #[test]

@@ -216,3 +216,17 @@ impl Drop for Netns {
         let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
     }
 }
+
+/// The value of counter `key` in turnpike's "shut down" log line (from [`Server::stop`]).
+pub fn shutdown_value(lines: &[String], key: &str) -> u64 {
+    let line = lines.iter().find(|l| l.contains("shut down")).expect("shutdown line");
+    let rest = line
+        .split(&format!(" {key}="))
+        .nth(1)
+        .unwrap_or_else(|| panic!("{key} in {line}"));
+    rest.split(|c: char| !c.is_ascii_digit())
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
