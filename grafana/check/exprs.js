@@ -29,7 +29,8 @@ const COUNTERS = [
   'drops', 'auth_failures', 'allocations_created', 'allocations_closed', 'allocation_refusals',
   'control_queue_overflows', 'handovers', 'handover_overflows',
   'kernel_udp_receive_buffer_errors', 'kernel_udp_send_buffer_errors', 'shard_busy_seconds',
-  'config_reloads', 'realm_relayed_bytes',
+  'config_reloads', 'realm_relayed_bytes', 'udp_gso_sends', 'udp_gso_datagrams', 'udp_gso_fallbacks',
+  'udp_gro_receives', 'udp_gro_datagrams',
 ].map((n) => `turnpike_${n}_total`);
 const GAUGES = ['allocations', 'permissions', 'channels', 'relay_ports', 'reservations', 'draining', 'build_info']
   .map((n) => `turnpike_${n}`);
