@@ -643,6 +643,17 @@ fn drain(sock: &UdpSocket, wait: Duration) -> usize {
     n
 }
 
+/// Sends 50 datagrams each way on channel 0x4000 (client → peer, peer → relayed address) and
+/// asserts that none arrives at the other end: `to_peer` and `to_client` say why it must not.
+fn assert_nothing_relayed(c: &Client, peer: &UdpSocket, relayed: SocketAddr, to_peer: &str, to_client: &str) {
+    for i in 0..50 {
+        c.send_channel_data(0x4000, &payload(i));
+        peer.send_to(&payload(i), relayed).unwrap();
+    }
+    assert_eq!(drain(peer, Duration::from_secs(1)), 0, "{to_peer}");
+    assert_eq!(drain(&c.sock, Duration::from_millis(500)), 0, "{to_client}");
+}
+
 /// A Send indication from `c` to `peer` carrying `data`.
 fn send_indication(c: &Client, peer: SocketAddr, data: &[u8]) {
     let mut out = Vec::new();
@@ -737,19 +748,12 @@ fn nothing_forwarded_after_refresh_0() {
     let r = c.request(Method::Refresh, &[Attribute::Lifetime(0)]);
     assert_eq!(r.class(), Class::Success);
     let before = lab.settled();
-    for i in 0..50 {
-        c.send_channel_data(0x4000, &payload(i));
-        peer.send_to(&payload(i), relayed).unwrap();
-    }
-    assert_eq!(
-        drain(&peer, Duration::from_secs(1)),
-        0,
-        "the old peer got ChannelData after Refresh 0"
-    );
-    assert_eq!(
-        drain(&c.sock, Duration::from_millis(500)),
-        0,
-        "the client got data after Refresh 0"
+    assert_nothing_relayed(
+        &c,
+        &peer,
+        relayed,
+        "the old peer got ChannelData after Refresh 0",
+        "the client got data after Refresh 0",
     );
     let d = lab.settled().since(before);
     assert_eq!(d, Relayed::default(), "nothing relayed after Refresh 0");
@@ -773,19 +777,12 @@ fn nothing_forwarded_after_the_allocation_expired() {
         "the setup took too long to test expiry"
     );
     thread::sleep(Duration::from_secs(4).saturating_sub(t0.elapsed()));
-    for i in 0..50 {
-        c.send_channel_data(0x4000, &payload(i));
-        peer.send_to(&payload(i), relayed).unwrap();
-    }
-    assert_eq!(
-        drain(&peer, Duration::from_secs(1)),
-        0,
-        "the peer got ChannelData after expiry"
-    );
-    assert_eq!(
-        drain(&c.sock, Duration::from_millis(500)),
-        0,
-        "the client got data after expiry"
+    assert_nothing_relayed(
+        &c,
+        &peer,
+        relayed,
+        "the peer got ChannelData after expiry",
+        "the client got data after expiry",
     );
     let d = lab.settled().since(before);
     assert_eq!(
@@ -919,19 +916,12 @@ fn nothing_forwarded_after_the_permission_expired() {
     let before = lab.relayed();
     echo_through(&c, 0x4000, &peer, relayed, 32);
     thread::sleep((permission + Duration::from_secs(1)).saturating_sub(t0.elapsed()));
-    for i in 0..50 {
-        c.send_channel_data(0x4000, &payload(i));
-        peer.send_to(&payload(i), relayed).unwrap();
-    }
-    assert_eq!(
-        drain(&peer, Duration::from_secs(1)),
-        0,
-        "the peer got ChannelData after its permission expired"
-    );
-    assert_eq!(
-        drain(&c.sock, Duration::from_millis(500)),
-        0,
-        "the client got data after the permission expired"
+    assert_nothing_relayed(
+        &c,
+        &peer,
+        relayed,
+        "the peer got ChannelData after its permission expired",
+        "the client got data after the permission expired",
     );
     let d = lab.settled().since(before);
     assert_eq!((d.xdp_to_peer, d.xdp_to_client), (32, 32), "{d:?}");
